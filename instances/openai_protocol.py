@@ -1,0 +1,186 @@
+"""OpenAI API request models, validation and error bodies, shared by engine and gateway.
+
+Both the reference engine and the gateway must answer bad input the same way OpenAI does:
+a 4xx with ``{"error": {"message", "type", "param", "code"}}``, never a 500 or a hang.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Literal, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from instances import tokenizer
+
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
+
+
+class OpenAIError(Exception):
+    """An error to be returned to the client as OpenAI-style JSON."""
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int = 400,
+        error_type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.error_type = error_type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code)
+
+
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _CommonParams(BaseModel):
+    """Sampling parameters both endpoints accept. Unknown fields are ignored, as OpenAI does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1)
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        return value
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+    def include_usage_in_stream(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_CommonParams):
+    """``POST /v1/completions``. ``prompt`` may be text or a list of token ids."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _single_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("prompt must not be empty")
+            if isinstance(value[0], str | list):
+                if len(value) != 1:
+                    raise ValueError("only one prompt per request is supported")
+                return value[0]
+            bad = [t for t in value if not 0 <= t < tokenizer.VOCAB_SIZE]
+            if bad:
+                raise ValueError(
+                    f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.VOCAB_SIZE})"
+                )
+        elif value == "":
+            raise ValueError("prompt must not be empty")
+        return value
+
+    def prompt_token_ids(self) -> list[int]:
+        if isinstance(self.prompt, str):
+            return tokenizer.encode(self.prompt)
+        return [int(t) for t in self.prompt]  # type: ignore[arg-type]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_CommonParams):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def prompt_token_ids(self) -> list[int]:
+        rendered = tokenizer.render_chat(
+            [{"role": m.role, "content": m.text()} for m in self.messages]
+        )
+        return tokenizer.encode(rendered)
+
+    def output_budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def _location(loc: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in loc if p != "body") or "body"
+
+
+def validation_error_to_openai(exc: ValidationError | RequestValidationError) -> OpenAIError:
+    first = exc.errors()[0]
+    param = _location(first.get("loc", ()))
+    msg = first.get("msg", "invalid request")
+    return OpenAIError(f"Invalid value for '{param}': {msg}", 400, param=param)
+
+
+async def parse_body(request: Request, model: type[_ModelT]) -> _ModelT:
+    """Parse and validate a JSON body; raise ``OpenAIError`` (400) on any problem."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OpenAIError(f"Request body is not valid JSON: {exc}", 400) from exc
+    if not isinstance(data, dict):
+        raise OpenAIError("Request body must be a JSON object", 400)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error_to_openai(exc) from exc
+
