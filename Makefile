@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11 and nothing else):
+#   make up    — install into .venv and run the fleet (`llmfleet up`, embedded defaults)
+#   make test  — install into .venv and run lint, type checks and the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PACKAGES := router instances migration loadgen proto
+UP_ARGS ?=
+
+.PHONY: up test lint typecheck pytest install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/llmfleet up $(UP_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(PACKAGES) tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy $(PACKAGES)
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q -ra --durations=15
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,104 @@
+"""Helpers for tests that start real fleets: processes, ports, readiness."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import IO, Any
+
+import httpx
+import uvicorn
+
+
+def read_events(stream: IO[str], sink: queue.Queue[dict[str, Any]],
+                log: list[str]) -> None:
+    """Forward JSON event lines of a child's stdout into ``sink``; keep all lines in ``log``."""
+    for line in stream:
+        log.append(line)
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                sink.put(json.loads(line))
+
+
+class FleetProcess:
+    """``llmfleet up`` as a child process, readable events, stopped with Ctrl-C (SIGINT)."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "up", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.output: list[str] = []
+        assert self.proc.stdout is not None
+        threading.Thread(target=read_events, args=(self.proc.stdout, self.events, self.output),
+                         daemon=True).start()
+
+    def wait_event(self, name: str, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llmfleet up exited {self.proc.returncode}:\n"
+                                   + "".join(self.output[-60:]))
+            with contextlib.suppress(queue.Empty):
+                event = self.events.get(timeout=0.2)
+                if event.get("event") == name:
+                    return event
+        raise TimeoutError(f"no {name} event in {timeout_s}s:\n" + "".join(self.output[-60:]))
+
+    def interrupt(self, timeout_s: float = 60.0) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, port: int) -> Iterator[str]:
+    """Serve an ASGI app on 127.0.0.1:port with uvicorn in a thread; yields its URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise TimeoutError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> float:
+    """Poll ``predicate`` until true; return the seconds it took; raise on timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(interval_s)
+    raise TimeoutError(f"condition not met within {timeout_s}s")
+
+
+def engine_requests_served(url: str) -> float:
+    """Finished requests an engine reports in its /metrics."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(("vllm:request_success_total", "sglang:request_success_total")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
