@@ -1,0 +1,222 @@
+"""The reference engine core: scheduler + block manager + executor, driven by a clock.
+
+``EngineCore`` never reads the clock and never does I/O. A driver (the HTTP server in real
+time, the simulator in virtual time) calls ``add_request`` / ``abort_request`` whenever it
+likes and ``step(now)`` in a loop, advancing its clock by ``StepResult.duration_s``:
+
+    while core.has_unfinished_requests():
+        result = core.step(clock)
+        clock += result.duration_s
+        deliver(result.events)
+
+``step`` schedules one iteration (``instances.engine.scheduler``), runs it on the executor,
+and applies the result: one ``TokenEvent`` per request that sampled a token this iteration,
+plus a finished event (``finish_reason="abort"``, no tokens) for each request aborted since
+the previous step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from instances.engine.block_manager import (
+    BlockManager,
+    as_token_array,
+    compute_block_hashes,
+)
+from instances.engine.config import EngineConfig
+from instances.engine.executor import Executor
+from instances.engine.profile import HardwareProfile
+from instances.engine.request import Request
+from instances.engine.scheduler import Scheduler
+from instances.engine.types import (
+    EngineRequest,
+    EngineStats,
+    KVEvent,
+    RequestStatus,
+    StepResult,
+    TokenEvent,
+)
+
+
+class EngineCore:
+    """One engine replica's core (see module docstring)."""
+
+    def __init__(self, config: EngineConfig, executor: Executor) -> None:
+        self.config = config
+        self.executor = executor
+        num_blocks = config.num_gpu_blocks or executor.default_num_blocks(config.block_size)
+        if num_blocks <= 0:
+            raise ValueError("the KV cache must hold at least one block")
+        executor.initialize_cache(num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            num_blocks,
+            config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+            enable_kv_events=config.enable_kv_events,
+        )
+        self.scheduler = Scheduler(config, self.block_manager)
+        self._requests: dict[str, Request] = {}
+        self._aborted_events: list[TokenEvent] = []
+        self.num_steps = 0
+
+    # ---- properties -----------------------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def vocab_size(self) -> int:
+        return self.executor.vocab_size
+
+    @property
+    def profile(self) -> HardwareProfile | None:
+        return self.executor.profile
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.config.block_size
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue ``request``; raises ValueError if it can never be served.
+
+        Rejected: a duplicate id, an empty prompt, ``max_tokens < 1``, a token id outside
+        ``0 .. vocab_size - 1``, or prompt + ``max_tokens`` above the KV capacity in tokens.
+        ``request.output_token_ids`` is appended to as tokens are generated.
+        """
+        request_id = request.request_id
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        prompt = self._validated_prompt(request.prompt_token_ids)
+        max_tokens = request.params.max_tokens
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        needed = len(prompt) + len(request.output_token_ids) + max_tokens
+        if needed > self.kv_capacity_tokens:
+            raise ValueError(
+                f"request {request_id!r} needs {len(prompt)} prompt + {max_tokens} output "
+                f"tokens = {needed} KV slots, more than this engine's capacity of "
+                f"{self.kv_capacity_tokens} tokens ({self.num_blocks} blocks of "
+                f"{self.block_size})"
+            )
+        state = Request(request, self.config.block_size, prompt=prompt)
+        self._requests[request_id] = state
+        self.scheduler.add_request(state)
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request and free its blocks; the next step reports it finished with
+        ``finish_reason="abort"``. Unknown or already finished ids are ignored."""
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return
+        self.scheduler.remove_request(state)
+        state.status = RequestStatus.FINISHED
+        state.finish_reason = "abort"
+        self.executor.release(request_id)
+        self._aborted_events.append(
+            TokenEvent(
+                request_id, (), True, "abort", state.num_prompt_tokens, state.num_cached_tokens
+            )
+        )
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request is queued or running, or an abort is not yet reported."""
+        return self.scheduler.has_requests() or bool(self._aborted_events)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def step(self, now: float) -> StepResult:
+        """Schedule and execute one iteration at engine time ``now``.
+
+        Returns the iteration's device time and events. With nothing to run it returns
+        ``duration_s == 0`` (or, in LAPS mode while short requests are held to batch, the
+        time until they are released) and only pending abort events.
+        """
+        aborted = self._aborted_events
+        self._aborted_events = []
+        output = self.scheduler.schedule(now)
+        batch = output.batch
+        if not batch.sequences:
+            return StepResult(duration_s=output.hold_s, events=tuple(aborted))
+        result = self.executor.execute(batch)
+        events, finished = self.scheduler.update_from_output(batch, result.sampled_token_ids)
+        for state in finished:
+            del self._requests[state.request_id]
+            self.executor.release(state.request_id)
+        self.num_steps += 1
+        if aborted:
+            events = aborted + events
+        return StepResult(
+            duration_s=result.duration_s,
+            events=tuple(events),
+            num_prefill_tokens=batch.num_prefill_tokens,
+            num_decode_seqs=batch.num_decode_seqs,
+        )
+
+    # ---- observation ----------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """A load snapshot (O(1))."""
+        manager = self.block_manager
+        scheduler = self.scheduler
+        return EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=scheduler.num_waiting,
+            kv_usage=manager.usage,
+            free_blocks=manager.num_free_blocks,
+            total_blocks=manager.num_blocks,
+            block_size=manager.block_size,
+            waiting_prefill_tokens=scheduler.pending_prefill_tokens,
+            prefix_cache_queries=scheduler.prefix_cache_queries,
+            prefix_cache_hits=scheduler.prefix_cache_hits,
+            num_preemptions=scheduler.num_preemptions,
+        )
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        """KV cache events since the last call (only with ``enable_kv_events``)."""
+        return self.block_manager.drain_events()
+
+    def num_cached_prefix_tokens(self, token_ids: Sequence[int] | npt.NDArray[np.integer]) -> int:
+        """Tokens of ``token_ids``' longest cached prefix (full blocks); changes nothing."""
+        block_hashes = compute_block_hashes(token_ids, self.config.block_size)
+        return self.block_manager.num_cached_prefix_blocks(block_hashes) * self.config.block_size
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block; False (nothing done) while any block is in use."""
+        return self.block_manager.reset_prefix_cache()
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The core's state of an unfinished request (read-only for callers)."""
+        return self._requests.get(request_id)
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _validated_prompt(
+        self, token_ids: Sequence[int] | npt.NDArray[np.integer]
+    ) -> npt.NDArray[np.int32]:
+        if len(token_ids) == 0:
+            raise ValueError("the prompt is empty: at least one token is required")
+        vocab_size = self.executor.vocab_size
+        try:
+            array = np.asarray(token_ids, dtype=np.int64)
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise ValueError(f"prompt token ids must be integers: {exc}") from exc
+        if array.ndim != 1:
+            raise ValueError("prompt token ids must be a flat sequence")
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"token id {bad} is out of range: this model's vocabulary is 0..{vocab_size - 1}"
+            )
+        return as_token_array(array)

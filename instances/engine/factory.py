@@ -1,0 +1,67 @@
+"""Builds engine cores from a profile name and an executor kind."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from instances.engine.config import EngineConfig
+from instances.engine.core import EngineCore
+from instances.engine.executor import Executor
+from instances.engine.profile import HardwareProfile
+
+EXECUTORS = ("emulated", "tiny")
+DEFAULT_PROFILES = {"emulated": "h100-llama3-8b", "tiny": "tiny-cpu"}
+
+
+@cache
+def _profile_table() -> dict[str, dict[str, Any]]:
+    text = resources.files("instances.engine").joinpath("profiles.json").read_text("utf-8")
+    table: dict[str, dict[str, Any]] = json.loads(text)["profiles"]
+    return table
+
+
+def list_profiles() -> list[str]:
+    """Names of the profiles in ``profiles.json``."""
+    return sorted(_profile_table())
+
+
+def load_profile(name: str) -> HardwareProfile:
+    """The named profile from ``profiles.json``; ValueError listing the names if unknown."""
+    table = _profile_table()
+    if name not in table:
+        raise ValueError(f"unknown profile {name!r}; known: {', '.join(sorted(table))}")
+    return HardwareProfile(name=name, **table[name])
+
+
+def build_executor(executor: str, profile: HardwareProfile, seed: int = 0) -> Executor:
+    """An executor of kind ``executor`` ("emulated" or "tiny") timed by ``profile``."""
+    if executor == "emulated":
+        from instances.engine.emulated import EmulatedExecutor
+
+        return EmulatedExecutor(profile, seed=seed)
+    if executor == "tiny":
+        from instances.engine.tiny import TinyExecutor
+
+        return TinyExecutor(profile, seed=seed)
+    raise ValueError(f"unknown executor {executor!r}; known: {', '.join(EXECUTORS)}")
+
+
+def build_engine_core(
+    executor: str = "emulated",
+    profile: str | None = None,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> EngineCore:
+    """An ``EngineCore`` with the given executor kind and profile.
+
+    ``profile`` defaults to the executor's own (h100-llama3-8b for emulated, tiny-cpu for
+    tiny); ``config_overrides`` are ``EngineConfig`` fields.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; known: {', '.join(EXECUTORS)}")
+    hardware = load_profile(profile or DEFAULT_PROFILES[executor])
+    config = EngineConfig(**config_overrides)
+    return EngineCore(config, build_executor(executor, hardware, seed=seed))
