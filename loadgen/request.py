@@ -109,29 +109,40 @@ def unique_segments(namespace: str, index: int, length: int) -> tuple[Segment, .
     return (Segment(segment_key(namespace, index), length),)
 
 
-def shared_prefix_tokens(requests: Sequence[TraceRequest], block_size: int) -> int:
-    """Prompt tokens an infinite shared prefix cache would have served, in arrival order.
+class PrefixOracle:
+    """An infinite prefix cache shared by everyone, at ``block_size`` granularity.
 
-    A request hits the longest run of whole ``block_size`` blocks whose token prefix some
-    earlier request already had. This is the oracle used for the ideal capacity bound.
-    Segments make this cheap: a block's identity is the chain of segment keys and offsets
-    that produced it, so no token ids are materialised unless a request carries real tokens.
+    ``observe(request)`` returns how many of the request's prompt tokens were already cached
+    (the longest run of whole blocks whose token prefix an earlier observed request had) and
+    then caches the request's blocks. Segments make this cheap: a block's identity is the
+    chain of segment keys and offsets that produced it, so token ids are not materialised
+    unless a request carries real tokens.
     """
-    seen: set[int] = set()
-    total_hits = 0
-    for request in sorted(requests, key=lambda r: r.arrival_s):
+
+    def __init__(self, block_size: int) -> None:
+        if block_size <= 0:
+            raise ValueError("block_size must be positive")
+        self.block_size = block_size
+        self._seen: set[int] = set()
+
+    def observe(self, request: TraceRequest) -> int:
         chain = 0
         hit_blocks = 0
         missed = False
-        for block_digest in _block_digests(request, block_size):
+        for block_digest in _block_digests(request, self.block_size):
             chain = xxhash.xxh64_intdigest(chain.to_bytes(8, "little") + block_digest)
-            if not missed and chain in seen:
+            if not missed and chain in self._seen:
                 hit_blocks += 1
             else:
                 missed = True
-                seen.add(chain)
-        total_hits += hit_blocks * block_size
-    return total_hits
+                self._seen.add(chain)
+        return hit_blocks * self.block_size
+
+
+def shared_prefix_tokens(requests: Sequence[TraceRequest], block_size: int) -> int:
+    """Prompt tokens an infinite shared prefix cache would have served, in arrival order."""
+    oracle = PrefixOracle(block_size)
+    return sum(oracle.observe(r) for r in sorted(requests, key=lambda r: r.arrival_s))
 
 
 def _block_digests(request: TraceRequest, block_size: int) -> list[bytes]:

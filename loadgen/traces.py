@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import csv
 import heapq
+import itertools
 import json
 import math
 import re
@@ -377,12 +378,15 @@ def _servegen_client(
     dataset = _load_servegen_dataset(dataset_path)
     dataset_starts = [w[0] for w in dataset]
     windows = list(_read_servegen_windows(trace_path, skip_bad_lines, stats))
+    starts = [w.start_s for _, w in windows]
+    # The last window lasts as long as the shortest gap between windows (600 s in ServeGen).
+    gaps = [b - a for a, b in itertools.pairwise(starts) if b > a]
+    last_length = min(gaps) if gaps else 600.0
     for position, (line_no, window) in enumerate(windows):
         if position + 1 < len(windows):
             window_end = windows[position + 1][1].start_s
         else:
-            previous = windows[position - 1][1].start_s if position > 0 else window.start_s - 600
-            window_end = window.start_s + (window.start_s - previous)
+            window_end = window.start_s + last_length
         lo, hi = max(window.start_s, start_s), min(window_end, end_s)
         if window.rate <= 0 or hi <= lo:
             continue

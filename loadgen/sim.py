@@ -1,0 +1,392 @@
+"""Discrete-event simulator: N reference-engine cores and one routing policy on a virtual clock.
+
+The simulator runs the gateway's policy objects unchanged and the engine core with its
+``emulated`` executor; only the clock is virtual. Events sit in a heap ordered by
+(time, kind, sequence number) and are processed in time order:
+
+* ``ARRIVAL`` — a request reaches the router at its trace time. The router builds a
+  ``ClusterSnapshot`` from each core's ``stats()`` (the fields an instance's load report
+  carries; with ``report_interval_s > 0`` a view is refreshed only when it is that old, as
+  periodic load reports would be), calls ``policy.route`` then ``policy.on_dispatched``,
+  and hands the request to the chosen core (after ``dispatch_delay_s``, if any).
+* ``DISPATCH`` — the request enters the core (``add_request``). An idle core starts a step.
+* ``STEP_DONE`` — a core that called ``step(t)`` and was told the iteration lasts ``d`` is
+  busy until ``t + d``; at that time the step's token events are delivered (first token →
+  ``policy.on_first_token``, finish → ``policy.on_finished``) and, if the core still has
+  unfinished requests, its next step starts at once.
+
+At equal times, finished steps are handled before dispatches and arrivals, so a request
+arriving exactly when a step ends sees the post-step load.
+
+The run ends when every request has finished (or, with ``early_stop_attainment``, as soon as
+more measured requests missed the TTFT SLO than that attainment allows — capacity search
+uses it to skip the rest of an overloaded run). Everything is deterministic given the config:
+the same seed gives the same JSON except ``wall_seconds``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from instances.engine.types import EngineRequest, EngineStats, SamplingParams, StepResult
+from loadgen.config import RunConfig, load_workload, warmup_count
+from loadgen.metrics import RequestOutcome, imbalance, summarize
+from loadgen.request import TraceRequest
+from router.policy.interfaces import (
+    ClusterSnapshot,
+    InstanceView,
+    NoInstanceAvailable,
+    RoutingPolicy,
+    RoutingRequest,
+)
+
+_STEP_DONE = 0
+_WAKE = 1
+_DISPATCH = 2
+_ARRIVAL = 3
+
+# A core with unfinished requests may return an empty step (e.g. holding short prefills for
+# a batching window); it is stepped again after this much virtual time.
+_IDLE_POLL_S = 0.002
+# ...but not forever: after this many empty steps in a row it stays idle until a dispatch.
+_MAX_EMPTY_STEPS = 5000
+
+
+class EngineCoreLike(Protocol):
+    """What the simulator needs of an engine core (``instances.engine`` provides it)."""
+
+    def add_request(self, request: EngineRequest) -> None: ...
+
+    def abort_request(self, request_id: str) -> None: ...
+
+    def step(self, now: float) -> StepResult: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+
+EngineFactory = Callable[[str, int, RunConfig], EngineCoreLike]
+PolicyFactory = Callable[[RunConfig], RoutingPolicy]
+
+
+def default_engine_factory(instance_id: str, index: int, config: RunConfig) -> EngineCoreLike:
+    """A reference engine core with the emulated executor and ``config.profile``."""
+    from instances.engine.factory import build_engine_core
+
+    core: EngineCoreLike = build_engine_core(
+        executor="emulated", profile=config.profile, seed=config.seed + index,
+        **config.engine_params,
+    )
+    return core
+
+
+def default_policy_factory(config: RunConfig) -> RoutingPolicy:
+    """The gateway's policy ``config.policy`` built with ``config.policy_params``."""
+    from router.policy.registry import build_policy
+
+    policy: RoutingPolicy = build_policy(config.policy, **config.policy_params)
+    return policy
+
+
+def view_from_stats(instance_id: str, stats: EngineStats, now: float) -> InstanceView:
+    """The router's view of an instance whose load report carried ``stats`` at ``now``."""
+    return InstanceView(
+        instance_id=instance_id,
+        num_running=stats.num_running,
+        num_waiting=stats.num_waiting,
+        waiting_prefill_tokens=stats.waiting_prefill_tokens,
+        kv_usage=stats.kv_usage,
+        free_blocks=stats.free_blocks,
+        total_blocks=stats.total_blocks,
+        block_size=stats.block_size,
+        report_time=now,
+    )
+
+
+@dataclass
+class InstanceAccount:
+    """Work one simulated instance did."""
+
+    instance_id: str
+    core: EngineCoreLike
+    busy: bool = False
+    busy_s: float = 0.0
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    requests: int = 0
+    empty_steps: int = 0
+    wake_token: int = 0
+    pending: StepResult | None = None
+    view: InstanceView | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        stats = self.core.stats()
+        return {
+            "instance_id": self.instance_id,
+            "requests": self.requests,
+            "busy_s": round(self.busy_s, 6),
+            "steps": self.steps,
+            "prefill_tokens": self.prefill_tokens,
+            "decode_tokens": self.decode_tokens,
+            "prefix_cache_queries": stats.prefix_cache_queries,
+            "prefix_cache_hits": stats.prefix_cache_hits,
+            "preemptions": stats.num_preemptions,
+        }
+
+
+@dataclass
+class SimResult:
+    """Raw outcome of a simulation (``summary`` turns it into the common JSON)."""
+
+    outcomes: list[RequestOutcome]
+    instances: list[InstanceAccount]
+    end_time_s: float
+    early_stopped: bool
+    wall_seconds: float
+    decisions: dict[str, int] = field(default_factory=dict)
+
+
+class Simulator:
+    """Replays ``requests`` against ``config.instances`` cores routed by one policy."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        requests: Sequence[TraceRequest],
+        *,
+        engine_factory: EngineFactory = default_engine_factory,
+        policy_factory: PolicyFactory = default_policy_factory,
+        early_stop_attainment: float | None = None,
+    ) -> None:
+        if config.instances <= 0:
+            raise ValueError("need at least one instance")
+        self.config = config
+        self.requests = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+        self.policy = policy_factory(config)
+        width = max(2, len(str(config.instances - 1)))
+        self.accounts = [
+            InstanceAccount(instance_id=f"i{idx:0{width}d}",
+                            core=engine_factory(f"i{idx:0{width}d}", idx, config))
+            for idx in range(config.instances)
+        ]
+        self.by_id = {a.instance_id: a for a in self.accounts}
+        self.outcomes = {
+            r.request_id: RequestOutcome(r.request_id, r.arrival_s, r.prompt_len, r.output_len)
+            for r in self.requests
+        }
+        if len(self.outcomes) != len(self.requests):
+            raise ValueError("request ids must be unique")
+        self.warmup = warmup_count(config, len(self.requests))
+        self.measured_ids = {r.request_id for r in self.requests[self.warmup:]}
+        self.early_stop_attainment = early_stop_attainment
+        self.allowed_misses = (
+            None if early_stop_attainment is None
+            else (1.0 - early_stop_attainment) * len(self.measured_ids)
+        )
+        self.misses = 0
+        self.decisions: dict[str, int] = {}
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._seq = 0
+        self._routing: dict[str, RoutingRequest] = {}
+
+    # -- event plumbing -------------------------------------------------------------------
+    def _push(self, when: float, kind: int, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (when, kind, self._seq, payload))
+
+    def _snapshot(self, now: float) -> ClusterSnapshot:
+        interval = self.config.report_interval_s
+        views = []
+        for account in self.accounts:
+            if account.view is None or now - account.view.report_time >= interval:
+                account.view = view_from_stats(account.instance_id, account.core.stats(), now)
+            views.append(account.view)
+        return ClusterSnapshot(epoch=0, instances=tuple(views))
+
+    def _start_step(self, account: InstanceAccount, now: float) -> None:
+        result = account.core.step(now)
+        if result.duration_s <= 0 and not result.events:
+            account.busy = False  # nothing runnable now; a dispatch or a wake-up retries
+            account.empty_steps += 1
+            account.wake_token += 1
+            if account.core.has_unfinished_requests() and account.empty_steps <= _MAX_EMPTY_STEPS:
+                self._push(now + _IDLE_POLL_S, _WAKE, (account, account.wake_token))
+            return
+        account.empty_steps = 0
+        account.busy = True
+        account.pending = result
+        account.busy_s += max(0.0, result.duration_s)
+        account.steps += 1
+        account.prefill_tokens += result.num_prefill_tokens
+        account.decode_tokens += result.num_decode_seqs
+        self._push(now + max(0.0, result.duration_s), _STEP_DONE, account)
+
+    # -- handlers -----------------------------------------------------------------------
+    def _on_arrival(self, request: TraceRequest, now: float) -> None:
+        outcome = self.outcomes[request.request_id]
+        routing = RoutingRequest(request.request_id, request.token_ids(), request.output_len)
+        try:
+            decision = self.policy.route(routing, self._snapshot(now), now)
+        except NoInstanceAvailable as exc:
+            outcome.error = f"no instance: {exc}"
+            self._count_miss(request.request_id)
+            return
+        if decision.instance_id not in self.by_id:
+            raise RuntimeError(f"policy chose unknown instance {decision.instance_id!r}")
+        self.policy.on_dispatched(routing, decision, now)
+        self.decisions[decision.reason] = self.decisions.get(decision.reason, 0) + 1
+        outcome.instance_id = decision.instance_id
+        self._routing[request.request_id] = routing
+        self._push(now + self.config.dispatch_delay_s, _DISPATCH, request)
+
+    def _on_dispatch(self, request: TraceRequest, now: float) -> None:
+        routing = self._routing[request.request_id]
+        instance_id = self.outcomes[request.request_id].instance_id
+        assert instance_id is not None
+        account = self.by_id[instance_id]
+        account.requests += 1
+        account.core.add_request(EngineRequest(
+            request_id=request.request_id,
+            prompt_token_ids=list(routing.token_ids),
+            params=SamplingParams(max_tokens=request.output_len),
+            arrival_time=now,
+        ))
+        if not account.busy:
+            self._start_step(account, now)
+
+    def _on_step_done(self, account: InstanceAccount, now: float) -> None:
+        result = account.pending
+        account.pending = None
+        assert result is not None
+        for event in result.events:
+            outcome = self.outcomes.get(event.request_id)
+            if outcome is None:
+                continue
+            if event.new_token_ids:
+                if outcome.ttft_s is None:
+                    outcome.ttft_s = now - outcome.arrival_s
+                    outcome.cached_tokens = event.num_cached_tokens
+                    self.policy.on_first_token(event.request_id, account.instance_id,
+                                               outcome.ttft_s, event.num_cached_tokens, now)
+                    if outcome.ttft_s > self.config.slo_ttft_s:
+                        self._count_miss(event.request_id)
+                outcome.output_tokens += len(event.new_token_ids)
+            if event.finished:
+                outcome.e2e_s = now - outcome.arrival_s
+                if event.finish_reason == "abort":
+                    outcome.error = "aborted"
+                self._routing.pop(event.request_id, None)
+                self.policy.on_finished(event.request_id, account.instance_id, now)
+        if account.core.has_unfinished_requests():
+            self._start_step(account, now)
+        else:
+            account.busy = False
+
+    def _count_miss(self, request_id: str) -> None:
+        if request_id in self.measured_ids:
+            self.misses += 1
+
+    # -- main loop ----------------------------------------------------------------------
+    def run(self) -> SimResult:
+        wall_start = time.perf_counter()
+        for request in self.requests:
+            self._push(request.arrival_s, _ARRIVAL, request)
+        now = 0.0
+        early_stopped = False
+        bar = tqdm(total=len(self.requests), desc=f"sim {self.config.policy}", unit="req",
+                   file=sys.stderr, disable=not self.config.progress, leave=False)
+        with bar:
+            while self._heap:
+                now, kind, _, payload = heapq.heappop(self._heap)
+                if kind == _STEP_DONE:
+                    self._on_step_done(payload, now)
+                elif kind == _WAKE:
+                    account, token = payload
+                    if not account.busy and token == account.wake_token:
+                        self._start_step(account, now)
+                elif kind == _DISPATCH:
+                    self._on_dispatch(payload, now)
+                else:
+                    self._on_arrival(payload, now)
+                    bar.update(1)
+                if self.allowed_misses is not None and self.misses > self.allowed_misses:
+                    early_stopped = True
+                    break
+        return SimResult(
+            outcomes=list(self.outcomes.values()),
+            instances=self.accounts,
+            end_time_s=now,
+            early_stopped=early_stopped,
+            wall_seconds=time.perf_counter() - wall_start,
+            decisions=dict(sorted(self.decisions.items())),
+        )
+
+
+def summarize_sim(config: RunConfig, result: SimResult) -> dict[str, Any]:
+    """The ``llmfleet sim`` JSON of a finished simulation.
+
+    ``load_imbalance`` is max/mean over instances of busy time (virtual seconds spent in
+    engine steps); every request runs to completion, so busy time is the work each instance
+    was handed, batching included. ``load_imbalance_tokens`` is the same ratio over tokens
+    processed (uncached prefill tokens + decode tokens); ``request_imbalance`` over requests.
+    """
+    summary = summarize(
+        result.outcomes,
+        slo_ttft_s=config.slo_ttft_s,
+        slo_tpot_s=config.slo_tpot_s,
+        warmup_requests=warmup_count(config, len(result.outcomes)),
+        wall_seconds=result.wall_seconds,
+    )
+    accounts = result.instances
+    summary.update({
+        "mode": "sim",
+        "policy": config.policy,
+        "instances": len(accounts),
+        "profile": config.profile,
+        "trace": config.trace,
+        "trace_format": config.trace_format,
+        "rate": config.rate,
+        "seed": config.seed,
+        "load_imbalance": _round(imbalance([a.busy_s for a in accounts])),
+        "load_imbalance_tokens": _round(
+            imbalance([a.prefill_tokens + a.decode_tokens for a in accounts])),
+        "request_imbalance": _round(imbalance([a.requests for a in accounts])),
+        "early_stopped": result.early_stopped,
+        "virtual_end_s": round(result.end_time_s, 6),
+        "decisions": result.decisions,
+        "per_instance": [a.as_dict() for a in accounts],
+    })
+    return summary
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def run_sim(
+    config: RunConfig,
+    *,
+    requests: Sequence[TraceRequest] | None = None,
+    engine_factory: EngineFactory = default_engine_factory,
+    policy_factory: PolicyFactory = default_policy_factory,
+    early_stop_attainment: float | None = None,
+) -> dict[str, Any]:
+    """Simulate ``config`` (its workload unless ``requests`` is given) and return the JSON
+    summary (see ``summarize_sim``; fields of ``loadgen.metrics.summarize`` plus sim ones)."""
+    wall_start = time.perf_counter()
+    workload = list(requests) if requests is not None else load_workload(config)
+    simulator = Simulator(config, workload, engine_factory=engine_factory,
+                          policy_factory=policy_factory,
+                          early_stop_attainment=early_stop_attainment)
+    result = simulator.run()
+    result.wall_seconds = time.perf_counter() - wall_start
+    return summarize_sim(config, result)
