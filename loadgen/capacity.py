@@ -12,6 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from instances.engine.factory import load_profile
+from instances.engine.profile import prefill_attention_pairs
+from loadgen.arrivals import scale_to_rate
 from loadgen.config import RunConfig, load_workload
 from loadgen.request import PrefixOracle, TraceRequest
 from loadgen.sim import (
@@ -115,9 +118,7 @@ def ideal_bound_rps(
     then serve ``instances / mean(W)`` requests per second; no schedule can do better, so it
     is an upper bound for every policy (queueing makes real TTFTs longer).
     """
-    from instances.engine.profile import prefill_attention_pairs
-
-    profile = _load_profile(profile_name)
+    profile = load_profile(profile_name)
     total_prompt = sum(r.prompt_len for r in requests)
     per_request_hits = _per_request_hits(requests, block_size)
     hits = sum(per_request_hits)
@@ -154,16 +155,6 @@ def _per_request_hits(requests: Sequence[TraceRequest], block_size: int) -> list
     return hits
 
 
-def _load_profile(name: str) -> Any:
-    from instances.engine import profile as profile_module
-
-    loader = getattr(profile_module, "load_profile", None) or getattr(
-        profile_module, "get_profile", None)
-    if loader is None:
-        raise RuntimeError("instances.engine.profile has no load_profile/get_profile")
-    return loader(name)
-
-
 def capacity_for_policy(
     config: RunConfig,
     *,
@@ -191,7 +182,7 @@ def capacity_for_policy(
         # Synthetic workloads are regenerated at each rate (multi-turn think times stay
         # fixed while sessions arrive faster); traces keep their shape and are re-timed.
         retimed = (load_workload(replace(config, rate=rate)) if synthetic
-                   else _retime(base, rate))
+                   else retime(base, rate))
         summary = run_sim(
             replace(config, rate=rate), requests=retimed, engine_factory=engine_factory,
             policy_factory=policy_factory, early_stop_attainment=target,
@@ -207,8 +198,7 @@ def capacity_for_policy(
     return search, summaries.get(search.capacity_rps)
 
 
-def _retime(requests: Sequence[TraceRequest], rate: float) -> list[TraceRequest]:
-    from loadgen.arrivals import scale_to_rate
-
+def retime(requests: Sequence[TraceRequest], rate: float) -> list[TraceRequest]:
+    """``requests`` with their arrivals scaled to mean ``rate`` (shape kept)."""
     times = scale_to_rate([r.arrival_s for r in requests], rate)
     return [r.with_arrival(float(t)) for r, t in zip(requests, times, strict=True)]

@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 
+# Percentiles at which TTFT is reported as a curve (for CDF plots and sim-vs-live comparison).
+QUANTILE_POINTS = tuple(range(0, 101, 5))
+
 
 @dataclass
 class RequestOutcome:
@@ -98,7 +101,8 @@ def summarize(
     finished requests over the span from the first arrival to the last completion;
     ``goodput_rps`` counts only SLO-meeting measured requests over the same span.
     ``cache_hit_rate`` is cached prompt tokens over prompt tokens of measured requests whose
-    cached count is known (None when no server reported it).
+    cached count is known (None when no server reported it). ``ttft_quantiles`` lists the
+    TTFT at percentiles ``QUANTILE_POINTS`` (0, 5, ..., 100).
     """
     ordered = sorted(outcomes, key=lambda o: (o.arrival_s, o.request_id))
     measured = ordered[warmup_requests:]
@@ -146,6 +150,9 @@ def summarize(
         "cache_hit_rate": (
             _rounded(sum(o.cached_tokens or 0 for o in known_cache) / prompt_known)
             if prompt_known > 0 else None
+        ),
+        "ttft_quantiles": (
+            [_rounded(float(q)) for q in np.percentile(ttfts, QUANTILE_POINTS)] if ttfts else []
         ),
         "duration_s": _rounded(span),
         "wall_seconds": round(wall_seconds, 3),

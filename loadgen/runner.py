@@ -1,0 +1,200 @@
+"""Live load generator: replays a workload against an OpenAI-compatible server over HTTP.
+
+Each request is a streaming ``POST /v1/completions`` whose ``prompt`` is the list of engine
+token ids (the OpenAI API accepts token arrays) and whose ``max_tokens`` is the request's
+output length, with ``stream_options.include_usage`` so the final chunk carries usage (and,
+where the server reports it, ``usage.prompt_tokens_details.cached_tokens``). Requests are sent
+open-loop at their arrival times. The run is bounded: sending stops after ``max_requests``
+or ``max_seconds`` and requests still running ``drain_timeout_s`` later are cancelled
+(counted as unfinished). The summary has the same fields as the simulator's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from loadgen.config import RunConfig, load_workload, warmup_count
+from loadgen.metrics import RequestOutcome, imbalance, summarize
+from loadgen.request import TraceRequest
+
+INSTANCE_HEADER = "x-llmfleet-instance"  # set by the llmfleet gateway on routed responses
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def completion_body(request: TraceRequest, model: str, ignore_eos: bool) -> dict[str, Any]:
+    """The JSON body of one streaming completion request."""
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": request.token_ids(),
+        "max_tokens": request.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if ignore_eos:
+        body["ignore_eos"] = True  # vLLM/SGLang extension: always produce max_tokens
+    return body
+
+
+async def _discover_model(client: httpx.AsyncClient, url: str) -> str:
+    """The first model ``GET /v1/models`` lists, or ``"default"`` if it lists none."""
+    try:
+        response = await client.get(f"{url}/v1/models", timeout=10.0)
+        data = response.json().get("data") or []
+        if response.status_code == 200 and data:
+            return str(data[0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        pass
+    return "default"
+
+
+async def send_one(
+    client: httpx.AsyncClient,
+    url: str,
+    request: TraceRequest,
+    outcome: RequestOutcome,
+    model: str,
+    *,
+    ignore_eos: bool = False,
+    timeout_s: float = 600.0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> None:
+    """Send one request and fill ``outcome`` (TTFT, inter-token gaps, E2E, usage, errors).
+
+    TTFT is from just before the request is written to the first chunk carrying text;
+    output tokens are ``usage.completion_tokens`` when reported, else text chunks.
+    """
+    body = completion_body(request, model, ignore_eos)
+    start = clock()
+    chunks = 0
+    last_token_at: float | None = None
+    usage: dict[str, Any] | None = None
+    try:
+        async with client.stream(
+            "POST", f"{url}/v1/completions", json=body, timeout=timeout_s,
+            headers={REQUEST_ID_HEADER: request.request_id},
+        ) as response:
+            outcome.instance_id = response.headers.get(INSTANCE_HEADER)
+            if response.status_code != 200:
+                text = (await response.aread()).decode("utf-8", "replace")
+                outcome.error = f"HTTP {response.status_code}: {text[:200]}"
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    outcome.error = f"stream error: {str(chunk['error'])[:200]}"
+                    return
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                if any(choice.get("text") for choice in chunk.get("choices") or ()):
+                    now = clock()
+                    if last_token_at is None:
+                        outcome.ttft_s = now - start
+                    else:
+                        outcome.inter_token_s.append(now - last_token_at)
+                    last_token_at = now
+                    chunks += 1
+        outcome.e2e_s = clock() - start
+        if outcome.ttft_s is None:
+            outcome.error = "no tokens in stream"
+            return
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        outcome.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        return
+    outcome.output_tokens = chunks
+    if usage is not None:
+        outcome.output_tokens = int(usage.get("completion_tokens") or chunks)
+        details = usage.get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if cached is not None:
+            outcome.cached_tokens = int(cached)
+
+
+async def run_live(
+    config: RunConfig,
+    *,
+    requests: Sequence[TraceRequest] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> dict[str, Any]:
+    """Replay the workload of ``config`` against ``config.url`` and return the summary JSON
+    (``loadgen.metrics.summarize`` fields plus ``mode``, ``url``, ``rate`` and, when the
+    gateway named the instance of each response, ``request_imbalance`` over instances)."""
+    workload = list(requests) if requests is not None else load_workload(config)
+    workload.sort(key=lambda r: r.arrival_s)
+    if config.max_requests is not None:
+        workload = workload[:config.max_requests]
+    url = config.url.rstrip("/")
+    outcomes = [RequestOutcome(r.request_id, r.arrival_s, r.prompt_len, r.output_len)
+                for r in workload]
+    limits = httpx.Limits(max_connections=config.max_concurrency,
+                          max_keepalive_connections=min(config.max_concurrency, 256))
+    wall_start = time.perf_counter()
+    async with httpx.AsyncClient(transport=transport, limits=limits, timeout=None) as client:
+        model = config.model or await _discover_model(client, url)
+        gate = asyncio.Semaphore(config.max_concurrency)
+        bar = tqdm(total=len(workload), desc="loadgen", unit="req", file=sys.stderr,
+                   disable=not config.progress, leave=False)
+
+        async def one(request: TraceRequest, outcome: RequestOutcome) -> None:
+            async with gate:
+                await send_one(client, url, request, outcome, model,
+                               ignore_eos=config.ignore_eos,
+                               timeout_s=config.request_timeout_s)
+            bar.update(1)
+
+        tasks: list[asyncio.Task[None]] = []
+        start = time.perf_counter()
+        for request, outcome in zip(workload, outcomes, strict=True):
+            if config.max_seconds is not None and request.arrival_s > config.max_seconds:
+                break
+            delay = request.arrival_s - (time.perf_counter() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            # Arrival on the run's clock is when it was actually sent (late sends are visible).
+            outcome.arrival_s = time.perf_counter() - start
+            tasks.append(asyncio.create_task(one(request, outcome)))
+        sent = len(tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=config.drain_timeout_s
+                                            if config.max_seconds is not None else None)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        bar.close()
+    outcomes = outcomes[:sent]
+    summary = summarize(outcomes, slo_ttft_s=config.slo_ttft_s, slo_tpot_s=config.slo_tpot_s,
+                        warmup_requests=warmup_count(config, len(outcomes)),
+                        wall_seconds=time.perf_counter() - wall_start)
+    per_instance: dict[str, int] = {}
+    for outcome in outcomes:
+        if outcome.instance_id is not None:
+            per_instance[outcome.instance_id] = per_instance.get(outcome.instance_id, 0) + 1
+    request_imbalance = imbalance(list(per_instance.values()))
+    summary.update({
+        "mode": "live",
+        "url": url,
+        "model": model,
+        "trace": config.trace,
+        "trace_format": config.trace_format,
+        "rate": config.rate,
+        "seed": config.seed,
+        # Busy time is not observable from outside; the request split is the live proxy.
+        "load_imbalance": None if request_imbalance is None else round(request_imbalance, 6),
+        "request_imbalance": None if request_imbalance is None else round(request_imbalance, 6),
+        "per_instance": [{"instance_id": k, "requests": v}
+                         for k, v in sorted(per_instance.items())],
+    })
+    return summary
