@@ -1,0 +1,460 @@
+"""``llmfleet engine``: one reference-engine replica behind an OpenAI-compatible HTTP API.
+
+Endpoints: ``/v1/completions``, ``/v1/chat/completions`` (plain and SSE streaming with
+``data: [DONE]``), ``/v1/models``, ``/health``, ``/metrics`` (vLLM V1 metric names, or SGLang's
+with ``--api sglang``, which also serves ``/get_load``). With a Redis URL the replica registers
+itself in the cluster registry and heartbeats its load until it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import codecs
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from instances.async_engine import AsyncEngine
+from instances.engine.core import EngineCore
+from instances.engine.types import SamplingParams, TokenEvent
+from instances.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    parse_body,
+    validation_error_to_openai,
+)
+from instances.tokenizer import EOS_TOKEN_ID
+
+log = logging.getLogger("llmfleet.engine")
+
+REQUEST_ID_HEADER = "x-request-id"
+DEFAULT_CHAT_MAX_TOKENS = 128
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+_LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0,
+)
+
+
+@dataclass
+class EngineServerConfig:
+    """What one replica serves and how it announces itself."""
+
+    model: str = "llmfleet-emulated"
+    api: str = "vllm"  # "vllm" | "sglang": metric names and extra endpoints
+    max_model_len: int = 131072
+    instance_id: str = field(default_factory=lambda: f"engine-{uuid.uuid4().hex[:8]}")
+    advertise_url: str = ""
+    redis_url: str | None = None
+    heartbeat_ttl_s: float = 3.0
+    namespace: str = "llmfleet"
+    weight: float = 1.0
+
+
+class EngineMetrics:
+    """Prometheus metrics under vLLM V1 names (or SGLang's), in a registry of their own."""
+
+    def __init__(self, engine: AsyncEngine, config: EngineServerConfig) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"model_name": config.model, "engine": config.instance_id}
+        names = list(labels)
+        core = engine.core
+        reg = self.registry
+
+        def gauge(name: str, doc: str, fn: Any) -> None:
+            Gauge(name, doc, names, registry=reg).labels(**labels).set_function(fn)
+
+        if config.api == "sglang":
+            gauge("sglang:num_running_reqs", "Running requests",
+                  lambda: core.stats().num_running)
+            gauge("sglang:num_queue_reqs", "Queued requests", lambda: core.stats().num_waiting)
+            gauge("sglang:token_usage", "KV token usage (0..1)", lambda: core.stats().kv_usage)
+            gauge("sglang:cache_hit_rate", "Prefix cache hit rate", self._hit_rate)
+        else:
+            gauge("vllm:num_requests_running", "Running requests",
+                  lambda: core.stats().num_running)
+            gauge("vllm:num_requests_waiting", "Waiting requests",
+                  lambda: core.stats().num_waiting)
+            gauge("vllm:kv_cache_usage_perc", "KV cache usage (0..1)",
+                  lambda: core.stats().kv_usage)
+            # Counters derived from the core's cumulative counts: expose them as gauges
+            # named like vLLM's counters so scrapers read the same names.
+            gauge("vllm:prefix_cache_queries_total", "Prompt tokens looked up in prefix cache",
+                  lambda: core.stats().prefix_cache_queries)
+            gauge("vllm:prefix_cache_hits_total", "Prompt tokens served from prefix cache",
+                  lambda: core.stats().prefix_cache_hits)
+            gauge("vllm:num_preemptions_total", "Preemptions",
+                  lambda: core.stats().num_preemptions)
+        prefix = "sglang" if config.api == "sglang" else "vllm"
+        self.ttft = Histogram(f"{prefix}:time_to_first_token_seconds", "TTFT (engine time)",
+                              names, buckets=_LATENCY_BUCKETS, registry=reg).labels(**labels)
+        self.itl = Histogram(f"{prefix}:inter_token_latency_seconds", "Inter-token latency",
+                             names, buckets=_LATENCY_BUCKETS, registry=reg).labels(**labels)
+        self.e2e = Histogram(f"{prefix}:e2e_request_latency_seconds", "End-to-end latency",
+                             names, buckets=_LATENCY_BUCKETS, registry=reg).labels(**labels)
+        self.prompt_tokens = Counter(f"{prefix}:prompt_tokens", "Prompt tokens", names,
+                                     registry=reg).labels(**labels)
+        self.generation_tokens = Counter(f"{prefix}:generation_tokens", "Generated tokens",
+                                         names, registry=reg).labels(**labels)
+        self.request_success = Counter(f"{prefix}:request_success", "Finished requests",
+                                       [*names, "finished_reason"], registry=reg)
+        self._labels = labels
+        self._core = core
+
+    def _hit_rate(self) -> float:
+        stats = self._core.stats()
+        if not stats.prefix_cache_queries:
+            return 0.0
+        return stats.prefix_cache_hits / stats.prefix_cache_queries
+
+    def finished(self, reason: str) -> None:
+        self.request_success.labels(**self._labels, finished_reason=reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass
+class _Generation:
+    """Text and accounting of one request as its tokens arrive."""
+
+    stop_strings: list[str]
+    text: str = ""
+    emitted: int = 0  # characters of ``text`` already sent to the client
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: str | None = None
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+
+    def add(self, event: TokenEvent) -> None:
+        self.prompt_tokens = event.num_prompt_tokens
+        self.cached_tokens = event.num_cached_tokens
+        tokens = [t for t in event.new_token_ids if t != EOS_TOKEN_ID]
+        self.completion_tokens += len(event.new_token_ids)
+        self.text += self.decoder.decode(bytes(t for t in tokens if t < 256))
+        if event.finished:
+            self.finish_reason = event.finish_reason
+        for stop in self.stop_strings:
+            at = self.text.find(stop)
+            if at != -1:
+                self.text = self.text[:at]
+                self.finish_reason = "stop"
+
+    def pending_text(self) -> str:
+        """Text safe to send now: hold back what could still become a stop string."""
+        hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.stop_strings), default=0)
+        end = max(self.emitted, len(self.text) - hold)
+        chunk = self.text[self.emitted:end]
+        self.emitted = end
+        return chunk
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+def create_engine_app(
+    core: EngineCore, config: EngineServerConfig, speedup: float = 1.0
+) -> FastAPI:
+    """The replica's FastAPI app. The engine loop and heartbeat run while the app lives."""
+    engine = AsyncEngine(core, speedup=speedup)
+    metrics = EngineMetrics(engine, config)
+    state: dict[str, Any] = {"draining": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        heartbeat = None
+        if config.redis_url:
+            heartbeat = asyncio.create_task(_heartbeat_loop(engine, config, state))
+        try:
+            yield
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
+            await engine.stop()
+
+    app = FastAPI(title="llmfleet engine", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.config = config
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error_to_openai(exc).response()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "draining" if state["draining"] else "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(config.model)]}
+
+    @app.get("/metrics")
+    async def prom_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    if config.api == "sglang":
+        @app.get("/get_load")
+        async def get_load() -> list[dict[str, Any]]:
+            stats = core.stats()
+            return [{
+                "dp_rank": 0,
+                "num_reqs": stats.num_running + stats.num_waiting,
+                "num_waiting_reqs": stats.num_waiting,
+                "num_tokens": int(stats.kv_usage * stats.total_blocks * stats.block_size),
+            }]
+
+    @app.get("/load")
+    async def load() -> dict[str, Any]:
+        stats = core.stats()
+        return {**stats.__dict__, "engine_time": engine.engine_now(),
+                "loop": engine.loop_stats.__dict__}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await parse_body(request, CompletionRequest)
+        return await _serve(request, body, body.prompt_token_ids(), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await parse_body(request, ChatCompletionRequest)
+        try:
+            prompt_ids = body.prompt_token_ids()
+        except ValueError as exc:
+            raise OpenAIError(str(exc), 400, param="messages") from exc
+        return await _serve(request, body, prompt_ids, chat=True)
+
+    async def _serve(
+        request: Request, body: CompletionRequest | ChatCompletionRequest,
+        prompt_ids: list[int], chat: bool,
+    ) -> Response:
+        if body.model is not None and body.model != config.model:
+            raise OpenAIError(f"The model '{body.model}' does not exist", 404,
+                              param="model", code="model_not_found")
+        if chat:
+            assert isinstance(body, ChatCompletionRequest)
+            max_tokens = body.output_budget() or DEFAULT_CHAT_MAX_TOKENS
+        else:
+            max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+        if len(prompt_ids) + max_tokens > config.max_model_len:
+            raise OpenAIError(
+                f"This model's maximum context length is {config.max_model_len} tokens; "
+                f"the request has {len(prompt_ids)} prompt tokens and max_tokens={max_tokens}.",
+                400, param="max_tokens", code="context_length_exceeded")
+        params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
+                                seed=body.seed, stop_token_ids=(EOS_TOKEN_ID,))
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        gen = _Generation(stop_strings=body.stop_strings())
+        started = engine.engine_now()
+        events = engine.generate(request_id, prompt_ids, params)
+        try:
+            first = await events.__anext__()  # admission errors surface before any byte
+        except ValueError as exc:
+            raise OpenAIError(str(exc), 400, code="invalid_prompt") from exc
+        except StopAsyncIteration as exc:  # pragma: no cover - generate always yields
+            raise OpenAIError("engine produced no output", 500, "server_error") from exc
+        metrics.prompt_tokens.inc(len(prompt_ids))
+        metrics.ttft.observe(engine.engine_now() - started)
+        response_id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        created = int(time.time())
+
+        async def all_events() -> AsyncIterator[TokenEvent]:
+            yield first
+            last = engine.engine_now()
+            async for event in events:
+                now = engine.engine_now()
+                metrics.itl.observe(now - last)
+                last = now
+                yield event
+
+        def finish() -> None:
+            metrics.generation_tokens.inc(gen.completion_tokens)
+            metrics.e2e.observe(engine.engine_now() - started)
+            metrics.finished(gen.finish_reason or "abort")
+
+        if not body.stream:
+            async for event in all_events():
+                gen.add(event)
+                if gen.finish_reason:
+                    break
+            await events.aclose()
+            finish()
+            gen.pending_text()
+            return JSONResponse(_full_response(chat, response_id, created, config.model, gen))
+
+        include_usage = body.include_usage_in_stream()
+
+        async def sse() -> AsyncIterator[str]:
+            try:
+                if chat:
+                    yield _sse(_chunk(True, response_id, created, config.model,
+                                      {"role": "assistant", "content": ""}, None))
+                async for event in all_events():
+                    gen.add(event)
+                    text = gen.pending_text()
+                    if text or gen.finish_reason:
+                        delta = {"content": text} if chat else text
+                        yield _sse(_chunk(chat, response_id, created, config.model, delta,
+                                          gen.finish_reason))
+                    if gen.finish_reason:
+                        break
+                if include_usage:
+                    chunk = _chunk(chat, response_id, created, config.model, None, None)
+                    chunk["choices"] = []
+                    chunk["usage"] = gen.usage()
+                    yield _sse(chunk)
+                yield "data: [DONE]\n\n"
+            finally:
+                await events.aclose()
+                finish()
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"x-llmfleet-instance": config.instance_id})
+
+    return app
+
+
+def _model_card(model: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "llmfleet"}
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _chunk(chat: bool, response_id: str, created: int, model: str, delta: Any,
+           finish_reason: str | None) -> dict[str, Any]:
+    if chat:
+        choice: dict[str, Any] = {"index": 0, "delta": delta or {}, "logprobs": None,
+                                  "finish_reason": finish_reason}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": delta or "", "logprobs": None,
+                  "finish_reason": finish_reason}
+        obj = "text_completion"
+    return {"id": response_id, "object": obj, "created": created, "model": model,
+            "choices": [choice]}
+
+
+def _full_response(chat: bool, response_id: str, created: int, model: str,
+                   gen: _Generation) -> dict[str, Any]:
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0, "message": {"role": "assistant", "content": gen.text},
+            "logprobs": None, "finish_reason": gen.finish_reason}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": gen.text, "logprobs": None,
+                  "finish_reason": gen.finish_reason}
+        obj = "text_completion"
+    return {"id": response_id, "object": obj, "created": created, "model": model,
+            "choices": [choice], "usage": gen.usage()}
+
+
+async def _heartbeat_loop(engine: AsyncEngine, config: EngineServerConfig,
+                          state: dict[str, Any]) -> None:
+    """Register in Redis and refresh the registration with a load report, ~3× per TTL."""
+    from router.state import ClusterStateStore, InstanceRecord, load_report
+
+    assert config.redis_url
+    store = ClusterStateStore(config.redis_url, config.namespace, config.heartbeat_ttl_s)
+    period = config.heartbeat_ttl_s / 3
+    try:
+        while True:
+            record = InstanceRecord(
+                instance_id=config.instance_id, url=config.advertise_url, model=config.model,
+                api=config.api, weight=config.weight, block_size=engine.core.block_size,
+                load=load_report(engine.core.stats(), time.time(), state["draining"]))
+            try:
+                await store.heartbeat(record)
+            except Exception as exc:  # Redis briefly away: keep serving, retry next period
+                log.warning("heartbeat to %s failed: %s", config.redis_url, exc)
+            await asyncio.sleep(period)
+    finally:
+        with contextlib.suppress(Exception):
+            await store.deregister(config.instance_id)
+        await store.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the OS says is free now (for tests and launchers; never hard-code ports)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def run_engine(args: argparse.Namespace) -> int:
+    from instances.engine.factory import build_engine_core
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    port = args.port or free_port(args.host)
+    config = EngineServerConfig(
+        model=args.model, api=args.api, max_model_len=args.max_model_len,
+        instance_id=args.instance_id or f"engine-{port}",
+        advertise_url=args.advertise_url or f"http://{args.host}:{port}",
+        redis_url=args.redis_url or os.environ.get("REDIS_URL"),
+        heartbeat_ttl_s=args.heartbeat_ttl, namespace=args.namespace, weight=args.weight)
+    overrides: dict[str, Any] = {}
+    if args.num_gpu_blocks:
+        overrides["num_gpu_blocks"] = args.num_gpu_blocks
+    core = build_engine_core(args.executor, args.profile, seed=args.seed, **overrides)
+    app = create_engine_app(core, config, speedup=args.speedup)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=2))
+    # Print where we listen first: launchers and tests wait for this line.
+    print(json.dumps({"event": "engine_ready", "instance_id": config.instance_id,
+                      "url": config.advertise_url}), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+    server.run()
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("engine", help="run one reference-engine replica")
+    p.add_argument("--executor", choices=("emulated", "tiny"), default="emulated")
+    p.add_argument("--profile", default=None,
+                   help="hardware profile (default: h100-llama3-8b, tiny-cpu for tiny)")
+    p.add_argument("--speedup", type=float, default=1.0,
+                   help="run the emulated clock X times faster (reported times scaled back)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--model", default="llmfleet-emulated", help="served model name")
+    p.add_argument("--api", choices=("vllm", "sglang"), default="vllm")
+    p.add_argument("--max-model-len", type=int, default=131072)
+    p.add_argument("--num-gpu-blocks", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--redis-url", default=None, help="register in this Redis (or $REDIS_URL)")
+    p.add_argument("--namespace", default="llmfleet")
+    p.add_argument("--instance-id", default=None)
+    p.add_argument("--advertise-url", default=None)
+    p.add_argument("--weight", type=float, default=1.0)
+    p.add_argument("--heartbeat-ttl", type=float, default=3.0)
+    p.set_defaults(func=run_engine)
