@@ -3,6 +3,8 @@ called with the official openai client, then stopped with Ctrl-C leaving nothing
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,15 +35,11 @@ def fleet() -> Iterator[dict[str, Any]]:
 
 
 def _all_events(proc: FleetProcess) -> list[dict[str, Any]]:
-    import json
-
     events = []
     for line in proc.output:
         if line.startswith("{"):
-            try:
+            with contextlib.suppress(ValueError):
                 events.append(json.loads(line))
-            except ValueError:
-                pass
     return events
 
 
@@ -98,5 +96,5 @@ def test_ctrl_c_stops_everything(fleet: dict[str, Any]) -> None:
     children: list[psutil.Process] = fleet["children"]
     assert len(children) >= 3  # two engines, Redis, Ray's own processes
     assert fleet["proc"].interrupt(timeout_s=90) == 0
-    gone, alive = psutil.wait_procs(children, timeout=20)
+    _, alive = psutil.wait_procs(children, timeout=20)
     assert not alive, [p.info if hasattr(p, "info") else p for p in alive]

@@ -1,0 +1,160 @@
+"""Starts and supervises reference-engine replicas as child processes.
+
+Each replica is a ``llmfleet engine`` process. Children are tied to the launcher's life
+(``PR_SET_PDEATHSIG``), so even a launcher killed with SIGKILL leaves no replica behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+log = logging.getLogger("llmfleet.launcher")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: ask the kernel to SIGTERM us when the parent dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class EngineSpec:
+    """How to start one replica."""
+
+    instance_id: str
+    port: int
+    executor: str = "emulated"
+    profile: str | None = None
+    speedup: float = 1.0
+    redis_url: str | None = None
+    model: str = "llmfleet-emulated"
+    api: str = "vllm"
+    heartbeat_ttl_s: float = 3.0
+    namespace: str = "llmfleet"
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "router.cli", "engine",
+               "--executor", self.executor, "--port", str(self.port),
+               "--instance-id", self.instance_id, "--speedup", repr(self.speedup),
+               "--model", self.model, "--api", self.api,
+               "--heartbeat-ttl", repr(self.heartbeat_ttl_s), "--namespace", self.namespace]
+        if self.profile:
+            cmd += ["--profile", self.profile]
+        if self.redis_url:
+            cmd += ["--redis-url", self.redis_url]
+        return cmd + self.extra_args
+
+
+class EngineProcess:
+    """One supervised replica process."""
+
+    def __init__(self, spec: EngineSpec, log_dir: str | None = None) -> None:
+        self.spec = spec
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        stderr_target: int | object = subprocess.DEVNULL
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+            stderr_target = open(  # noqa: SIM115 - owned by the child for its whole life
+                os.path.join(self.log_dir, f"{self.spec.instance_id}.log"), "ab")
+        self.proc = subprocess.Popen(
+            self.spec.command(), stdout=subprocess.DEVNULL, stderr=stderr_target,  # type: ignore[arg-type]
+            preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"engine {self.spec.instance_id} exited during start-up "
+                                   f"(code {self.proc.returncode if self.proc else None})")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.spec.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise TimeoutError(f"engine {self.spec.instance_id} not healthy after {timeout_s}s")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class EngineSupervisor:
+    """Starts replicas, restarts ones that die (with a back-off), stops them all."""
+
+    def __init__(self, specs: list[EngineSpec], log_dir: str | None = None,
+                 restart: bool = True) -> None:
+        self.engines = [EngineProcess(s, log_dir) for s in specs]
+        self.restart = restart
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        for engine in self.engines:
+            engine.start()
+        for engine in self.engines:
+            engine.wait_healthy(timeout_s)
+        if self.restart:
+            self._thread = threading.Thread(target=self._watch, daemon=True,
+                                            name="engine-supervisor")
+            self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            for engine in self.engines:
+                if not engine.alive() and not self._stop.is_set():
+                    engine.restarts += 1
+                    log.warning("engine %s exited (code %s); restarting (#%d)",
+                                engine.spec.instance_id,
+                                engine.proc.returncode if engine.proc else None,
+                                engine.restarts)
+                    engine.start()
+
+    def pids(self) -> list[int]:
+        return [e.proc.pid for e in self.engines if e.proc is not None]
+
+    def describe(self) -> list[dict[str, object]]:
+        return [{"instance_id": e.spec.instance_id, "url": e.spec.url,
+                 "pid": e.proc.pid if e.proc else None} for e in self.engines]
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        for engine in self.engines:
+            engine.stop()
+
+
+def print_event(event: str, **fields: object) -> None:
+    """One JSON line on stdout: launchers and tests read these."""
+    print(json.dumps({"event": event, **fields}), flush=True)

@@ -1,0 +1,375 @@
+"""The gateway: OpenAI API in, routing decision, forwarding to a replica, stream back.
+
+``Gateway`` holds everything one gateway replica needs (cluster view refreshed from Redis,
+the routing policy, one shared httpx client, metrics); ``create_gateway_app`` wraps it in a
+FastAPI app. The same app runs under Ray Serve (``router.serve_app``) or plain uvicorn.
+Gateway replicas are stateless: the registry and ring live in Redis, and every replica builds
+the same rings from the same ring epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from instances.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    parse_body,
+    validation_error_to_openai,
+)
+from router.policy.interfaces import (
+    ClusterSnapshot,
+    Decision,
+    InstanceView,
+    NoInstanceAvailable,
+    RoutingPolicy,
+    RoutingRequest,
+)
+from router.state import ClusterStateStore, InstanceRecord, snapshot_from_records
+
+log = logging.getLogger("llmfleet.gateway")
+
+REQUEST_ID_HEADER = "x-request-id"
+INSTANCE_HEADER = "x-llmfleet-instance"
+# A replica that refused a connection is skipped locally for this long, so requests stop
+# going to it before its heartbeat TTL runs out.
+SUSPECT_S = 5.0
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class GatewayConfig:
+    redis_url: str
+    policy: str = "round_robin"
+    policy_params: dict[str, Any] = field(default_factory=dict)
+    namespace: str = "llmfleet"
+    refresh_interval_s: float = 0.2
+    heartbeat_ttl_s: float = 3.0
+    leader_lease_s: float = 2.0
+    gateway_id: str = field(default_factory=lambda: f"gw-{uuid.uuid4().hex[:8]}")
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 600.0
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.decisions = Counter("llmfleet_routing_decisions", "Routing decisions by reason",
+                                 ["policy", "reason"], registry=self.registry)
+        self.requests = Counter("llmfleet_requests", "Requests by endpoint and status code",
+                                ["endpoint", "status"], registry=self.registry)
+        self.retries = Counter("llmfleet_upstream_retries", "Requests re-sent to another replica",
+                               registry=self.registry)
+        self.latency = Histogram("llmfleet_request_duration_seconds",
+                                 "Gateway request duration", ["endpoint"],
+                                 registry=self.registry)
+        self.ttft = Histogram("llmfleet_time_to_first_token_seconds",
+                              "TTFT seen by the gateway (streaming)", registry=self.registry)
+        self.instances = Gauge("llmfleet_instances", "Instances by health",
+                               ["state"], registry=self.registry)
+        self.decision_us = Histogram("llmfleet_routing_decision_seconds",
+                                     "Time spent in the routing policy", registry=self.registry,
+                                     buckets=(1e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 1e-3, 1e-2))
+
+
+class Gateway:
+    """One gateway replica's state and request path."""
+
+    def __init__(self, config: GatewayConfig, policy: RoutingPolicy | None = None) -> None:
+        from router.policy.registry import build_policy
+
+        self.config = config
+        self.policy = policy or build_policy(config.policy, **config.policy_params)
+        self.store = ClusterStateStore(config.redis_url, config.namespace,
+                                       config.heartbeat_ttl_s)
+        self.metrics = GatewayMetrics()
+        self.snapshot = ClusterSnapshot(epoch=0, instances=())
+        self.records: dict[str, InstanceRecord] = {}
+        self.is_leader = False
+        self._suspect_until: dict[str, float] = {}
+        self._client: httpx.AsyncClient | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._first_refresh = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._refresher is not None:
+            return
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.config.read_timeout_s,
+                                  connect=self.config.connect_timeout_s),
+            limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
+        )
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._first_refresh.wait(), timeout=5.0)
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        await self.store.close()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:  # Redis away: keep routing on the last view
+                log.warning("cluster state refresh failed: %s", exc)
+            self._first_refresh.set()
+            await asyncio.sleep(self.config.refresh_interval_s)
+
+    async def refresh(self) -> None:
+        """Re-read the registry; the leader also publishes ring membership (new epoch)."""
+        live = await self.store.live_instances()
+        self.is_leader = await self.store.try_lead(self.config.gateway_id,
+                                                   self.config.leader_lease_s)
+        if self.is_leader:
+            await self.store.publish_ring([(r.instance_id, r.weight) for r in live])
+        epoch, members = await self.store.ring()
+        self.records = {r.instance_id: r for r in live}
+        self.snapshot = snapshot_from_records(epoch, members, live)
+        healthy = sum(1 for v in self.snapshot.instances if v.healthy)
+        self.metrics.instances.labels(state="healthy").set(healthy)
+        self.metrics.instances.labels(state="unhealthy").set(len(self.snapshot.instances) - healthy)
+
+    # -- routing ------------------------------------------------------------------------
+    def models(self) -> list[str]:
+        return sorted({r.model for r in self.records.values() if r.model})
+
+    def _routable_snapshot(self, exclude: set[str], now: float) -> ClusterSnapshot:
+        def view(v: InstanceView) -> InstanceView:
+            suspect = self._suspect_until.get(v.instance_id, 0.0) > now
+            if v.healthy and (suspect or v.instance_id in exclude):
+                return InstanceView(**{**v.__dict__, "healthy": False})
+            return v
+
+        return ClusterSnapshot(self.snapshot.epoch, tuple(view(v) for v in self.snapshot.instances))
+
+    def route(self, request: RoutingRequest, exclude: set[str], now: float) -> Decision:
+        snapshot = self._routable_snapshot(exclude, now)
+        t0 = time.perf_counter()
+        decision = self.policy.route(request, snapshot, now)
+        self.metrics.decision_us.observe(time.perf_counter() - t0)
+        self.metrics.decisions.labels(policy=self.policy.name, reason=decision.reason).inc()
+        return decision
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- forwarding ---------------------------------------------------------------------
+    async def handle(self, request: Request, endpoint: str, chat: bool) -> Response:
+        started = time.monotonic()
+        status = 500
+        try:
+            response = await self._handle(request, endpoint, chat, started)
+            status = response.status_code
+            return response
+        except OpenAIError as exc:
+            status = exc.status_code
+            raise
+        finally:
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    async def _handle(self, request: Request, endpoint: str, chat: bool,
+                      started: float) -> Response:
+        body: ChatCompletionRequest | CompletionRequest
+        if chat:
+            body = await parse_body(request, ChatCompletionRequest)
+        else:
+            body = await parse_body(request, CompletionRequest)
+        if not self.records:
+            raise OpenAIError("No healthy replica is available", 503, "service_unavailable",
+                              code="no_healthy_replica")
+        if body.model is not None and body.model not in self.models():
+            raise OpenAIError(f"The model '{body.model}' does not exist", 404,
+                              param="model", code="model_not_found")
+        try:
+            token_ids = body.prompt_token_ids()
+        except ValueError as exc:
+            raise OpenAIError(str(exc), 400, param="messages") from exc
+        if isinstance(body, ChatCompletionRequest):
+            max_tokens = body.output_budget() or 16
+        else:
+            max_tokens = body.max_tokens or 16
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        routing_request = RoutingRequest(request_id, token_ids, max_tokens)
+        raw = await request.body()
+        exclude: set[str] = set()
+        last_error = "no replica answered"
+        for attempt in range(MAX_ATTEMPTS):
+            now = time.monotonic()
+            try:
+                decision = self.route(routing_request, exclude, now)
+            except NoInstanceAvailable as exc:
+                raise OpenAIError("No healthy replica is available", 503,
+                                  "service_unavailable", code="no_healthy_replica") from exc
+            record = self.records.get(decision.instance_id)
+            if record is None:
+                exclude.add(decision.instance_id)
+                continue
+            self.policy.on_dispatched(routing_request, decision, now)
+            self._spawn(self.store.record_request(request_id, decision.instance_id))
+            try:
+                upstream = await self._send(record.url + endpoint, raw, request_id)
+            except httpx.TransportError as exc:
+                # Nothing reached the client yet: try another replica.
+                self.policy.on_finished(request_id, decision.instance_id, time.monotonic())
+                self._suspect_until[decision.instance_id] = time.monotonic() + SUSPECT_S
+                exclude.add(decision.instance_id)
+                last_error = f"{decision.instance_id}: {exc!r}"
+                if attempt + 1 < MAX_ATTEMPTS:
+                    self.metrics.retries.inc()
+                continue
+            if body.stream and upstream.status_code == 200:
+                return self._stream_back(upstream, routing_request, decision, started)
+            try:
+                content = await upstream.aread()
+            finally:
+                await upstream.aclose()
+                self.policy.on_finished(request_id, decision.instance_id, time.monotonic())
+            self.metrics.latency.labels(endpoint="non_stream").observe(
+                time.monotonic() - started)
+            return Response(content, status_code=upstream.status_code,
+                            media_type=upstream.headers.get("content-type", "application/json"),
+                            headers={INSTANCE_HEADER: decision.instance_id})
+        raise OpenAIError(f"All replicas failed: {last_error}", 503, "service_unavailable",
+                          code="upstream_unavailable")
+
+    async def _send(self, url: str, raw: bytes, request_id: str) -> httpx.Response:
+        assert self._client is not None, "gateway not started"
+        req = self._client.build_request(
+            "POST", url, content=raw,
+            headers={"content-type": "application/json", REQUEST_ID_HEADER: request_id})
+        return await self._client.send(req, stream=True)
+
+    def _stream_back(self, upstream: httpx.Response, request: RoutingRequest,
+                     decision: Decision, started: float) -> StreamingResponse:
+        policy = self.policy
+
+        async def relay() -> AsyncIterator[bytes]:
+            first_seen = False
+            try:
+                async for chunk in upstream.aiter_raw():
+                    if not first_seen and _has_token_text(chunk):
+                        first_seen = True
+                        now = time.monotonic()
+                        self.metrics.ttft.observe(now - started)
+                        policy.on_first_token(request.request_id, decision.instance_id,
+                                              now - started, None, now)
+                    yield chunk
+            finally:
+                await upstream.aclose()
+                policy.on_finished(request.request_id, decision.instance_id, time.monotonic())
+                self.metrics.latency.labels(endpoint="stream").observe(
+                    time.monotonic() - started)
+
+        return StreamingResponse(relay(), status_code=200, media_type="text/event-stream",
+                                 headers={INSTANCE_HEADER: decision.instance_id})
+
+
+def _has_token_text(chunk: bytes) -> bool:
+    """True if an SSE chunk carries generated text (not the empty role-only first delta)."""
+    for line in chunk.split(b"\n"):
+        if not line.startswith(b"data: {"):
+            continue
+        try:
+            payload = json.loads(line[6:])
+        except ValueError:
+            continue
+        for choice in payload.get("choices", []):
+            if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                return True
+    return False
+
+
+def create_gateway_app(gateway: Gateway) -> FastAPI:
+    """FastAPI app around ``gateway``; starts it lazily on first use and on startup."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="llmfleet gateway", lifespan=lifespan)
+    _add_routes(app, gateway)
+    return app
+
+
+def _add_routes(app: FastAPI, gateway: Gateway) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error_to_openai(exc).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected gateway error")
+        return OpenAIError(f"Internal gateway error: {exc!r}", 500, "server_error").response()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        await gateway.start()
+        return await gateway.handle(request, "/v1/completions", chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        await gateway.start()
+        return await gateway.handle(request, "/v1/chat/completions", chat=True)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        await gateway.start()
+        return {"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "llmfleet"}
+            for m in gateway.models()]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        await gateway.start()
+        healthy = [v.instance_id for v in gateway.snapshot.instances if v.healthy]
+        status = 200 if healthy else 503
+        return JSONResponse({"status": "ok" if healthy else "no_healthy_replica",
+                             "healthy_instances": len(healthy),
+                             "epoch": gateway.snapshot.epoch}, status_code=status)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gateway.metrics.registry),
+                        media_type="text/plain; version=0.0.4")
+
+    @app.get("/admin/instances")
+    async def instances() -> dict[str, Any]:
+        await gateway.start()
+        return {"epoch": gateway.snapshot.epoch, "leader": gateway.is_leader,
+                "policy": gateway.policy.name,
+                "instances": [v.__dict__ for v in gateway.snapshot.instances]}

