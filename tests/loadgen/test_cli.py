@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from router.cli import build_parser
+import json
+
+import pytest
+
+from router.cli import build_parser, main
 
 
 def test_sim_command_line() -> None:
@@ -33,3 +37,17 @@ def test_loadgen_command_line() -> None:
     ])
     assert args.command == "loadgen" and args.url == "http://127.0.0.1:8000"
     assert (args.max_requests, args.max_seconds, args.out) == (50, 30.0, "x.json")
+
+
+def test_sim_command_prints_the_contract_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["sim", "--trace", "shared_prefix", "--trace-format", "synthetic",
+                 "--workload-param", "num_groups=2", "--workload-param", "prompts_per_group=4",
+                 "--workload-param", "output_len=8", "--instances", "2",
+                 "--policy", "least_loaded", "--rate", "5", "--slo-ttft", "1", "--json",
+                 "--no-progress"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    for key in ("requests", "slo_attainment", "ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50",
+                "throughput_rps", "cache_hit_rate", "load_imbalance", "wall_seconds"):
+        assert key in summary
+    assert summary["requests"] == 8 and summary["completed"] == 8

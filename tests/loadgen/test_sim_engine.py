@@ -52,3 +52,13 @@ def test_ideal_bound_beats_what_the_engine_sustains() -> None:
                                 workload_params={**SMALL_GROUPS, "prompts_per_group": 16}),
                         policy_factory=lambda c: LeastWaiting())
     assert saturated["throughput_rps"] < bound["ideal_bound_rps"]
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "dualmap"])
+def test_gateway_policies_run_unchanged(policy: str) -> None:
+    summary = run_sim(_config(policy=policy, instances=4, max_requests=32))
+    assert summary["completed"] == 32 and summary["policy"] == policy
+    assert sum(summary["decisions"].values()) == 32
+    if policy == "dualmap":
+        # Affinity keeps each group's requests on its ring homes: prefixes are reused.
+        assert summary["cache_hit_rate"] > 0.6
