@@ -159,6 +159,14 @@ class Gateway:
         return sorted({r.model for r in self.records.values() if r.model})
 
     def _routable_snapshot(self, exclude: set[str], now: float) -> ClusterSnapshot:
+        """The snapshot with locally suspected or excluded replicas marked unhealthy.
+
+        The common case (nothing to hide) returns the refreshed snapshot object itself, so
+        policies can tell cheaply that nothing changed since the last decision.
+        """
+        if not exclude and not any(t > now for t in self._suspect_until.values()):
+            return self.snapshot
+
         def view(v: InstanceView) -> InstanceView:
             suspect = self._suspect_until.get(v.instance_id, 0.0) > now
             if v.healthy and (suspect or v.instance_id in exclude):

@@ -1,0 +1,99 @@
+"""Gateway against real engine processes: spreading, retries and dropping a dead replica."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from instances.launcher import EngineSpec, EngineSupervisor
+from instances.server import free_port
+from router.gateway import Gateway, GatewayConfig, create_gateway_app
+from tests.fleet import engine_requests_served, serve_in_thread, wait_until
+
+TTL_S = 1.5
+
+
+@pytest.fixture
+def fleet(redis_url: str, namespace: str) -> Iterator[dict[str, Any]]:
+    specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), speedup=50.0,
+                        redis_url=redis_url, namespace=namespace, heartbeat_ttl_s=TTL_S)
+             for i in range(2)]
+    supervisor = EngineSupervisor(specs, restart=False)
+    supervisor.start()
+    gateway = Gateway(GatewayConfig(redis_url=redis_url, namespace=namespace,
+                                    policy="round_robin", heartbeat_ttl_s=TTL_S,
+                                    refresh_interval_s=0.1))
+    try:
+        with serve_in_thread(create_gateway_app(gateway), free_port()) as url:
+            wait_until(lambda: httpx.get(url + "/health").json().get("healthy_instances") == 2,
+                       timeout_s=10)
+            yield {"url": url, "supervisor": supervisor, "gateway": gateway}
+    finally:
+        supervisor.stop()
+
+
+def _complete(url: str, prompt: str) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", timeout=30,
+                      json={"model": "llmfleet-emulated", "prompt": prompt, "max_tokens": 4})
+
+
+def test_round_robin_spreads_and_counts_decisions(fleet: dict[str, Any]) -> None:
+    url = fleet["url"]
+    served_by = {_complete(url, f"p{i}").headers["x-llmfleet-instance"] for i in range(6)}
+    assert served_by == {"engine-0", "engine-1"}
+    for engine in fleet["supervisor"].engines:
+        assert engine_requests_served(engine.spec.url) == 3
+    metrics = httpx.get(url + "/metrics").text
+    assert 'llmfleet_routing_decisions_total{policy="round_robin",reason="round_robin"} 6.0' \
+        in metrics
+
+
+def test_dead_replica_is_dropped_within_ttl_and_no_request_fails(
+        fleet: dict[str, Any]) -> None:
+    url = fleet["url"]
+    victim = fleet["supervisor"].engines[0]
+    assert victim.proc is not None
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    # Requests right after the crash are retried on the survivor, never failed.
+    for i in range(6):
+        response = _complete(url, f"after crash {i}")
+        assert response.status_code == 200, response.text
+        assert response.headers["x-llmfleet-instance"] == "engine-1"
+
+    def dropped() -> bool:
+        ids = [v["instance_id"] for v in httpx.get(url + "/admin/instances").json()["instances"]
+               if v["healthy"]]
+        return ids == ["engine-1"]
+
+    # Gone from the registry (not just locally suspected) within its TTL plus one refresh.
+    gateway: Gateway = fleet["gateway"]
+    took = wait_until(lambda: asyncio.run(_fresh_ids(gateway)) == ["engine-1"],
+                      timeout_s=TTL_S + 1.0)
+    assert took <= TTL_S + 0.5
+    wait_until(dropped, timeout_s=1.0)
+
+
+async def _fresh_ids(gateway: Gateway) -> list[str]:
+    from router.state import ClusterStateStore
+
+    store = ClusterStateStore(gateway.config.redis_url, gateway.config.namespace)
+    try:
+        return [r.instance_id for r in await store.live_instances()]
+    finally:
+        await store.close()
+
+
+def test_no_replica_gives_503(redis_url: str, namespace: str) -> None:
+    gateway = Gateway(GatewayConfig(redis_url=redis_url, namespace=namespace,
+                                    policy="round_robin"))
+    with serve_in_thread(create_gateway_app(gateway), free_port()) as url:
+        response = _complete(url, "anyone?")
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "no_healthy_replica"
+        assert httpx.get(url + "/health").status_code == 503
