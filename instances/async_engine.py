@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from instances.engine.core import EngineCore
-from instances.engine.types import EngineRequest, SamplingParams, TokenEvent
+from instances.engine.types import EngineRequest, SamplingParams, StepResult, TokenEvent
 
 # How often an idle-but-unfinished core is polled (e.g. while LAPS holds short prefills to
 # batch them): small against the shortest iteration, large enough not to spin.
@@ -41,12 +41,14 @@ class AsyncEngine:
         core: EngineCore,
         speedup: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        on_step: Callable[[StepResult], None] | None = None,
     ) -> None:
         if speedup <= 0:
             raise ValueError("speedup must be > 0")
         self.core = core
         self.speedup = speedup
         self._clock = clock
+        self._on_step = on_step  # e.g. publish the step's KV events
         self._t0 = clock()
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._wakeup = asyncio.Event()
@@ -107,6 +109,8 @@ class AsyncEngine:
                 continue
             started = self._clock()
             result = self.core.step(self.engine_now())
+            if self._on_step is not None:
+                self._on_step(result)
             cpu_done = self._clock()
             if result.duration_s <= 0 and not result.events:
                 await asyncio.sleep(_IDLE_POLL_S)

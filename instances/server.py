@@ -65,6 +65,7 @@ class EngineServerConfig:
     heartbeat_ttl_s: float = 3.0
     namespace: str = "llmfleet"
     weight: float = 1.0
+    kv_events_endpoint: str | None = None  # e.g. "tcp://127.0.0.1:*" (any free port)
 
 
 class EngineMetrics:
@@ -178,9 +179,21 @@ def create_engine_app(
     core: EngineCore, config: EngineServerConfig, speedup: float = 1.0
 ) -> FastAPI:
     """The replica's FastAPI app. The engine loop and heartbeat run while the app lives."""
-    engine = AsyncEngine(core, speedup=speedup)
+    publisher = None
+    if config.kv_events_endpoint:
+        from instances.kv_events import KVEventPublisher
+
+        publisher = KVEventPublisher(config.instance_id, config.kv_events_endpoint)
+    state: dict[str, Any] = {"draining": False,
+                             "kv_events": publisher.endpoint if publisher else ""}
+
+    def publish_kv_events(_: Any) -> None:
+        assert publisher is not None
+        publisher.publish(time.time(), core.drain_kv_events())
+
+    engine = AsyncEngine(core, speedup=speedup,
+                         on_step=publish_kv_events if publisher else None)
     metrics = EngineMetrics(engine, config)
-    state: dict[str, Any] = {"draining": False}
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -196,10 +209,13 @@ def create_engine_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await heartbeat
             await engine.stop()
+            if publisher is not None:
+                publisher.close()
 
     app = FastAPI(title="llmfleet engine", lifespan=lifespan)
     app.state.engine = engine
     app.state.config = config
+    app.state.kv_events_endpoint = state["kv_events"]
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -392,7 +408,8 @@ async def _heartbeat_loop(engine: AsyncEngine, config: EngineServerConfig,
             record = InstanceRecord(
                 instance_id=config.instance_id, url=config.advertise_url, model=config.model,
                 api=config.api, weight=config.weight, block_size=engine.core.block_size,
-                load=load_report(engine.core.stats(), time.time(), state["draining"]))
+                load=load_report(engine.core.stats(), time.time(), state["draining"]),
+                kv_events=state["kv_events"])
             try:
                 await store.heartbeat(record)
             except Exception as exc:  # Redis briefly away: keep serving, retry next period
@@ -421,8 +438,9 @@ def run_engine(args: argparse.Namespace) -> int:
         instance_id=args.instance_id or f"engine-{port}",
         advertise_url=args.advertise_url or f"http://{args.host}:{port}",
         redis_url=args.redis_url or os.environ.get("REDIS_URL"),
-        heartbeat_ttl_s=args.heartbeat_ttl, namespace=args.namespace, weight=args.weight)
-    overrides: dict[str, Any] = {}
+        heartbeat_ttl_s=args.heartbeat_ttl, namespace=args.namespace, weight=args.weight,
+        kv_events_endpoint=args.kv_events_endpoint or None)
+    overrides: dict[str, Any] = {"enable_kv_events": bool(args.kv_events_endpoint)}
     if args.num_gpu_blocks:
         overrides["num_gpu_blocks"] = args.num_gpu_blocks
     core = build_engine_core(args.executor, args.profile, seed=args.seed, **overrides)
@@ -457,4 +475,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--advertise-url", default=None)
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--heartbeat-ttl", type=float, default=3.0)
+    p.add_argument("--kv-events-endpoint", default="",
+                   help="publish vLLM-format KV events on this ZMQ endpoint "
+                        "(tcp://127.0.0.1:* picks a free port)")
     p.set_defaults(func=run_engine)

@@ -82,6 +82,8 @@ class GatewayMetrics:
                               "TTFT seen by the gateway (streaming)", registry=self.registry)
         self.instances = Gauge("llmfleet_instances", "Instances by health",
                                ["state"], registry=self.registry)
+        self.kv_batches = Counter("llmfleet_kv_event_batches", "KV event batches applied",
+                                  registry=self.registry)
         self.decision_us = Histogram("llmfleet_routing_decision_seconds",
                                      "Time spent in the routing policy", registry=self.registry,
                                      buckets=(1e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 1e-3, 1e-2))
@@ -106,6 +108,9 @@ class Gateway:
         self._refresher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._first_refresh = asyncio.Event()
+        # Precise cache views: policies that can use KV events get them from every replica
+        # that publishes them (vLLM format over ZMQ).
+        self._kv_subscriber: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -116,6 +121,10 @@ class Gateway:
                                   connect=self.config.connect_timeout_s),
             limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
         )
+        if hasattr(self.policy, "apply_kv_events"):
+            from instances.kv_events import KVEventSubscriber
+
+            self._kv_subscriber = KVEventSubscriber(self._on_kv_events)
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._first_refresh.wait(), timeout=5.0)
@@ -129,7 +138,14 @@ class Gateway:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self._kv_subscriber is not None:
+            await self._kv_subscriber.close()
+            self._kv_subscriber = None
         await self.store.close()
+
+    def _on_kv_events(self, instance_id: str, events: Any) -> None:
+        self.policy.apply_kv_events(instance_id, events)  # type: ignore[attr-defined]
+        self.metrics.kv_batches.inc()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -149,6 +165,8 @@ class Gateway:
             await self.store.publish_ring([(r.instance_id, r.weight) for r in live])
         epoch, members = await self.store.ring()
         self.records = {r.instance_id: r for r in live}
+        if self._kv_subscriber is not None:
+            self._kv_subscriber.sync({r.instance_id: r.kv_events for r in live if r.kv_events})
         self.snapshot = snapshot_from_records(epoch, members, live)
         healthy = sum(1 for v in self.snapshot.instances if v.healthy)
         self.metrics.instances.labels(state="healthy").set(healthy)

@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -42,6 +42,7 @@ class InstanceRecord:
     weight: float = 1.0
     block_size: int = 16
     load: Mapping[str, float] | None = None
+    kv_events: str = ""  # ZMQ endpoint of its vLLM-format KV events, if it publishes them
 
     def to_view(self, healthy: bool = True, draining: bool = False) -> InstanceView:
         load = self.load or {}
@@ -99,11 +100,12 @@ class ClusterStateStore:
             "weight": repr(record.weight),
             "block_size": str(record.block_size),
             "load": json.dumps(dict(record.load or {})),
+            "kv_events": record.kv_events,
         }
         key = self._key("instance", record.instance_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.sadd(self._key("instances"), record.instance_id)
-            pipe.hset(key, mapping=fields)
+            pipe.hset(key, mapping=cast(Any, fields))
             pipe.pexpire(key, int(self.heartbeat_ttl_s * 1000))
             await pipe.execute()
 
@@ -115,7 +117,7 @@ class ClusterStateStore:
 
     async def live_instances(self) -> list[InstanceRecord]:
         """Instances whose heartbeat has not expired, sorted by id. Reaps expired ids."""
-        ids = sorted(await self._redis.smembers(self._key("instances")))
+        ids = sorted(str(i) for i in await self._redis.smembers(self._key("instances")))
         if not ids:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -137,6 +139,7 @@ class ClusterStateStore:
                     weight=float(row.get("weight", "1.0")),
                     block_size=int(row.get("block_size", "16")),
                     load=json.loads(row.get("load") or "{}"),
+                    kv_events=row.get("kv_events", ""),
                 )
             )
         if dead:
@@ -196,8 +199,8 @@ class ClusterStateStore:
         await self._redis.set(self._key("req", request_id), instance_id, ex=REQUEST_TABLE_TTL_S)
 
     async def request_instance(self, request_id: str) -> str | None:
-        value: str | None = await self._redis.get(self._key("req", request_id))
-        return value
+        value = await self._redis.get(self._key("req", request_id))
+        return None if value is None else str(value)
 
     async def forget_request(self, request_id: str) -> None:
         await self._redis.delete(self._key("req", request_id))
