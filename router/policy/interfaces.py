@@ -13,6 +13,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 
 @dataclass(frozen=True)
 class InstanceView:
@@ -46,10 +49,14 @@ class ClusterSnapshot:
 
 @dataclass(frozen=True)
 class RoutingRequest:
-    """What routing knows of a request: its prompt token ids and output budget."""
+    """What routing knows of a request: its prompt token ids and output budget.
+
+    ``token_ids`` may be a list or an integer numpy array; an int32 array is the fast form
+    (policies hash tokens as int32 bytes, and a list of 8k ints costs ~50 µs to convert).
+    """
 
     request_id: str
-    token_ids: Sequence[int]
+    token_ids: Sequence[int] | npt.NDArray[np.integer]
     max_tokens: int = 16
 
 

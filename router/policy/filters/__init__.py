@@ -1,0 +1,1 @@
+"""Filters of the routing pipeline: each drops instances a request must not go to."""
