@@ -1,0 +1,118 @@
+"""Weighted consistent-hash rings with virtual nodes, built only from membership.
+
+A ring is the sorted set of points ``(xxh64(f"{member}#{i}", seed), member)`` for
+``i < vnodes(member)``, with ``vnodes = max(1, round(vnodes_per_weight * weight))``. It depends
+on nothing but ``(seed, members, weights)``: two gateway replicas that read the same ring
+epoch from Redis build identical rings, and a ring updated incrementally equals one built
+from scratch for the same members. A key belongs to the owner of the first point at or after
+its position (wrapping around).
+
+``update`` is incremental: points of departed members are dropped, points of new members
+are computed (160 xxh64 calls each) and merged in. A join or leave therefore moves only the
+keys on the arcs that member gains or loses, ~``1/N`` of all keys.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator, Mapping
+
+from router.policy.hashing import ring_point_hash
+
+
+class HashRing:
+    """One consistent-hash ring (see the module docstring)."""
+
+    def __init__(self, seed: int, vnodes_per_weight: int = 160) -> None:
+        if vnodes_per_weight <= 0:
+            raise ValueError("vnodes_per_weight must be positive")
+        self.seed = seed
+        self.vnodes_per_weight = vnodes_per_weight
+        self.members: dict[str, float] = {}
+        self._member_points: dict[str, list[tuple[int, str]]] = {}
+        self._positions: list[int] = []
+        self._owners: list[str] = []
+
+    def __len__(self) -> int:
+        """Number of points (virtual nodes) on the ring."""
+        return len(self._positions)
+
+    def vnodes(self, weight: float) -> int:
+        return max(1, round(self.vnodes_per_weight * weight))
+
+    def _points(self, member: str, weight: float) -> list[tuple[int, str]]:
+        return [(ring_point_hash(member, i, self.seed), member) for i in range(self.vnodes(weight))]
+
+    def update(self, members: Mapping[str, float]) -> bool:
+        """Make the ring hold exactly ``members`` (id -> weight); True if anything changed.
+
+        A member whose weight changed is re-placed (its old points go, its new ones come).
+        """
+        removed = {m for m, w in self.members.items() if members.get(m) != w}
+        added = {m: w for m, w in members.items() if self.members.get(m) != w}
+        if not removed and not added:
+            return False
+        for member in removed:
+            del self._member_points[member]
+        if removed:
+            kept = [
+                (pos, owner)
+                for pos, owner in zip(self._positions, self._owners, strict=True)
+                if owner not in removed
+            ]
+        else:
+            kept = list(zip(self._positions, self._owners, strict=True))
+        new_points: list[tuple[int, str]] = []
+        for member in sorted(added):
+            points = self._points(member, added[member])
+            self._member_points[member] = points
+            new_points.extend(points)
+        new_points.sort()
+        merged = sorted(kept + new_points)  # two sorted runs: Timsort merges them in O(n)
+        self._positions = [pos for pos, _ in merged]
+        self._owners = [owner for _, owner in merged]
+        self.members = dict(members)
+        return True
+
+    def owner(self, position: int) -> str:
+        """The member owning ``position`` (the first point clockwise from it)."""
+        if not self._positions:
+            raise LookupError("empty ring")
+        i = bisect.bisect_left(self._positions, position)
+        return self._owners[i % len(self._owners)]
+
+    def walk(self, position: int) -> Iterator[str]:
+        """Distinct members clockwise from ``position``, each once, nearest first."""
+        owners = self._owners
+        count = len(owners)
+        if not count:
+            return
+        start = bisect.bisect_left(self._positions, position)
+        seen: set[str] = set()
+        total = len(self.members)
+        for step in range(count):
+            owner = owners[(start + step) % count]
+            if owner not in seen:
+                seen.add(owner)
+                yield owner
+                if len(seen) == total:
+                    return
+
+    def first(
+        self, position: int, accept: Callable[[str], bool], exclude: str | None = None
+    ) -> str | None:
+        """First member clockwise from ``position`` that ``accept``s and is not ``exclude``."""
+        if self._positions:  # common case first: the owner itself is fine
+            i = bisect.bisect_left(self._positions, position) % len(self._owners)
+            owner = self._owners[i]
+            if owner != exclude and accept(owner):
+                return owner
+        for owner in self.walk(position):
+            if owner != exclude and accept(owner):
+                return owner
+        return None
+
+
+def members_from(membership: tuple[tuple[str, float], ...]) -> dict[str, float]:
+    """Ring membership from (id, weight) pairs; members with weight <= 0 get no points."""
+    return {member: weight for member, weight in membership if weight > 0}
