@@ -208,15 +208,17 @@ class EngineCore:
             raise ValueError("the prompt is empty: at least one token is required")
         vocab_size = self.executor.vocab_size
         try:
-            array = np.asarray(token_ids, dtype=np.int64)
+            tokens = as_token_array(token_ids)
         except (OverflowError, ValueError, TypeError) as exc:
-            raise ValueError(f"prompt token ids must be integers: {exc}") from exc
-        if array.ndim != 1:
+            raise ValueError(
+                f"prompt token ids must be integers in 0..{vocab_size - 1}: {exc}"
+            ) from exc
+        if tokens.ndim != 1:
             raise ValueError("prompt token ids must be a flat sequence")
-        low, high = int(array.min()), int(array.max())
+        low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= vocab_size:
             bad = low if low < 0 else high
             raise ValueError(
                 f"token id {bad} is out of range: this model's vocabulary is 0..{vocab_size - 1}"
             )
-        return as_token_array(array)
+        return tokens

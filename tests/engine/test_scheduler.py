@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -121,12 +123,14 @@ def test_stop_token_ends_the_request() -> None:
         ([], 4, "empty"),
         ([1, 2, 300], 4, "out of range"),
         ([1, -1], 4, "out of range"),
+        ([1, 2**40], 4, "integers"),
+        ([1, 2.5], 4, "integers"),
         ([1, 2], 0, "max_tokens"),
         (list(range(10)), 60, "capacity"),
     ],
 )
 def test_requests_that_can_never_run_are_rejected(
-    prompt: list[int], max_tokens: int, message: str
+    prompt: list[Any], max_tokens: int, message: str
 ) -> None:
     core = build_engine_core(num_gpu_blocks=4, block_size=16)  # 64 tokens of KV
     with pytest.raises(ValueError, match=message):
