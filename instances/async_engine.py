@@ -21,6 +21,7 @@ from instances.engine.types import EngineRequest, SamplingParams, StepResult, To
 # How often an idle-but-unfinished core is polled (e.g. while LAPS holds short prefills to
 # batch them): small against the shortest iteration, large enough not to spin.
 _IDLE_POLL_S = 0.001
+_MAX_CATCH_UP_S = 0.05
 
 
 @dataclass
@@ -29,8 +30,13 @@ class LoopStats:
 
     iterations: int = 0
     device_s: float = 0.0  # sum of modelled iteration durations (engine seconds)
+    wall_s: float = 0.0  # real seconds the engine was busy iterating
     late_s: float = 0.0  # real seconds by which iterations ended after their deadline
     cpu_s: float = 0.0  # real seconds spent inside core.step
+
+    def slowdown(self, speedup: float) -> float:
+        """Busy real time per modelled time, minus one: 0.05 means tokens 5 % late."""
+        return self.wall_s * speedup / self.device_s - 1.0 if self.device_s else 0.0
 
 
 class AsyncEngine:
@@ -102,28 +108,42 @@ class AsyncEngine:
                 self._wakeup.set()
 
     async def _run(self) -> None:
+        # Iterations follow an ideal timeline: a busy engine starts each iteration at the
+        # previous one's deadline, so sleep overshoot (timer granularity, a busy CPU) is
+        # absorbed by the next sleep instead of accumulating into slower tokens. Only when
+        # the engine falls more than _MAX_CATCH_UP_S behind does it give up and restart the
+        # timeline from now (no bursts of instant iterations after a long stall).
+        timeline: float | None = None  # ideal end of the previous iteration while busy
+        last_end = 0.0  # real end of the previous iteration
         while True:
             if not self.core.has_unfinished_requests():
+                timeline = None
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            started = self._clock()
-            result = self.core.step(self.engine_now())
+            now = self._clock()
+            continuing = timeline is not None and now - timeline < _MAX_CATCH_UP_S
+            start = timeline if continuing and timeline is not None else now
+            result = self.core.step(start * self.speedup - self._t0 * self.speedup)
             if self._on_step is not None:
                 self._on_step(result)
             cpu_done = self._clock()
             if result.duration_s <= 0 and not result.events:
+                timeline = None
                 await asyncio.sleep(_IDLE_POLL_S)
                 continue
-            deadline = started + result.duration_s / self.speedup
+            deadline = start + result.duration_s / self.speedup
             delay = deadline - self._clock()
             if delay > 0:
                 await asyncio.sleep(delay)
+            end = self._clock()
             stats = self.loop_stats
             stats.iterations += 1
             stats.device_s += result.duration_s
-            stats.cpu_s += cpu_done - started
-            stats.late_s += max(0.0, self._clock() - deadline)
+            stats.cpu_s += cpu_done - now
+            stats.wall_s += end - (last_end if continuing else now)
+            stats.late_s += max(0.0, end - deadline)
+            timeline, last_end = deadline, end
             for event in result.events:
                 queue = self._streams.get(event.request_id)
                 if queue is not None:
