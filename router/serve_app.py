@@ -45,3 +45,17 @@ def build_gateway_application(
         ray_actor_options={"num_cpus": 0},
     )(GatewayDeployment)
     return deployment.bind(asdict(config))
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for ``serve run`` / Serve config files (``deploy/serve-config.yaml``).
+
+    ``args`` are ``GatewayConfig`` fields plus ``num_replicas``; ``redis_url`` defaults to
+    ``$REDIS_URL``.
+    """
+    import os
+
+    fields = dict(args)
+    replicas = int(fields.pop("num_replicas", 1))
+    fields.setdefault("redis_url", os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
+    return build_gateway_application(GatewayConfig(**fields), num_replicas=replicas)
