@@ -168,21 +168,16 @@ def capacity_for_policy(
     on_probe: Callable[[float, dict[str, Any]], None] | None = None,
 ) -> tuple[CapacitySearch, dict[str, Any] | None]:
     """Capacity of ``config.policy`` by simulation; also returns the full sim summary at the
-    capacity rate (None if no rate passed). The workload (``requests`` or the config's) is
-    re-timed to each probed rate (a synthetic one regenerated at that rate);
-    ``config.warmup_fraction`` of it is excluded."""
-    synthetic = requests is None and config.trace_format == "synthetic"
-    base: list[TraceRequest] = []
-    if not synthetic:
-        base = list(requests) if requests is not None else load_workload(replace(config,
-                                                                                rate=None))
+    capacity rate (None if no rate passed). The workload (``requests``, else the config's,
+    generated or read once at ``config.rate``) is re-timed to each probed rate, so the probed
+    rate is the true mean rate and the workload's shape (bursts, session structure) is kept;
+    a synthetic workload should be built at a rate where it is in steady state (its span much
+    longer than one session). ``config.warmup_fraction`` of it is excluded."""
+    base = list(requests) if requests is not None else load_workload(config)
     summaries: dict[float, dict[str, Any]] = {}
 
     def attainment_at(rate: float) -> float:
-        # Synthetic workloads are regenerated at each rate (multi-turn think times stay
-        # fixed while sessions arrive faster); traces keep their shape and are re-timed.
-        retimed = (load_workload(replace(config, rate=rate)) if synthetic
-                   else retime(base, rate))
+        retimed = retime(base, rate)
         summary = run_sim(
             replace(config, rate=rate), requests=retimed, engine_factory=engine_factory,
             policy_factory=policy_factory, early_stop_attainment=target,

@@ -215,7 +215,10 @@ def run_capacity(
     from loadgen.sim import run_sim
 
     wall_start = time.perf_counter()
-    base = load_workload(replace(config, rate=None))
+    # Traces keep their own timestamps; synthetic workloads are generated once at
+    # config.rate (or the default rate), then every probe re-times the same requests.
+    base = load_workload(config if config.trace_format == "synthetic"
+                         else replace(config, rate=None))
     from instances.engine.config import EngineConfig
 
     engine_config = EngineConfig(**config.engine_params)
@@ -248,7 +251,7 @@ def run_capacity(
                       f"({summary['wall_seconds']:.1f} s)", file=sys.stderr, flush=True)
 
         search, at_capacity = capacity_for_policy(
-            policy_config, requests=None if config.trace_format == "synthetic" else base,
+            policy_config, requests=base,
             initial_rate=start_rate, target=target, rel_tol=rel_tol, max_probes=max_probes,
             on_probe=on_probe,
         )
@@ -268,8 +271,7 @@ def run_capacity(
         for name in policies:
             for rate in sweep_rates:
                 summary = run_sim(replace(quiet, policy=name, rate=rate),
-                                  requests=None if config.trace_format == "synthetic"
-                                  else retime(base, rate))
+                                  requests=retime(base, rate))
                 table.append({"policy": name, "rate": rate,
                               **{k: summary.get(k) for k in _PROBE_FIELDS}})
         result["sweep"] = table
