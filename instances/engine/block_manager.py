@@ -227,6 +227,47 @@ class BlockManager:
                     free.move_to_end(block_id, last=False)
         block_table.clear()
 
+    # ---- single cached blocks (migration import) -------------------------------------------
+
+    def cached_block(self, block_hash: int) -> int | None:
+        """The block cached under ``block_hash``, None if none (read-only)."""
+        return self._cached.get(block_hash) if self.enable_prefix_caching else None
+
+    def forget(self, block_id: int) -> None:
+        """Drop a free block's cached content (it held bad data) and hand it out first."""
+        if self._ref_counts[block_id] != 0:
+            raise RuntimeError(f"block {block_id} is in use")
+        if self._block_hash[block_id] is not None:
+            self._evict(block_id)
+        self._free.move_to_end(block_id, last=False)
+
+    def acquire_cached(self, block_hash: int) -> int | None:
+        """Take a reference on the block cached under ``block_hash``; None if not cached."""
+        block_id = self._cached.get(block_hash) if self.enable_prefix_caching else None
+        if block_id is None:
+            return None
+        if self._ref_counts[block_id] == 0:
+            del self._free[block_id]
+        self._ref_counts[block_id] += 1
+        return block_id
+
+    def store_block(
+        self, block_hash: int, parent_hash: int | None, token_ids: Sequence[int]
+    ) -> int | None:
+        """Take a free block (evicting as usual), index it under ``block_hash`` and return it
+        with one reference held; None when no block is free. The caller fills its content."""
+        table: list[int] = []
+        if not self.allocate(table, 1):
+            return None
+        block_id = table[0]
+        if self.enable_prefix_caching and block_hash not in self._cached:
+            self._cached[block_hash] = block_id
+            self._block_hash[block_id] = block_hash
+            self._parent_hash[block_id] = parent_hash
+            if self.enable_kv_events:
+                self._emit_stored([block_hash], parent_hash, [int(t) for t in token_ids])
+        return block_id
+
     # ---- prefix cache ----------------------------------------------------------------------
 
     def cache_blocks(

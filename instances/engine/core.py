@@ -26,6 +26,7 @@ from instances.engine.block_manager import (
     BlockManager,
     as_token_array,
     compute_block_hashes,
+    hash_block_tokens,
 )
 from instances.engine.config import EngineConfig
 from instances.engine.executor import Executor
@@ -35,11 +36,16 @@ from instances.engine.scheduler import Scheduler
 from instances.engine.types import (
     EngineRequest,
     EngineStats,
+    KVBlockCopy,
     KVEvent,
     RequestStatus,
     StepResult,
     TokenEvent,
 )
+
+
+class InsufficientKVBlocks(RuntimeError):
+    """Not enough free KV blocks to take imported blocks (the import changed nothing)."""
 
 
 class EngineCore:
@@ -61,6 +67,7 @@ class EngineCore:
         self.scheduler = Scheduler(config, self.block_manager)
         self._requests: dict[str, Request] = {}
         self._aborted_events: list[TokenEvent] = []
+        self._pinned: dict[int, int] = {}  # imported block hash -> block id (one reference)
         self.num_steps = 0
 
     # ---- properties -----------------------------------------------------------------------
@@ -194,6 +201,96 @@ class EngineCore:
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block; False (nothing done) while any block is in use."""
         return self.block_manager.reset_prefix_cache()
+
+    # ---- live migration support -----------------------------------------------------------
+
+    def export_request_blocks(
+        self, request_id: str, start_block: int = 0, end_block: int | None = None
+    ) -> list[KVBlockCopy]:
+        """Copies of a running request's full, computed KV blocks ``[start, end)``.
+
+        ``end_block`` defaults to every full computed block. Read-only; the request keeps
+        running (pre-copy stages export while it decodes). KeyError for an unknown request.
+        """
+        state = self._requests[request_id]
+        block_size = self.config.block_size
+        num_full = min(state.num_computed_tokens // block_size, len(state.block_table))
+        end = num_full if end_block is None else min(end_block, num_full)
+        state.ensure_block_hashes(end, block_size)
+        copies = []
+        for index in range(start_block, end):
+            tokens = state.token_slice(index * block_size, (index + 1) * block_size).tolist()
+            parent = state.block_hashes[index - 1] if index > 0 else None
+            payload = self.executor.read_block(state.block_table[index], tokens, parent)
+            copies.append(KVBlockCopy(state.block_hashes[index], parent, tuple(tokens), payload))
+        return copies
+
+    def import_blocks(self, blocks: Sequence[KVBlockCopy]) -> int:
+        """Store copied blocks in this engine's prefix cache and pin them.
+
+        Each block's hash is checked against its tokens and parent, its payload by the
+        executor (ValueError on a mismatch). Blocks already cached here are pinned, not
+        copied. Pinned blocks are never evicted until ``unpin_blocks``; a request added
+        later whose tokens start with them reuses them through the ordinary prefix lookup,
+        so a migrated request recomputes only its last partial block. All or nothing:
+        raises ``InsufficientKVBlocks`` when the blocks do not fit and ValueError on a bad
+        copy, pinning nothing in either case.
+        Returns how many blocks were copied (not already cached).
+        """
+        block_size = self.config.block_size
+        if not self.config.enable_prefix_caching:
+            raise ValueError("importing KV blocks needs prefix caching")
+        for block in blocks:
+            if len(block.token_ids) != block_size:
+                raise ValueError(f"a KV block copy must hold {block_size} tokens")
+            if hash_block_tokens(block.parent_block_hash, block.token_ids) != block.block_hash:
+                raise ValueError("a KV block copy's hash does not match its tokens")
+        manager = self.block_manager
+        fresh = list({b.block_hash: b for b in blocks if b.block_hash not in self._pinned}.values())
+        # Each fresh block takes one block out of the free queue: a new one, or a cached
+        # one nobody references yet.
+        needed = 0
+        for block in fresh:
+            block_id = manager.cached_block(block.block_hash)
+            if block_id is None or manager.ref_count(block_id) == 0:
+                needed += 1
+        if needed > manager.num_free_blocks:
+            raise InsufficientKVBlocks(
+                f"{needed} free KV blocks needed, {manager.num_free_blocks} available"
+            )
+        copied = 0
+        pinned_now: list[int] = []
+        for block in fresh:
+            block_id = manager.acquire_cached(block.block_hash)
+            if block_id is None:
+                block_id = manager.store_block(
+                    block.block_hash, block.parent_block_hash, block.token_ids
+                )
+                assert block_id is not None  # room was checked above
+                try:
+                    self.executor.write_block(
+                        block_id, block.token_ids, block.parent_block_hash, block.payload
+                    )
+                except ValueError:
+                    manager.free([block_id])
+                    manager.forget(block_id)
+                    self.unpin_blocks(pinned_now)  # all or nothing
+                    raise
+                copied += 1
+            self._pinned[block.block_hash] = block_id
+            pinned_now.append(block.block_hash)
+        return copied
+
+    def unpin_blocks(self, block_hashes: Sequence[int]) -> None:
+        """Release pinned imported blocks; they stay cached (evictable). Unknown: ignored."""
+        for block_hash in block_hashes:
+            block_id = self._pinned.pop(block_hash, None)
+            if block_id is not None:
+                self.block_manager.free([block_id])
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return len(self._pinned)
 
     def get_request(self, request_id: str) -> Request | None:
         """The core's state of an unfinished request (read-only for callers)."""

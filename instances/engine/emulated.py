@@ -141,3 +141,13 @@ class EmulatedExecutor(Executor):
 
     def release(self, request_id: str) -> None:
         self._history.pop(request_id, None)
+
+    def read_block(self, block_id: int, token_ids: Sequence[int], parent_hash: int | None) -> bytes:
+        # Emulated KV bytes are a pure function of the block's tokens: derived on demand.
+        return block_payload(token_ids, parent_hash)
+
+    def write_block(
+        self, block_id: int, token_ids: Sequence[int], parent_hash: int | None, payload: bytes
+    ) -> None:
+        if not verify_block_payload(token_ids, parent_hash, payload):
+            raise ValueError(f"KV payload for block {block_id} does not match its tokens")

@@ -11,6 +11,7 @@ clock: time comes from a ``HardwareProfile``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -94,6 +95,17 @@ class Executor(ABC):
 
     def release(self, request_id: str) -> None:
         """The request finished or was aborted: drop per-request state."""
+
+    @abstractmethod
+    def read_block(self, block_id: int, token_ids: Sequence[int], parent_hash: int | None) -> bytes:
+        """The KV bytes of block ``block_id``, which holds ``token_ids`` (for migration)."""
+
+    @abstractmethod
+    def write_block(
+        self, block_id: int, token_ids: Sequence[int], parent_hash: int | None, payload: bytes
+    ) -> None:
+        """Store a copied block's KV bytes into ``block_id``; ValueError if they cannot be
+        this block's (wrong size, or a checksum mismatch where the executor can tell)."""
 
 
 def sampling_seed(params: SamplingParams, request_id: str, engine_seed: int) -> int:

@@ -22,6 +22,7 @@ iteration-time model (the core never reads the clock).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -102,6 +103,19 @@ class TinyExecutor(Executor):
 
     def release(self, request_id: str) -> None:
         self._sampling_seeds.pop(request_id, None)
+
+    def read_block(self, block_id: int, token_ids: Sequence[int], parent_hash: int | None) -> bytes:
+        return self.kv[block_id].tobytes()
+
+    def write_block(
+        self, block_id: int, token_ids: Sequence[int], parent_hash: int | None, payload: bytes
+    ) -> None:
+        block = self.kv[block_id]
+        if len(payload) != block.nbytes:
+            raise ValueError(
+                f"KV payload for block {block_id} has {len(payload)} bytes, expected {block.nbytes}"
+            )
+        block[...] = np.frombuffer(payload, dtype=np.float64).reshape(block.shape)
 
     def logits(self, hidden: Float64Array) -> Float64Array:
         """Vocabulary logits of a final hidden state."""

@@ -87,3 +87,18 @@ class KVEvent:
     parent_block_hash: int | None = None
     token_ids: tuple[int, ...] = ()
     block_size: int = 0
+
+
+@dataclass(frozen=True)
+class KVBlockCopy:
+    """One full, computed KV block as it travels between engines (live migration).
+
+    ``block_hash`` is the chained hash of ``token_ids`` under ``parent_block_hash``
+    (``instances.engine.block_manager.hash_block_tokens``); ``payload`` is the block's KV
+    bytes as the executor reads and writes them.
+    """
+
+    block_hash: int
+    parent_block_hash: int | None
+    token_ids: tuple[int, ...]
+    payload: bytes
