@@ -13,7 +13,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -207,10 +207,12 @@ def run_capacity(
     max_probes: int = 12,
     sweep_rates: Sequence[float] = (),
     log: bool = True,
+    on_policy_done: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The ``llmfleet sim capacity`` JSON: per policy its effective capacity and the sim
     summary fields at that rate, the probes of the search, the ideal bound, and (with
-    ``sweep_rates``) a policy x rate table."""
+    ``sweep_rates``) a policy x rate table. A policy that raises gets ``error`` instead of
+    a capacity; ``on_policy_done`` sees the partial result after every policy."""
     from loadgen.capacity import capacity_for_policy, ideal_bound_rps, retime
     from loadgen.sim import run_sim
 
@@ -250,11 +252,20 @@ def run_capacity(
                       f"{summary.get('slo_attainment')} early_stop {summary['early_stopped']} "
                       f"({summary['wall_seconds']:.1f} s)", file=sys.stderr, flush=True)
 
-        search, at_capacity = capacity_for_policy(
-            policy_config, requests=base,
-            initial_rate=start_rate, target=target, rel_tol=rel_tol, max_probes=max_probes,
-            on_probe=on_probe,
-        )
+        try:
+            search, at_capacity = capacity_for_policy(
+                policy_config, requests=base,
+                initial_rate=start_rate, target=target, rel_tol=rel_tol,
+                max_probes=max_probes, on_probe=on_probe,
+            )
+        except Exception as exc:  # one broken policy must not lose the others' results
+            if log:
+                print(f"[capacity] {name}: failed: {exc!r}", file=sys.stderr, flush=True)
+            result["policies"][name] = {"effective_capacity_rps": None,
+                                        "error": repr(exc), "probes": probes}
+            if on_policy_done is not None:
+                on_policy_done(result)
+            continue
         entry: dict[str, Any] = {
             "effective_capacity_rps": round(search.capacity_rps, 4),
             "failed_at_rps": None if search.upper_rps == float("inf")
@@ -266,6 +277,8 @@ def run_capacity(
             entry.update({k: at_capacity.get(k) for k in _CAPACITY_FIELDS})
         entry["probes"] = probes
         result["policies"][name] = entry
+        if on_policy_done is not None:
+            on_policy_done(result)
     if sweep_rates:
         table = []
         for name in policies:
@@ -283,9 +296,15 @@ def _run_capacity_command(args: argparse.Namespace) -> int:
     config = _config_from_args(args, warmup_default=0.1)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     sweep = [float(r) for r in args.sweep_rates.split(",")] if args.sweep_rates else []
+
+    def save_partial(partial: dict[str, Any]) -> None:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(partial, indent=2) + "\n")
+
     result = run_capacity(config, policies, target=args.target, initial_rate=args.initial_rate,
                           rel_tol=args.rel_tol, max_probes=args.max_probes, sweep_rates=sweep,
-                          log=not args.no_progress)
+                          log=not args.no_progress, on_policy_done=save_partial)
     if args.plot:
         from loadgen.plots import plot_capacity
 

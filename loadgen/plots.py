@@ -59,7 +59,7 @@ def plot_capacity(result: Mapping[str, Any], path: str | Path) -> Path:
     ax_curve.set_ylim(0, 1.02)
     ax_curve.legend(fontsize=8)
     names = list(policies)
-    ax_bar.bar(names, [policies[n]["effective_capacity_rps"] for n in names])
+    ax_bar.bar(names, [policies[n]["effective_capacity_rps"] or 0.0 for n in names])
     bound = result.get("ideal_bound_rps")
     if bound:
         ax_bar.axhline(bound, color="red", linestyle="--", label=f"ideal bound {bound:.1f}")
