@@ -57,6 +57,16 @@ def token_array(token_ids: Sequence[int] | npt.NDArray[np.integer]) -> TokenArra
     return as_token_array(np.asarray(token_ids))
 
 
+def common_prefix_length(a: TokenArray, b: TokenArray) -> int:
+    """How many leading tokens ``a`` and ``b`` share (memcmp first, numpy on a mismatch)."""
+    m = min(len(a), len(b))
+    if m == 0 or a[0] != b[0]:
+        return 0
+    if a[:m].tobytes() == b[:m].tobytes():
+        return m
+    return int(np.argmin(a[:m] == b[:m]))
+
+
 def key_hash(tokens: TokenArray, length: int) -> int:
     """xxh64 of the first ``length`` tokens (int32 LE bytes): the prompt's ring key."""
     return xxhash.xxh64_intdigest(tokens[:length].data, KEY_SEED)

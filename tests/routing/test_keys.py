@@ -1,4 +1,4 @@
-"""PrefixKeyBuilder: base key lengths and adaptive lengthening for hot prefixes."""
+"""PrefixKeyBuilder: base key lengths and adaptive lengthening past hot shared prefixes."""
 
 from __future__ import annotations
 
@@ -19,64 +19,71 @@ def test_base_key_covers_two_blocks_or_all_full_blocks_or_all_tokens() -> None:
     prompt = tokens(rng, 5000)
     key = keys.key(prompt, num_instances=8)
     assert key.length == 1024 and key.hash == key_hash(prompt, 1024)
-    # Beyond the key, prompts may differ freely.
-    other = np.concatenate([prompt[:1024], tokens(rng, 3000)])
+    assert key.chain == (key.hash,)
+    other = np.concatenate([prompt[:1024], tokens(rng, 3000)])  # differs after the key
     assert keys.key(other, num_instances=8).hash == key.hash
 
 
-def test_longer_keys_step_on_a_fixed_grid_within_the_prompt_and_the_cap() -> None:
+def test_longer_keys_end_on_the_step_grid_within_prompt_and_cap() -> None:
     keys = PrefixKeyBuilder(key_blocks=2, block_size=512, max_key_blocks=4, hot_step=128)
-    assert keys.next_length(1024, 3000) == 1152
-    assert keys.next_length(1536, 1700) == 1664
-    assert keys.next_length(1664, 1700) is None  # a step would reach past the prompt
-    assert keys.next_length(2048, 9000) is None  # capped at max_key_blocks
+    assert keys.longer_length(1536, 5000) == 1664  # the split token is included
+    assert keys.longer_length(1600, 5000) == 1664
+    assert keys.longer_length(1600, 1650) == 1650  # the prompt ends first
+    assert keys.longer_length(3000, 9000) == 2048  # capped at max_key_blocks
 
 
-def test_streamed_level_hashes_equal_one_shot_key_hashes() -> None:
-    rng = np.random.default_rng(4)
-    keys = PrefixKeyBuilder(hot_step=128)
-    prompt = tokens(rng, 1300)
-    key = keys.key(prompt, 4)  # cold: base key plus a probe one step longer
-    assert key.chain == (key_hash(prompt, 1024), key_hash(prompt, 1152))
+def _conversation(rng: np.random.Generator, shared: np.ndarray) -> np.ndarray:
+    return np.concatenate([shared, tokens(rng, 600)])
 
 
-def _conversations(rng: np.random.Generator, shared: np.ndarray, count: int
-                   ) -> list[np.ndarray]:
-    return [np.concatenate([shared, tokens(rng, 600)]) for _ in range(count)]
+def _warm(keys: PrefixKeyBuilder, prompts: list[np.ndarray], instances: int = 4) -> None:
+    for prompt in prompts:
+        keys.record(keys.key(prompt, instances), prompt, instances)
 
 
-def test_a_hot_shared_prefix_lengthens_the_key_so_conversations_differ() -> None:
+def test_a_hot_shared_prefix_lengthens_keys_just_past_it() -> None:
     rng = np.random.default_rng(1)
-    shared = tokens(rng, 1024)  # two full key blocks shared by everyone
+    shared = tokens(rng, 1500)  # longer than the base key: everyone collapses onto one key
     keys = PrefixKeyBuilder(hot_min_count=8, hot_window=256)
-    convs = _conversations(rng, shared, 40)
-    first = [keys.key(c, num_instances=4) for c in convs[:8]]
-    assert len({k.hash for k in first}) == 1  # cold: they all collapse onto one key
-    for c in convs:
-        keys.record(keys.key(c, 4), 4)
+    convs = [_conversation(rng, shared) for _ in range(40)]
+    assert len({keys.key(c, 4).hash for c in convs}) == 1
+    _warm(keys, convs)
     hot = [keys.key(c, 4) for c in convs]
-    assert {k.length for k in hot} == {1152}
+    assert {k.length for k in hot} == {1536}  # the split at 1500, rounded up to the grid
     assert len({k.hash for k in hot}) == len(convs)
-    # Each conversation keeps its (longer) key across turns.
+    # Each conversation keeps its longer key on later turns.
     turn2 = np.concatenate([convs[0], tokens(rng, 200)])
     assert keys.key(turn2, 4).hash == hot[0].hash
 
 
-def test_one_busy_conversation_keeps_its_key() -> None:
+def test_nested_hot_prefixes_lengthen_twice() -> None:
     rng = np.random.default_rng(2)
+    shared = tokens(rng, 1100)
+    families = [np.concatenate([shared, tokens(rng, 900)]) for _ in range(2)]
+    keys = PrefixKeyBuilder(hot_min_count=8, hot_window=512, hot_share=0.2)
+    prompts = [np.concatenate([families[k % 2], tokens(rng, 300)]) for k in range(120)]
+    for _ in range(3):  # a few rounds: each level must be seen hot before the next forms
+        _warm(keys, prompts)
+    lengths = {keys.key(p, 4).length for p in prompts}
+    assert lengths == {2048}  # past 1100 (1152), then past the family prefix at 2000
+    assert len({keys.key(p, 4).hash for p in prompts}) == len(prompts)
+
+
+def test_one_busy_conversation_keeps_its_key() -> None:
+    rng = np.random.default_rng(3)
     keys = PrefixKeyBuilder(hot_min_count=4, hot_window=64)
     history = tokens(rng, 1100)
-    for _turn in range(30):  # one agent loop re-sending its growing history
+    for _turn in range(30):  # an agent loop re-sending its growing history
         history = np.concatenate([history, tokens(rng, 40)])
-        keys.record(keys.key(history, 4), 4)
+        keys.record(keys.key(history, 4), history, 4)
     assert keys.key(history, 4).length == 1024
 
 
 def test_not_adaptive_never_lengthens_nor_records() -> None:
-    rng = np.random.default_rng(3)
-    shared = tokens(rng, 1024)
+    rng = np.random.default_rng(4)
+    shared = tokens(rng, 1500)
     keys = PrefixKeyBuilder(adaptive=False, hot_min_count=2)
-    for c in _conversations(rng, shared, 20):
-        keys.record(keys.key(c, 4), 4)
+    convs = [_conversation(rng, shared) for _ in range(20)]
+    _warm(keys, convs)
     assert len(keys.detector) == 0
-    assert keys.key(_conversations(rng, shared, 1)[0], 4).length == 1024
+    assert keys.key(convs[0], 4).length == 1024

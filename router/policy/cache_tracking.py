@@ -1,0 +1,111 @@
+"""Base of policies that estimate cached prefixes and predict TTFT per instance.
+
+Adds to ``TrackedPolicy``: a ``PrefixCacheView`` (approximate from routed prompts, precise
+from KV events once they flow) and a ``PrefillTimeModel`` learned from first tokens, with
+each instance's learned seconds per token mirrored in an array aligned with the board so a
+fleet-wide "lowest predicted TTFT" is one vectorised arg-min.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from instances.engine.types import KVEvent
+from router.policy.base import PreparedPrompt, TrackedPolicy
+from router.policy.cache_view import PrefixCacheView
+from router.policy.hashing import HashArray
+from router.policy.interfaces import Decision, RoutingRequest
+from router.policy.load_board import FloatArray
+from router.policy.predictor import PrefillTimeModel
+
+
+class CacheTrackingPolicy(TrackedPolicy):
+    """Cache view + learned prefill speed (see the module docstring).
+
+    * the cache view's capacity per instance follows its reported KV size
+      (``total_blocks * block_size``), ``cache_capacity_tokens`` until one is reported;
+    * ``uncached_tokens`` (what dispatch books as prefill work) subtracts the estimated
+      cached prefix on the chosen instance;
+    * ``on_first_token`` teaches the model ``ttft ≈ s × (queued ahead + own uncached)``,
+      using the engine's cached-token count when the caller has it.
+    """
+
+    def __init__(
+        self,
+        cache_block_size: int = 16,
+        cache_capacity_tokens: int = 440_000,
+        prefill_s_per_token: float = 2.1e-5,
+        learning_decay: float = 0.95,
+    ) -> None:
+        super().__init__()
+        self.cache = PrefixCacheView(cache_block_size, cache_capacity_tokens)
+        self.predictor = PrefillTimeModel(prefill_s_per_token, learning_decay)
+        self.seconds_per_token: FloatArray = np.zeros(0)
+        self._capacity_tokens: dict[str, int] = {}
+
+    def on_rebuild(self) -> None:
+        board = self.board
+        for view in board.views:
+            capacity = view.total_blocks * view.block_size
+            if capacity > 0 and self._capacity_tokens.get(view.instance_id) != capacity:
+                self._capacity_tokens[view.instance_id] = capacity
+                self.cache.set_capacity(view.instance_id, capacity)
+        present = set(board.ids)
+        for instance_id in self.cache.instance_ids():
+            if instance_id not in present:  # left the fleet: its cache is gone with it
+                self.cache.remove_instance(instance_id)
+                self.predictor.forget(instance_id)
+                self._capacity_tokens.pop(instance_id, None)
+        self.seconds_per_token = np.array(
+            [self.predictor.seconds_per_token(i) for i in board.ids], dtype=np.float64
+        )
+
+    # ---- estimates ---------------------------------------------------------------------
+
+    def prefix_hashes(self, prepared: PreparedPrompt) -> HashArray:
+        if prepared.prefix_hashes is None:
+            prepared.prefix_hashes = self.cache.prefix_hashes(prepared.tokens)
+        return prepared.prefix_hashes
+
+    def cached_tokens(self, prepared: PreparedPrompt, instance_id: str) -> int:
+        """Estimated cached prompt tokens on ``instance_id`` (never the whole prompt: the
+        engine recomputes at least the last token)."""
+        cached = self.cache.cached_tokens(instance_id, self.prefix_hashes(prepared))
+        return min(cached, max(0, prepared.num_tokens - 1))
+
+    def predicted_ttft(self, instance_id: str, own_tokens: float) -> float:
+        """Predicted TTFT of ``own_tokens`` uncached tokens sent to ``instance_id`` now."""
+        board = self.board
+        i = board.index[instance_id]
+        return float((board.prefill_tokens[i] + own_tokens) * self.seconds_per_token[i])
+
+    def uncached_tokens(self, prepared: PreparedPrompt, decision: Decision) -> int:
+        return prepared.num_tokens - self.cached_tokens(prepared, decision.instance_id)
+
+    # ---- feedback ----------------------------------------------------------------------
+
+    def after_dispatch(
+        self, request: RoutingRequest, prepared: PreparedPrompt, decision: Decision, now: float
+    ) -> None:
+        self.cache.record_prompt(decision.instance_id, self.prefix_hashes(prepared))
+
+    def on_first_token(
+        self, request_id: str, instance_id: str, ttft_s: float, cached_tokens: int | None,
+        now: float,
+    ) -> None:
+        entry = self.board.tracker.get(request_id)
+        if entry is not None and entry.instance_id == instance_id and entry.prefilling:
+            own = entry.uncached_tokens
+            if cached_tokens is not None:
+                own = max(0, entry.prompt_tokens - cached_tokens)
+            if self.predictor.observe(instance_id, entry.queued_ahead_tokens + own, ttft_s):
+                i = self.board.index.get(instance_id)
+                if i is not None:
+                    self.seconds_per_token[i] = self.predictor.seconds_per_token(instance_id)
+        super().on_first_token(request_id, instance_id, ttft_s, cached_tokens, now)
+
+    def apply_kv_events(self, instance_id: str, events: Iterable[KVEvent]) -> None:
+        """Feed an instance's KV events; its cache view becomes precise (``PrefixCacheView``)."""
+        self.cache.apply_kv_events(instance_id, events)

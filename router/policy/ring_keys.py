@@ -1,0 +1,51 @@
+"""Prompt keys on consistent-hash rings, kept in step with the snapshot's membership.
+
+Shared by ``consistent_hash`` (one ring) and ``dualmap`` (two rings with different seeds).
+Rings are built from the snapshot's members and weights only (``rings.HashRing``); the
+snapshot's epoch tells gateways *when* membership changed, it does not enter positions, so
+an epoch bump with unchanged membership moves no key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from router.policy.base import PreparedPrompt
+from router.policy.keys import PrefixKeyBuilder, PromptKey
+from router.policy.load_board import LoadBoard
+from router.policy.rings import HashRing, members_from
+
+# Seeds of ring A and ring B: arbitrary fixed constants every gateway replica shares.
+RING_SEEDS: tuple[int, int] = (0x2545_F491_4F6C_DD1D, 0x9FB2_1C65_1E98_DF25)
+
+
+class KeyedRings:
+    """One ring per seed plus the key builder; ``sync`` after each board rebuild."""
+
+    def __init__(
+        self, seeds: Sequence[int], vnodes_per_weight: int, keys: PrefixKeyBuilder
+    ) -> None:
+        self.rings = tuple(HashRing(seed, vnodes_per_weight) for seed in seeds)
+        self.keys = keys
+
+    @property
+    def num_members(self) -> int:
+        return len(self.rings[0].members)
+
+    def sync(self, board: LoadBoard) -> bool:
+        """Make every ring hold the board's members; True if membership changed."""
+        members = members_from(board.membership())
+        changed = False
+        for ring in self.rings:
+            changed = ring.update(members) or changed
+        return changed
+
+    def key(self, prepared: PreparedPrompt) -> PromptKey:
+        """The prompt's key (computed once per request)."""
+        if prepared.key is None:
+            prepared.key = self.keys.key(prepared.tokens, self.num_members)
+        return prepared.key
+
+    def record(self, prepared: PreparedPrompt) -> None:
+        """Feed the hot-prefix detector with a dispatched prompt's key chain."""
+        self.keys.record(self.key(prepared), prepared.tokens, self.num_members)

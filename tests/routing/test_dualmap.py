@@ -1,0 +1,188 @@
+"""dualmap / dualmap_no_slo: two ring candidates, cache-aware pick, SLO switch, learning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from instances.engine.block_manager import BlockManager, compute_block_hashes
+from router.policy.dualmap import DualMapPolicy
+from router.policy.interfaces import (
+    ClusterSnapshot,
+    Decision,
+    InstanceView,
+    NoInstanceAvailable,
+)
+from router.policy.rebalance import QueuedRequest
+from tests.routing.util import ids, request, snapshot, tokens
+
+S_PER_TOKEN = 1e-4  # 2,000 uncached tokens predict 0.2 s
+SLO = 1.0  # the affinity pick is abandoned above 0.5 s predicted
+
+
+def _policy(**params: object) -> DualMapPolicy:
+    return DualMapPolicy(slo_ttft_s=SLO, prefill_s_per_token=S_PER_TOKEN, **params)  # type: ignore[arg-type]
+
+
+def _with_backlog(base: ClusterSnapshot, backlog: dict[str, int]) -> ClusterSnapshot:
+    """``base`` with ``waiting_prefill_tokens`` set per instance."""
+    return ClusterSnapshot(base.epoch, tuple(
+        InstanceView(v.instance_id, waiting_prefill_tokens=backlog.get(v.instance_id, 0))
+        for v in base.instances))
+
+
+def _homes(policy: DualMapPolicy, prompt: np.ndarray, snap: ClusterSnapshot) -> tuple[str, ...]:
+    return policy.route(request("probe", prompt), snap, 0).candidates
+
+
+def _seed_cache(policy: DualMapPolicy, instance: str, prompt: np.ndarray, rid: str) -> None:
+    """Make ``instance`` hold ``prompt`` in the approximate view (routed there and done)."""
+    policy.on_dispatched(request(rid, prompt), Decision(instance, "test"), 0.0)
+    policy.on_finished(rid, instance, 0.0)
+
+
+def test_two_distinct_candidates_from_the_two_rings() -> None:
+    rng = np.random.default_rng(0)
+    policy = _policy()
+    snap = snapshot(8)
+    firsts = []
+    for k in range(300):
+        prompt = tokens(rng, 1500)
+        c1, c2 = _homes(policy, prompt, snap)
+        assert c1 != c2
+        key = policy.rings.key(policy.prepare(request("probe", prompt)))
+        assert c1 == policy.rings.rings[0].owner(key.hash)
+        ring_b_owner = policy.rings.rings[1].owner(key.hash)
+        assert c2 == ring_b_owner or ring_b_owner == c1
+        policy.on_finished("probe", c1, 0.0)
+        firsts.append(c1)
+    assert set(firsts) == set(ids(8))
+
+
+def test_unroutable_owners_are_skipped_on_both_rings() -> None:
+    rng = np.random.default_rng(1)
+    policy = _policy()
+    snap = snapshot(8)
+    prompt = tokens(rng, 1500)
+    c1, c2 = _homes(policy, prompt, snap)
+    down = ClusterSnapshot(2, tuple(InstanceView(v.instance_id, healthy=v.instance_id != c1)
+                                    for v in snap.instances))
+    d1, d2 = _homes(policy, prompt, down)
+    assert c1 not in (d1, d2) and d1 != d2
+    with pytest.raises(NoInstanceAvailable):
+        policy.route(request("x", prompt), snapshot(3, healthy=False), 0)
+
+
+def test_the_candidate_with_more_cached_prefix_wins() -> None:
+    rng = np.random.default_rng(2)
+    policy = _policy()
+    snap = snapshot(8)
+    prompt = tokens(rng, 2000)
+    c1, c2 = _homes(policy, prompt, snap)
+    _seed_cache(policy, c2, np.concatenate([prompt[:1500], tokens(rng, 100)]), "seed")
+    decision = policy.route(request("r", prompt), snap, 0)
+    assert (decision.instance_id, decision.reason) == (c2, "affinity")
+    assert decision.cached_tokens_estimate == 1488  # 93 full blocks of 16
+    assert decision.predicted_ttft_s == pytest.approx((2000 - 1488) * S_PER_TOKEN)
+
+
+def test_equal_cache_goes_to_the_lower_predicted_ttft() -> None:
+    rng = np.random.default_rng(3)
+    policy = _policy()
+    prompt = tokens(rng, 2000)
+    c1, c2 = _homes(policy, prompt, snapshot(8))
+    decision = policy.route(request("r", prompt), _with_backlog(snapshot(8), {c1: 1000}), 0)
+    assert (decision.instance_id, decision.reason) == (c2, "affinity")
+    decision = policy.route(request("r", prompt), _with_backlog(snapshot(8), {c2: 1000}), 0)
+    assert (decision.instance_id, decision.reason) == (c1, "affinity")
+
+
+def test_slo_fallback_to_the_other_candidate_then_to_the_fleet() -> None:
+    rng = np.random.default_rng(4)
+    prompt = tokens(rng, 2000)
+    policy = _policy()
+    c1, c2 = _homes(policy, prompt, snapshot(8))
+    _seed_cache(policy, c2, prompt, "seed")
+    # c2 has the cache but 6,000 tokens queued: (6000 + 16) * 1e-4 > 0.5 s; c1 is free.
+    decision = policy.route(request("r", prompt), _with_backlog(snapshot(8), {c2: 6000}), 0)
+    assert (decision.instance_id, decision.reason) == (c1, "slo_fallback")
+    assert decision.predicted_ttft_s == pytest.approx(0.2)
+    # Both candidates over the bound: the fleet's lowest predicted TTFT.
+    others = [i for i in ids(8) if i not in (c1, c2)]
+    backlog = {i: 3000 for i in others} | {c1: 6000, c2: 6000, others[2]: 100}
+    decision = policy.route(request("r", prompt), _with_backlog(snapshot(8), backlog), 0)
+    assert (decision.instance_id, decision.reason) == (others[2], "load")
+    assert decision.predicted_ttft_s == pytest.approx(2100 * S_PER_TOKEN)
+
+
+def test_dualmap_no_slo_keeps_the_affinity_pick() -> None:
+    rng = np.random.default_rng(5)
+    prompt = tokens(rng, 2000)
+    policy = _policy(slo_aware=False)
+    assert policy.name == "dualmap_no_slo"
+    c1, c2 = _homes(policy, prompt, snapshot(8))
+    _seed_cache(policy, c2, prompt, "seed")
+    decision = policy.route(request("r", prompt), _with_backlog(snapshot(8), {c2: 60000}), 0)
+    assert (decision.instance_id, decision.reason) == (c2, "affinity")
+
+
+def test_prefill_speed_is_learned_from_first_tokens() -> None:
+    rng = np.random.default_rng(6)
+    policy = _policy()
+    snap = snapshot(8)
+    prompt = tokens(rng, 2000)
+    c1, c2 = _homes(policy, prompt, snap)
+    assert policy.route(request("r", prompt), snap, 0).instance_id == c1  # all equal: c1
+    for k in range(30):  # c1 turns out to be 10x slower than assumed
+        policy.on_dispatched(request(f"w{k}", tokens(rng, 3000)), Decision(c1, "test"), k)
+        policy.on_first_token(f"w{k}", c1, 3000 * 10 * S_PER_TOKEN, 0, k + 0.5)
+        policy.on_finished(f"w{k}", c1, k + 0.9)
+    assert policy.predictor.seconds_per_token(c1) == pytest.approx(10 * S_PER_TOKEN, rel=0.05)
+    decision = policy.route(request("r2", prompt), snap, 100)
+    assert decision.instance_id == c2
+    assert decision.predicted_ttft_s == pytest.approx(0.2)
+
+
+def test_kv_events_make_the_view_precise() -> None:
+    rng = np.random.default_rng(7)
+    policy = _policy()
+    snap = snapshot(8)
+    prompt = tokens(rng, 2000)
+    c1, c2 = _homes(policy, prompt, snap)
+    bm = BlockManager(num_blocks=200, block_size=16, enable_kv_events=True)
+    head = prompt[:1024]
+    hashes = compute_block_hashes(head, 16)
+    table: list[int] = []
+    assert bm.allocate(table, len(hashes))
+    bm.cache_blocks(table, hashes, 0, len(hashes), lambda i: head[i * 16:(i + 1) * 16].tolist())
+    policy.apply_kv_events(c2, bm.drain_events())
+    decision = policy.route(request("r", prompt), snap, 0)
+    assert (decision.instance_id, decision.cached_tokens_estimate) == (c2, 1024)
+
+
+def test_dispatch_books_only_the_uncached_part_as_prefill_work() -> None:
+    rng = np.random.default_rng(8)
+    policy = _policy()
+    snap = snapshot(8)
+    prompt = tokens(rng, 2000)
+    c1, _ = _homes(policy, prompt, snap)
+    _seed_cache(policy, c1, prompt[:1600], "seed")
+    decision = policy.route(request("r", prompt), snap, 0)
+    policy.on_dispatched(request("r", prompt), decision, 0)
+    assert policy.board.tracker.pending_prefill_tokens(c1) == 2000 - 1600
+
+
+def test_rebalance_moves_queued_requests_off_a_hotspot() -> None:
+    rng = np.random.default_rng(9)
+    policy = _policy()
+    snap = _with_backlog(snapshot(4), {"i00": 7500})
+    queued = [QueuedRequest(request(f"q{k}", tokens(rng, 1000)), "i00", enqueued_at=k * 0.1)
+              for k in range(6)]
+    moves = policy.plan_rebalance(queued, snap, now=1.0)
+    assert moves and all(m.from_instance == "i00" for m in moves)
+    assert all(m.decision.reason == "rebalance" and m.decision.instance_id != "i00"
+               for m in moves)
+    moved = {m.request_id for m in moves}
+    assert "q5" in moved and "q0" not in moved  # the newest leave first
+    kept = 7500 + 1000 * (6 - len(moves))
+    assert kept * S_PER_TOKEN <= SLO < (kept + 1000) * S_PER_TOKEN  # no more moves than needed
