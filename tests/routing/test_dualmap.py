@@ -46,7 +46,7 @@ def test_two_distinct_candidates_from_the_two_rings() -> None:
     policy = _policy()
     snap = snapshot(8)
     firsts = []
-    for k in range(300):
+    for _k in range(300):
         prompt = tokens(rng, 1500)
         c1, c2 = _homes(policy, prompt, snap)
         assert c1 != c2
@@ -64,7 +64,7 @@ def test_unroutable_owners_are_skipped_on_both_rings() -> None:
     policy = _policy()
     snap = snapshot(8)
     prompt = tokens(rng, 1500)
-    c1, c2 = _homes(policy, prompt, snap)
+    c1, _c2 = _homes(policy, prompt, snap)
     down = ClusterSnapshot(2, tuple(InstanceView(v.instance_id, healthy=v.instance_id != c1)
                                     for v in snap.instances))
     d1, d2 = _homes(policy, prompt, down)
@@ -78,7 +78,7 @@ def test_the_candidate_with_more_cached_prefix_wins() -> None:
     policy = _policy()
     snap = snapshot(8)
     prompt = tokens(rng, 2000)
-    c1, c2 = _homes(policy, prompt, snap)
+    _c1, c2 = _homes(policy, prompt, snap)
     _seed_cache(policy, c2, np.concatenate([prompt[:1500], tokens(rng, 100)]), "seed")
     decision = policy.route(request("r", prompt), snap, 0)
     assert (decision.instance_id, decision.reason) == (c2, "affinity")
@@ -120,7 +120,7 @@ def test_dualmap_no_slo_keeps_the_affinity_pick() -> None:
     prompt = tokens(rng, 2000)
     policy = _policy(slo_aware=False)
     assert policy.name == "dualmap_no_slo"
-    c1, c2 = _homes(policy, prompt, snapshot(8))
+    _c1, c2 = _homes(policy, prompt, snapshot(8))
     _seed_cache(policy, c2, prompt, "seed")
     decision = policy.route(request("r", prompt), _with_backlog(snapshot(8), {c2: 60000}), 0)
     assert (decision.instance_id, decision.reason) == (c2, "affinity")
@@ -148,7 +148,7 @@ def test_kv_events_make_the_view_precise() -> None:
     policy = _policy()
     snap = snapshot(8)
     prompt = tokens(rng, 2000)
-    c1, c2 = _homes(policy, prompt, snap)
+    _c1, c2 = _homes(policy, prompt, snap)
     bm = BlockManager(num_blocks=200, block_size=16, enable_kv_events=True)
     head = prompt[:1024]
     hashes = compute_block_hashes(head, 16)

@@ -14,6 +14,14 @@ from router.policy.interfaces import (
     RoutingPolicy,
     RoutingRequest,
 )
+from router.policy.pipeline import PipelinePolicy
+
+# A hand-made fleet for the scorer tests: a busy, b lightly loaded, c idle.
+SCORER_VIEWS = (
+    InstanceView("a", num_running=4, waiting_prefill_tokens=3000, kv_usage=0.75),
+    InstanceView("b", num_running=1, waiting_prefill_tokens=1000, kv_usage=0.25),
+    InstanceView("c", kv_usage=0.0),
+)
 
 
 def ids(n: int) -> list[str]:
@@ -44,3 +52,10 @@ def dispatch(policy: RoutingPolicy, req: RoutingRequest, snap: ClusterSnapshot,
     decision = policy.route(req, snap, now)
     policy.on_dispatched(req, decision, now)
     return decision
+
+
+def scorer_state() -> PipelinePolicy:
+    """Pipeline state synced to ``SCORER_VIEWS`` (1e-4 s per prefill token)."""
+    policy = PipelinePolicy(prefill_s_per_token=1e-4)
+    policy.sync(snapshot_of(SCORER_VIEWS))
+    return policy
