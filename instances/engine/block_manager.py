@@ -111,7 +111,6 @@ class BlockManager:
         self.enable_kv_events = enable_kv_events
         self._ref_counts: list[int] = [0] * num_blocks
         self._block_hash: list[int | None] = [None] * num_blocks
-        self._parent_hash: list[int | None] = [None] * num_blocks
         self._cached: dict[int, int] = {}  # block hash -> block id
         # Free blocks in eviction order (front = next to hand out). Values unused.
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
@@ -183,7 +182,10 @@ class BlockManager:
         empty table) are appended first and have their reference counts raised; the rest are
         fresh blocks from the front of the free queue, evicting their cached content.
         """
-        if computed_blocks and block_table:
+        if not computed_blocks:
+            if len(block_table) >= num_required_blocks:
+                return True  # the common decode case: the last block still has room
+        elif block_table:
             raise ValueError("computed blocks can only start an empty block table")
         num_new = num_required_blocks - len(block_table) - len(computed_blocks)
         if num_new < 0:
@@ -263,7 +265,6 @@ class BlockManager:
         if self.enable_prefix_caching and block_hash not in self._cached:
             self._cached[block_hash] = block_id
             self._block_hash[block_id] = block_hash
-            self._parent_hash[block_id] = parent_hash
             if self.enable_kv_events:
                 self._emit_stored([block_hash], parent_hash, [int(t) for t in token_ids])
         return block_id
@@ -288,27 +289,34 @@ class BlockManager:
         if not self.enable_prefix_caching or start >= end:
             return
         cached = self._cached
+        block_hash_of = self._block_hash
+        if not self.enable_kv_events:
+            for i in range(start, end):
+                block_hash = block_hashes[i]
+                block_id = block_table[i]
+                if block_hash not in cached and block_hash_of[block_id] is None:
+                    cached[block_hash] = block_id
+                    block_hash_of[block_id] = block_hash
+            return
         stored: list[int] = []
         stored_tokens: list[int] = []
         first_parent: int | None = None
         for i in range(start, end):
             block_hash = block_hashes[i]
             block_id = block_table[i]
-            if block_hash in cached or self._block_hash[block_id] is not None:
+            if block_hash in cached or block_hash_of[block_id] is not None:
                 continue
             cached[block_hash] = block_id
-            self._block_hash[block_id] = block_hash
+            block_hash_of[block_id] = block_hash
             parent = block_hashes[i - 1] if i > 0 else None
-            self._parent_hash[block_id] = parent
-            if self.enable_kv_events:
-                if not stored:
-                    first_parent = parent
-                elif stored[-1] != parent:
-                    self._emit_stored(stored, first_parent, stored_tokens)
-                    stored, stored_tokens, first_parent = [], [], parent
-                stored.append(block_hash)
-                if block_tokens is not None:
-                    stored_tokens.extend(int(t) for t in block_tokens(i))
+            if not stored:
+                first_parent = parent
+            elif stored[-1] != parent:
+                self._emit_stored(stored, first_parent, stored_tokens)
+                stored, stored_tokens, first_parent = [], [], parent
+            stored.append(block_hash)
+            if block_tokens is not None:
+                stored_tokens.extend(int(t) for t in block_tokens(i))
         if stored:
             self._emit_stored(stored, first_parent, stored_tokens)
 
@@ -318,7 +326,6 @@ class BlockManager:
             return False
         self._cached.clear()
         self._block_hash = [None] * self.num_blocks
-        self._parent_hash = [None] * self.num_blocks
         self._free = OrderedDict((b, None) for b in range(self.num_blocks))
         if self.enable_kv_events:
             self._events.append(KVEvent(kind="AllBlocksCleared"))
@@ -350,7 +357,6 @@ class BlockManager:
         if self._cached.get(block_hash) == block_id:
             del self._cached[block_hash]
         self._block_hash[block_id] = None
-        self._parent_hash[block_id] = None
         if self.enable_kv_events:
             self._events.append(KVEvent(kind="BlockRemoved", block_hashes=(block_hash,)))
 

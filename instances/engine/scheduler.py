@@ -29,7 +29,9 @@ own FCFS queue, and preempted requests have a resume queue ahead of both. Per st
    but only once they are *released* — the oldest has waited ``laps_short_wait_s`` since the
    engine first saw it, or the waiting shorts already fill the remaining budget or sequence
    slots — so that short prefills are batched together; then long requests.
-3. The deferred long prefills, with whatever budget is left (they never preempt here).
+3. The deferred long prefills, with whatever budget is left; they preempt (newest first)
+   only when nothing else was scheduled, since otherwise two long prefills holding part of
+   their blocks could wait for each other forever.
 
 Anti-starvation: a long request that is prefilling or heads the long queue and gets no token
 in ``laps_long_max_skipped_steps`` consecutive non-empty steps is starving; it is then
@@ -150,15 +152,7 @@ class Scheduler:
                 continue
             num_new = remaining if remaining < budget else budget
             required = -(-(request.num_computed_tokens + num_new) // block_size)
-            self_preempted = False
-            while not allocate(request.block_table, required):
-                victim = running.pop()
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is request:
-                    self_preempted = True
-                    break
-            if self_preempted:
+            if not self._preempt_until_fits(request, required, preempted):
                 break
             scheduled.append(
                 ScheduledSequence(
@@ -185,7 +179,13 @@ class Scheduler:
                 num_new = remaining if remaining < budget else budget
                 required = -(-(request.num_computed_tokens + num_new) // block_size)
                 if not allocate(request.block_table, required):
-                    continue
+                    if scheduled:
+                        continue  # others progress this step and will free blocks
+                    # Nothing else runs: long prefills deadlock on each other's blocks unless
+                    # one yields. Preempt from the newest as in step 1 (nobody is scheduled
+                    # yet, so no victim can be in this iteration).
+                    if not self._preempt_until_fits(request, required, preempted):
+                        break
                 scheduled.append(
                     ScheduledSequence(
                         request, request.num_computed_tokens, num_new, num_new == remaining
@@ -205,6 +205,20 @@ class Scheduler:
         if not scheduled and hold_until is not None:
             hold_s = max(hold_until - now, _TIME_EPSILON)
         return SchedulerOutput(batch=batch, hold_s=hold_s, preempted=preempted)
+
+    def _preempt_until_fits(
+        self, request: Request, required_blocks: int, preempted: list[Request]
+    ) -> bool:
+        """Preempt the newest running requests until ``request`` gets its blocks; False if
+        ``request`` itself had to be preempted."""
+        running = self.running
+        while not self.block_manager.allocate(request.block_table, required_blocks):
+            victim = running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        return True
 
     def _admit(
         self, now: float, budget: int, scheduled: list[ScheduledSequence]

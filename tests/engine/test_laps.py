@@ -109,3 +109,27 @@ def test_long_request_is_not_starved_by_a_stream_of_shorts() -> None:
         assert gaps <= max_skipped
     # ... so its prefill ends within that many steps per chunk of budget size.
     assert first_token_step <= (max_skipped + 1) * (-(-2000 // 256) + 1)
+
+
+def test_two_long_prefills_short_of_blocks_do_not_deadlock() -> None:
+    """Found by the property test: both longs hold half the blocks and need one more."""
+    core = build_engine_core(
+        block_size=4,
+        num_gpu_blocks=4,
+        max_num_batched_tokens=5,
+        max_num_seqs=2,
+        long_prefill_token_threshold=6,
+    )
+    core.add_request(make_request("a", [0] * 9, max_tokens=1))
+    core.add_request(make_request("b", [0, 0, 0, 1, 0, 0, 0, 0, 0], max_tokens=1))
+    log = DriveLog()
+    now = 0.0
+    for _ in range(50):
+        if not core.has_unfinished_requests():
+            break
+        result = core.step(now)
+        assert result.duration_s > 0, "a step with work pending scheduled nothing"
+        now += result.duration_s
+        record_events(log, result.events, now)
+    assert log.finish_reason == {"a": "length", "b": "length"}
+    assert core.stats().num_preemptions >= 1
