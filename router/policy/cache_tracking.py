@@ -72,14 +72,15 @@ class CacheTrackingPolicy(TrackedPolicy):
     def cached_tokens(self, prepared: PreparedPrompt, instance_id: str) -> int:
         """Estimated cached prompt tokens on ``instance_id`` (never the whole prompt: the
         engine recomputes at least the last token)."""
-        cached = self.cache.cached_tokens(instance_id, self.prefix_hashes(prepared))
-        return min(cached, max(0, prepared.num_tokens - 1))
+        cached = self.cache.cached_blocks(instance_id, self.prefix_hashes(prepared))
+        return min(cached * self.cache.block_size, max(0, prepared.num_tokens - 1))
 
     def predicted_ttft(self, instance_id: str, own_tokens: float) -> float:
         """Predicted TTFT of ``own_tokens`` uncached tokens sent to ``instance_id`` now."""
         board = self.board
         i = board.index[instance_id]
-        return float((board.prefill_tokens[i] + own_tokens) * self.seconds_per_token[i])
+        # .item() keeps the arithmetic on Python floats (numpy scalars are slower here).
+        return (board.prefill_tokens.item(i) + own_tokens) * self.seconds_per_token.item(i)
 
     def uncached_tokens(self, prepared: PreparedPrompt, decision: Decision) -> int:
         return prepared.num_tokens - self.cached_tokens(prepared, decision.instance_id)

@@ -79,7 +79,7 @@ class DualMapPolicy(CacheTrackingPolicy):
         keys = PrefixKeyBuilder(
             key_blocks=key_blocks, block_size=key_block_size, max_key_blocks=max_key_blocks,
             adaptive=adaptive_key, hot_step=hot_step, hot_share=hot_share, hot_window=hot_window,
-            hot_min_count=hot_min_count,
+            hot_min_count=hot_min_count, hash_block_size=cache_block_size,
         )
         self.rings = KeyedRings(RING_SEEDS, vnodes_per_weight, keys)
 
@@ -94,6 +94,7 @@ class DualMapPolicy(CacheTrackingPolicy):
 
     def candidates(self, prepared: PreparedPrompt) -> tuple[str, ...]:
         """The prompt's one or two routable homes: (c1 on ring A, c2 on ring B, c2 != c1)."""
+        self.prefix_hashes(prepared)  # first: the key reuses them
         key = self.rings.key(prepared)
         ring_a, ring_b = self.rings.rings
         accept = self.board.is_eligible

@@ -2,10 +2,11 @@
 
 Two different hashes serve two different jobs:
 
-* **Key hashes** place a prompt on the consistent-hash rings. They are xxh64 over the
-  little-endian int32 bytes of the first ``n`` tokens, so every gateway replica, on any
-  machine, derives the same key from the same prompt. A key covers a few thousand tokens at
-  most, so one xxh64 call (well under a microsecond) is all it costs.
+* **Key hashes** place a prompt on the consistent-hash rings: a function of the first ``n``
+  tokens only, the same on every gateway replica and machine. When ``n`` is a whole number
+  of prefix blocks the key is the splitmix64-finalised prefix-block hash below (which a
+  cache-aware policy computes anyway, so the key is nearly free); otherwise it is xxh64 over
+  the little-endian int32 bytes of the tokens.
 * **Prefix-block hashes** identify "the first ``k`` blocks of this prompt" for the cache
   views. An 8k-token prompt has 512 blocks of 16 tokens; a Python loop of 512 xxhash calls
   costs ~80 µs, more than the whole routing budget. Instead, all prefix hashes are computed
@@ -68,8 +69,18 @@ def common_prefix_length(a: TokenArray, b: TokenArray) -> int:
 
 
 def key_hash(tokens: TokenArray, length: int) -> int:
-    """xxh64 of the first ``length`` tokens (int32 LE bytes): the prompt's ring key."""
+    """xxh64 of the first ``length`` tokens (int32 LE bytes)."""
     return xxhash.xxh64_intdigest(tokens[:length].data, KEY_SEED)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix64(value: int) -> int:
+    """splitmix64's finaliser: spreads a structured 64-bit hash over all 64 bits."""
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
 
 
 def ring_point_hash(member: str, replica: int, seed: int) -> int:
@@ -98,7 +109,7 @@ class PrefixHasher:
         self._words_per_block = block_size // 2
         # Odd multipliers keep every single-word difference visible mod 2^64.
         self._mult = _constants(_MULT_LABEL, self._words_per_block) | np.uint64(1)
-        self._salt = _constants(_SALT_LABEL, 1024)
+        self._salt = _constants(_SALT_LABEL, 4096)  # 64k tokens at 16 per block; grows
 
     def _salts(self, start: int, count: int) -> HashArray:
         end = start + count
@@ -114,11 +125,10 @@ class PrefixHasher:
         num_blocks = len(tokens) // self.block_size
         if num_blocks == 0:
             return np.empty(0, dtype=np.uint64)
-        words = (
-            np.ascontiguousarray(tokens[: num_blocks * self.block_size])
-            .view(np.uint64)
-            .reshape(num_blocks, self._words_per_block)
-        )
+        head = tokens[: num_blocks * self.block_size]
+        if not head.flags.c_contiguous:
+            head = np.ascontiguousarray(head)
+        words = head.view(np.uint64).reshape(num_blocks, self._words_per_block)
         # uint64 arithmetic wraps mod 2^64, which is the point; add.accumulate and in-place
         # ops avoid cumsum's and temporaries' Python-level overhead (this runs per decision).
         prefix = words @ self._mult

@@ -13,16 +13,20 @@ smallest multiple of ``hot_step`` tokens beyond it, capped by the prompt and
 repeats. The split is a property of the traffic, not of the request, so every turn of a
 conversation behind a shared system prompt finds the same longer key.
 
-Every level is xxh64 over the key's tokens (``router.policy.hashing.key_hash``), the same
-on every gateway replica. Reading a key never changes state; ``record`` (called from
-``on_dispatched``) feeds the detector with the request's chain of key prefixes and prompt.
+A key's hash depends on its tokens only, the same on every gateway replica: for a length
+that is a whole number of ``hash_block_size`` blocks (every two-block base key, every longer
+key on the ``hot_step`` grid) it is the finalised prefix-block hash of ``hashing.PrefixHasher``,
+which a cache-aware caller already has for the whole prompt; other lengths (prompts shorter
+than a block, keys cut by the prompt's end) use xxh64 over the tokens. Reading a key never
+changes state; ``record`` (called from ``on_dispatched``) feeds the detector with the
+request's chain of key prefixes and prompt.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.policy.hashing import TokenArray, key_hash
+from router.policy.hashing import HashArray, PrefixHasher, TokenArray, key_hash, mix64
 from router.policy.hotness import HotPrefixDetector
 
 
@@ -53,6 +57,7 @@ class PrefixKeyBuilder:
         hot_share: float | None = None,
         hot_window: int = 2048,
         hot_min_count: int = 16,
+        hash_block_size: int = 16,
     ) -> None:
         if key_blocks <= 0 or block_size <= 0 or hot_step <= 0:
             raise ValueError("key_blocks, block_size and hot_step must be positive")
@@ -67,6 +72,7 @@ class PrefixKeyBuilder:
         self.detector = HotPrefixDetector(
             hot_window, hot_min_count, max_tokens=self.max_key_tokens
         )
+        self.hasher = PrefixHasher(hash_block_size)
 
     def base_length(self, num_tokens: int) -> int:
         full = (num_tokens // self.block_size) * self.block_size
@@ -82,11 +88,20 @@ class PrefixKeyBuilder:
             return self.hot_share
         return 0.5 / max(1, num_instances)
 
-    def key(self, tokens: TokenArray, num_instances: int) -> PromptKey:
-        """The key of ``tokens`` given the hot prefixes learned so far (reads only)."""
+    def key(
+        self, tokens: TokenArray, num_instances: int, prefix_hashes: HashArray | None = None
+    ) -> PromptKey:
+        """The key of ``tokens`` given the hot prefixes learned so far (reads only).
+
+        ``prefix_hashes`` (``self.hasher.hashes(tokens)``, if the caller has them) saves
+        hashing the key's tokens again.
+        """
         num_tokens = len(tokens)
         length = self.base_length(num_tokens)
-        current = key_hash(tokens, length)
+        hashes = prefix_hashes
+        if hashes is None:
+            hashes = self.hasher.hashes(tokens[:length])
+        current = self._hash(tokens, length, hashes)
         chain = [current]
         if self.adaptive:
             detector = self.detector
@@ -97,9 +112,17 @@ class PrefixKeyBuilder:
                 longer = self.longer_length(split, num_tokens)
                 if longer <= length:
                     break
-                length, current = longer, key_hash(tokens, longer)
+                if len(hashes) * self.hasher.block_size < longer:
+                    hashes = self.hasher.hashes(tokens[: self.max_key_tokens])
+                length, current = longer, self._hash(tokens, longer, hashes)
                 chain.append(current)
         return PromptKey(current, length, tuple(chain))
+
+    def _hash(self, tokens: TokenArray, length: int, prefix_hashes: HashArray) -> int:
+        blocks, partial = divmod(length, self.hasher.block_size)
+        if partial or not blocks:
+            return key_hash(tokens, length)
+        return mix64(prefix_hashes.item(blocks - 1))
 
     def record(self, key: PromptKey, tokens: TokenArray, num_instances: int) -> None:
         """Count a dispatched request's key chain and prompt (no-op when not adaptive)."""

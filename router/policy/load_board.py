@@ -53,6 +53,7 @@ class LoadBoard:
         self.views: tuple[InstanceView, ...] = ()
         self.index: dict[str, int] = {}
         self.eligible_ids: list[str] = []
+        self._eligible_set: frozenset[str] = frozenset()
         empty = np.zeros(0)
         self.eligible: BoolArray = np.zeros(0, dtype=bool)
         self._eligible_index: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)
@@ -90,6 +91,7 @@ class LoadBoard:
         self.eligible = np.array(routable, dtype=bool)
         self._eligible_index = np.flatnonzero(self.eligible)
         self.eligible_ids = [v.instance_id for v, ok in zip(views, routable, strict=True) if ok]
+        self._eligible_set = frozenset(self.eligible_ids)
         own = [tracker.load(i) for i in self.ids]
         own_requests = np.array([o.requests for o in own], dtype=np.float64)
         own_prefill = np.array([o.prefill_tokens for o in own], dtype=np.float64)
@@ -112,8 +114,7 @@ class LoadBoard:
         return None if i is None else self.views[i]
 
     def is_eligible(self, instance_id: str) -> bool:
-        i = self.index.get(instance_id)
-        return i is not None and bool(self.eligible[i])
+        return instance_id in self._eligible_set
 
     # ---- feedback (keeps the tracker and the arrays in step) --------------------------------
 

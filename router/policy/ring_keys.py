@@ -41,9 +41,11 @@ class KeyedRings:
         return changed
 
     def key(self, prepared: PreparedPrompt) -> PromptKey:
-        """The prompt's key (computed once per request)."""
+        """The prompt's key (computed once per request; reuses the prompt's prefix hashes
+        if the policy computed them first)."""
         if prepared.key is None:
-            prepared.key = self.keys.key(prepared.tokens, self.num_members)
+            prepared.key = self.keys.key(prepared.tokens, self.num_members,
+                                         prepared.prefix_hashes)
         return prepared.key
 
     def record(self, prepared: PreparedPrompt) -> None:

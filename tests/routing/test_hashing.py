@@ -7,7 +7,7 @@ from array import array
 import numpy as np
 import pytest
 
-from router.policy.hashing import PrefixHasher, key_hash, token_array
+from router.policy.hashing import PrefixHasher, key_hash, mix64, token_array
 from tests.routing.util import tokens
 
 
@@ -72,3 +72,10 @@ def test_prefix_hashes_continue_a_chain() -> None:
 def test_prefix_hasher_rejects_odd_block_sizes() -> None:
     with pytest.raises(ValueError):
         PrefixHasher(15)
+
+
+def test_mix64_is_a_64_bit_bijection_that_spreads_close_inputs() -> None:
+    outs = [mix64(x) for x in range(1000)]
+    assert len(set(outs)) == 1000 and all(0 <= o < 2**64 for o in outs)
+    # Neighbouring inputs land far apart: the top bits of consecutive outputs vary.
+    assert len({o >> 60 for o in outs[:64]}) > 8

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from router.policy.hashing import key_hash
+from router.policy.hashing import PrefixHasher, key_hash, mix64
 from router.policy.keys import PrefixKeyBuilder
 from tests.routing.util import tokens
 
@@ -18,8 +18,13 @@ def test_base_key_covers_two_blocks_or_all_full_blocks_or_all_tokens() -> None:
     rng = np.random.default_rng(0)
     prompt = tokens(rng, 5000)
     key = keys.key(prompt, num_instances=8)
-    assert key.length == 1024 and key.hash == key_hash(prompt, 1024)
+    assert key.length == 1024
+    assert key.hash == mix64(PrefixHasher(16).hashes(prompt[:1024]).item(63))
     assert key.chain == (key.hash,)
+    # Passing the whole prompt's prefix hashes gives the same key without rehashing.
+    assert keys.key(prompt, 8, PrefixHasher(16).hashes(prompt)) == key
+    short = prompt[:300]  # not a whole number of blocks: xxh64 of the tokens
+    assert keys.key(short, 8).hash == key_hash(short, 300)
     other = np.concatenate([prompt[:1024], tokens(rng, 3000)])  # differs after the key
     assert keys.key(other, num_instances=8).hash == key.hash
 
