@@ -1,0 +1,253 @@
+"""``llmfleet bench ...``: benchmarks that print JSON and write ``docs/results/*.json``.
+
+``bench`` is a command group. ``bench routing`` lives here; other packages add their own
+subcommands (``bench migration``, ``bench gateway``): list the module in ``BENCH_MODULES``
+and give it ``register_bench(bench_subparsers)`` adding a parser that sets ``func`` (a
+module not importable yet registers nothing, as in ``router.cli``).
+
+``bench routing`` measures the wall time of ``policy.route`` per decision for every named
+policy, on a fleet of ``N`` instances and 8k-token prompts, in a warm state: the prompts
+come from conversations that return (so cache views, radix trees and hot-prefix state are
+populated), every decision is dispatched and gets its first token and finish a fixed number
+of decisions later (so the in-flight view is busy), and the snapshot is replaced by a new
+one with fresh load reports every ``--refresh-every`` decisions (its O(N) adoption lands in
+the decision that sees it first, as in the gateway). Token ids are int32 numpy arrays, the
+form the gateway should hand over; ``list_input`` repeats DualMap with Python lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from router.policy.interfaces import ClusterSnapshot, InstanceView, RoutingPolicy, RoutingRequest
+from router.policy.registry import POLICY_NAMES, build_policy
+
+BENCH_MODULES = ("migration.bench", "router.gateway_bench")
+DEFAULT_OUT = Path("docs/results/routing.json")
+# The routing-core targets: decision p99 at 16 and at 1,024 instances (8k-token prompts).
+TARGET_P99_US = {16: 20.0, 1024: 50.0}
+FIRST_TOKEN_AFTER = 32  # decisions between a dispatch and its first token
+FINISH_AFTER = 128  # decisions between a dispatch and its finish
+TOKENS_PER_BLOCK = 16
+KV_BLOCKS = 27_500  # an H100 with Llama-3-8B: ~440k tokens of KV
+
+
+def register_cli(subparsers: Any) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks (JSON out, docs/results/)")
+    bench_subparsers = bench.add_subparsers(dest="bench_command", required=True)
+    register_bench(bench_subparsers)
+    for module_name in BENCH_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register_bench(bench_subparsers)
+
+
+def register_bench(bench_subparsers: Any) -> None:
+    parser = bench_subparsers.add_parser(
+        "routing", help="decision latency of every routing policy",
+        description="Decision latency per routing policy on N instances, 8k-token prompts.")
+    parser.add_argument("--instances", default="16,1024",
+                        help="comma-separated fleet sizes (default 16,1024)")
+    parser.add_argument("--policies", default=",".join(POLICY_NAMES))
+    parser.add_argument("--prompt-tokens", type=int, default=8192)
+    parser.add_argument("--decisions", type=int, default=3000, help="timed decisions")
+    parser.add_argument("--warmup", type=int, default=2000, help="untimed decisions first")
+    parser.add_argument("--refresh-every", type=int, default=256,
+                        help="decisions between snapshot refreshes (load reports)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="where to write the JSON ('-' for nowhere)")
+    parser.add_argument("--json", action="store_true", help="print JSON (else a table)")
+    parser.set_defaults(func=run_routing_cli)
+
+
+def _snapshot(rng: np.random.Generator, num_instances: int, now: float) -> ClusterSnapshot:
+    """Fresh load reports for a fixed membership (new ``InstanceView`` objects)."""
+    running = rng.integers(0, 64, num_instances)
+    waiting = rng.integers(0, 8, num_instances)
+    used = rng.integers(0, KV_BLOCKS // 2, num_instances)
+    views = tuple(
+        InstanceView(
+            instance_id=f"inst-{k:04d}",
+            num_running=int(running[k]),
+            num_waiting=int(waiting[k]),
+            waiting_prefill_tokens=int(waiting[k]) * 2000,
+            kv_usage=float(used[k]) / KV_BLOCKS,
+            free_blocks=KV_BLOCKS - int(used[k]),
+            total_blocks=KV_BLOCKS,
+            block_size=TOKENS_PER_BLOCK,
+            report_time=now,
+        )
+        for k in range(num_instances)
+    )
+    return ClusterSnapshot(epoch=1, instances=views)
+
+
+class _Workload:
+    """Returning conversations: each request is a conversation's prompt with a new tail."""
+
+    def __init__(self, rng: np.random.Generator, num_conversations: int, prompt_tokens: int,
+                 as_list: bool) -> None:
+        self.rng = rng
+        self.prompt_tokens = prompt_tokens
+        self.as_list = as_list
+        self.system = rng.integers(0, 128_000, 512).astype(np.int32)
+        self.histories = [rng.integers(0, 128_000, prompt_tokens).astype(np.int32)
+                          for _ in range(num_conversations)]
+        # Zipf-like popularity: a few conversations return often.
+        weights = 1.0 / np.arange(1, num_conversations + 1) ** 0.8
+        self.popularity = weights / weights.sum()
+
+    def prompt(self) -> np.ndarray | list[int]:
+        conversation = int(self.rng.choice(len(self.histories), p=self.popularity))
+        tail = int(self.rng.integers(64, 512))
+        prompt = np.concatenate([
+            self.system,
+            self.histories[conversation][: self.prompt_tokens - 512 - tail],
+            self.rng.integers(0, 128_000, tail).astype(np.int32),
+        ])
+        return prompt.tolist() if self.as_list else prompt
+
+
+def _percentiles(samples_ns: Sequence[int]) -> dict[str, float]:
+    us = np.asarray(samples_ns, dtype=np.float64) / 1000.0
+    return {
+        "p50": round(float(np.percentile(us, 50)), 2),
+        "p90": round(float(np.percentile(us, 90)), 2),
+        "p99": round(float(np.percentile(us, 99)), 2),
+        "max": round(float(us.max()), 2),
+        "mean": round(float(us.mean()), 2),
+    }
+
+
+def bench_policy(policy: RoutingPolicy, num_instances: int, *, prompt_tokens: int,
+                 decisions: int, warmup: int, refresh_every: int, seed: int,
+                 as_list: bool = False) -> dict[str, Any]:
+    """Time ``policy.route`` over ``warmup + decisions`` decisions; stats of the timed ones."""
+    rng = np.random.default_rng(seed)
+    workload = _Workload(rng, max(64, 4 * num_instances), prompt_tokens, as_list)
+    snapshot = _snapshot(rng, num_instances, 0.0)
+    route_ns: list[int] = []
+    feedback_ns: list[int] = []
+    reasons: Counter[str] = Counter()
+    dispatched: list[tuple[str, str]] = []
+    clock = time.perf_counter_ns
+    for seq in range(warmup + decisions):
+        if seq and seq % refresh_every == 0:
+            snapshot = _snapshot(rng, num_instances, seq * 0.001)
+        request = RoutingRequest(f"req-{seq}", workload.prompt(), 128)
+        now = seq * 0.001
+        start = clock()
+        decision = policy.route(request, snapshot, now)
+        routed = clock()
+        policy.on_dispatched(request, decision, now)
+        dispatched.append((request.request_id, decision.instance_id))
+        if seq >= FIRST_TOKEN_AFTER:
+            rid, instance = dispatched[seq - FIRST_TOKEN_AFTER]
+            policy.on_first_token(rid, instance, 0.2, None, now)
+        if seq >= FINISH_AFTER:
+            rid, instance = dispatched[seq - FINISH_AFTER]
+            policy.on_finished(rid, instance, now)
+        if seq >= warmup:
+            route_ns.append(routed - start)
+            feedback_ns.append(clock() - routed)
+            reasons[decision.reason] += 1
+    decision_stats = _percentiles(route_ns)
+    feedback_stats = _percentiles(feedback_ns)
+    return {
+        **{f"decision_us_{k}": v for k, v in decision_stats.items()},
+        "feedback_us_p50": feedback_stats["p50"],
+        "feedback_us_p99": feedback_stats["p99"],
+        "reasons": dict(sorted(reasons.items())),
+    }
+
+
+def run_routing(instances: Sequence[int], policies: Sequence[str], *, prompt_tokens: int = 8192,
+                decisions: int = 3000, warmup: int = 2000, refresh_every: int = 256,
+                seed: int = 0) -> dict[str, Any]:
+    """The ``bench routing`` result for each fleet size (see the module docstring)."""
+    runs: dict[str, Any] = {}
+    for num_instances in instances:
+        rows: dict[str, Any] = {}
+        for name in policies:
+            gc.collect()
+            rows[name] = bench_policy(
+                build_policy(name), num_instances, prompt_tokens=prompt_tokens,
+                decisions=decisions, warmup=warmup, refresh_every=refresh_every, seed=seed)
+        run: dict[str, Any] = {"instances": num_instances, "prompt_tokens": prompt_tokens,
+                               "decisions": decisions, "policies": rows}
+        if "dualmap" in policies:
+            gc.collect()
+            run["list_input"] = {"dualmap": bench_policy(
+                build_policy("dualmap"), num_instances, prompt_tokens=prompt_tokens,
+                decisions=decisions // 3, warmup=warmup // 3, refresh_every=refresh_every,
+                seed=seed, as_list=True)}
+            run["decision_us_p50"] = rows["dualmap"]["decision_us_p50"]
+            run["decision_us_p99"] = rows["dualmap"]["decision_us_p99"]
+            target = TARGET_P99_US.get(num_instances)
+            if target is not None:
+                run["target_decision_us_p99"] = target
+        runs[str(num_instances)] = run
+    return runs
+
+
+def _machine() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_at_start": round(load[0], 2),
+    }
+
+
+def run_routing_cli(args: argparse.Namespace) -> int:
+    instances = [int(x) for x in str(args.instances).split(",") if x]
+    policies = [p for p in str(args.policies).split(",") if p]
+    unknown = sorted(set(policies) - set(POLICY_NAMES))
+    if unknown or not instances or min(instances) <= 0:
+        print(f"bad --policies/--instances: {unknown or args.instances}", file=sys.stderr)
+        return 2
+    machine = _machine()
+    runs = run_routing(instances, policies, prompt_tokens=args.prompt_tokens,
+                       decisions=args.decisions, warmup=args.warmup,
+                       refresh_every=args.refresh_every, seed=args.seed)
+    result: dict[str, Any]
+    if len(runs) == 1:
+        result = {"benchmark": "routing", **next(iter(runs.values())), "machine": machine}
+    else:
+        result = {"benchmark": "routing", "by_instances": runs, "machine": machine}
+    result["settings"] = {"instances": instances, "policies": policies,
+                          "prompt_tokens": args.prompt_tokens, "decisions": args.decisions,
+                          "warmup": args.warmup, "refresh_every": args.refresh_every,
+                          "seed": args.seed}
+    if str(args.out) != "-":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for size, run in runs.items():
+            print(f"{size} instances, {run['prompt_tokens']}-token prompts (route() in µs)")
+            for name, row in run["policies"].items():
+                print(f"  {name:16s} p50 {row['decision_us_p50']:8.1f}  "
+                      f"p99 {row['decision_us_p99']:8.1f}  max {row['decision_us_max']:8.1f}")
+    return 0

@@ -1,0 +1,65 @@
+"""``llmfleet bench routing``: JSON contract, results file, and the ``bench`` group hook."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router import bench
+from router.cli import main
+
+
+def test_bench_routing_prints_and_writes_the_contract_fields(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "routing.json"
+    code = main(["bench", "routing", "--instances", "4", "--policies", "dualmap,round_robin",
+                 "--prompt-tokens", "2048", "--decisions", "60", "--warmup", "30",
+                 "--out", str(out), "--json"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    assert printed["instances"] == 4 and printed["prompt_tokens"] == 2048
+    assert 0 < printed["decision_us_p50"] <= printed["decision_us_p99"]
+    assert printed["decision_us_p99"] == printed["policies"]["dualmap"]["decision_us_p99"]
+    for row in printed["policies"].values():
+        assert 0 < row["decision_us_p50"] <= row["decision_us_p99"] <= row["decision_us_max"]
+        assert sum(row["reasons"].values()) == 60
+    assert printed["policies"]["round_robin"]["reasons"] == {"round_robin": 60}
+    assert "dualmap" in printed["list_input"]
+
+
+def test_several_fleet_sizes_are_reported_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    assert main(["bench", "routing", "--instances", "2,3", "--policies", "least_loaded",
+                 "--prompt-tokens", "600", "--decisions", "20", "--warmup", "5",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["by_instances"]) == {"2", "3"}
+    assert result["by_instances"]["3"]["policies"]["least_loaded"]["decision_us_p50"] > 0
+
+
+def test_unknown_policy_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "routing", "--policies", "nope", "--out", "-"]) == 2
+
+
+def test_other_packages_hook_their_bench_subcommands(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = types.ModuleType("fake_bench_module")
+
+    def register_bench(subparsers: Any) -> None:
+        parser = subparsers.add_parser("fake")
+        parser.set_defaults(func=lambda args: 7)
+
+    module.register_bench = register_bench  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_bench_module", module)
+    monkeypatch.setattr(bench, "BENCH_MODULES", ("fake_bench_module", "router.not_there_bench"))
+    parser = argparse.ArgumentParser()
+    bench.register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "fake"])
+    assert args.func(args) == 7
