@@ -7,10 +7,11 @@ a 4xx with ``{"error": {"message", "type", "param", "code"}}``, never a 500 or a
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from instances import tokenizer
 
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
+_log = logging.getLogger("llmfleet.api")
 
 
 class OpenAIError(Exception):
@@ -184,3 +186,24 @@ async def parse_body(request: Request, model: type[_ModelT]) -> _ModelT:
     except ValidationError as exc:
         raise validation_error_to_openai(exc) from exc
 
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error of ``app`` as OpenAI does: JSON error body, never an HTML page.
+
+    Unexpected exceptions become a 500 with the same body shape (logged), so a client
+    always gets parseable JSON.
+    """
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error_to_openai(exc).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        _log.exception("unexpected error in %s", app.title)
+        return OpenAIError(f"Internal error: {exc!r}", 500, "server_error").response()

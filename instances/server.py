@@ -25,7 +25,6 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -36,8 +35,8 @@ from instances.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
+    install_error_handlers,
     parse_body,
-    validation_error_to_openai,
 )
 from instances.tokenizer import EOS_TOKEN_ID
 
@@ -217,13 +216,7 @@ def create_engine_app(
     app.state.config = config
     app.state.kv_events_endpoint = state["kv_events"]
 
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error_to_openai(exc).response()
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

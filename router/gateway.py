@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -29,8 +28,8 @@ from instances.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
+    install_error_handlers,
     parse_body,
-    validation_error_to_openai,
 )
 from router.policy.interfaces import (
     ClusterSnapshot,
@@ -349,18 +348,7 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
 
 
 def _add_routes(app: FastAPI, gateway: Gateway) -> None:
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error_to_openai(exc).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected gateway error")
-        return OpenAIError(f"Internal gateway error: {exc!r}", 500, "server_error").response()
+    install_error_handlers(app)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
