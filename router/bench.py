@@ -7,12 +7,13 @@ module not importable yet registers nothing, as in ``router.cli``).
 
 ``bench routing`` measures the wall time of ``policy.route`` per decision for every named
 policy, on a fleet of ``N`` instances and 8k-token prompts, in a warm state: the prompts
-come from conversations that return (so cache views, radix trees and hot-prefix state are
-populated), every decision is dispatched and gets its first token and finish a fixed number
-of decisions later (so the in-flight view is busy), and the snapshot is replaced by a new
-one with fresh load reports every ``--refresh-every`` decisions (its O(N) adoption lands in
-the decision that sees it first, as in the gateway). Token ids are int32 numpy arrays, the
-form the gateway should hand over; ``list_input`` repeats DualMap with Python lists.
+ask new questions about documents that come back (Zipf popularity, so cache views, radix
+trees and hot-prefix state are populated), every decision is dispatched and gets its first
+token and its finish a fixed number of decisions later (so the in-flight view is busy), and
+the snapshot is replaced by a new one with fresh load reports every ``--refresh-every``
+decisions (its O(N) adoption lands in the decision that sees it first, as in the gateway).
+Token ids are int32 numpy arrays, the form the gateway should hand over; ``list_input``
+repeats DualMap with Python lists.
 """
 
 from __future__ import annotations
@@ -101,28 +102,26 @@ def _snapshot(rng: np.random.Generator, num_instances: int, now: float) -> Clust
 
 
 class _Workload:
-    """Returning conversations: each request is a conversation's prompt with a new tail."""
+    """Documents asked again and again: a request is a shared system prompt, one of the
+    documents (Zipf-popular) and a new 512-token question."""
 
-    def __init__(self, rng: np.random.Generator, num_conversations: int, prompt_tokens: int,
+    def __init__(self, rng: np.random.Generator, num_documents: int, prompt_tokens: int,
                  as_list: bool) -> None:
         self.rng = rng
-        self.prompt_tokens = prompt_tokens
         self.as_list = as_list
-        self.system = rng.integers(0, 128_000, 512).astype(np.int32)
-        self.histories = [rng.integers(0, 128_000, prompt_tokens).astype(np.int32)
-                          for _ in range(num_conversations)]
-        # Zipf-like popularity: a few conversations return often.
-        weights = 1.0 / np.arange(1, num_conversations + 1) ** 0.8
+        self.question_tokens = min(512, prompt_tokens // 4)
+        system_tokens = min(512, prompt_tokens // 4)
+        document_tokens = prompt_tokens - system_tokens - self.question_tokens
+        self.system = rng.integers(0, 128_000, system_tokens).astype(np.int32)
+        self.documents = [rng.integers(0, 128_000, document_tokens).astype(np.int32)
+                          for _ in range(num_documents)]
+        weights = 1.0 / np.arange(1, num_documents + 1) ** 0.8
         self.popularity = weights / weights.sum()
 
     def prompt(self) -> np.ndarray | list[int]:
-        conversation = int(self.rng.choice(len(self.histories), p=self.popularity))
-        tail = int(self.rng.integers(64, 512))
-        prompt = np.concatenate([
-            self.system,
-            self.histories[conversation][: self.prompt_tokens - 512 - tail],
-            self.rng.integers(0, 128_000, tail).astype(np.int32),
-        ])
+        document = int(self.rng.choice(len(self.documents), p=self.popularity))
+        question = self.rng.integers(0, 128_000, self.question_tokens).astype(np.int32)
+        prompt = np.concatenate([self.system, self.documents[document], question])
         return prompt.tolist() if self.as_list else prompt
 
 

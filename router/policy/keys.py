@@ -113,7 +113,7 @@ class PrefixKeyBuilder:
                 if longer <= length:
                     break
                 if len(hashes) * self.hasher.block_size < longer:
-                    hashes = self.hasher.hashes(tokens[: self.max_key_tokens])
+                    hashes = self.hasher.hashes(tokens[:longer])
                 length, current = longer, self._hash(tokens, longer, hashes)
                 chain.append(current)
         return PromptKey(current, length, tuple(chain))
