@@ -28,8 +28,8 @@ class CacheTrackingPolicy(TrackedPolicy):
       (``total_blocks * block_size``), ``cache_capacity_tokens`` until one is reported;
     * ``uncached_tokens`` (what dispatch books as prefill work) subtracts the estimated
       cached prefix on the chosen instance;
-    * ``on_first_token`` teaches the model ``ttft ≈ s × (queued ahead + own uncached)``,
-      using the engine's cached-token count when the caller has it.
+    * ``on_first_token`` teaches the model ``ttft ≈ fixed + s × (queued ahead + own
+      uncached)``, using the engine's cached-token count when the caller has it.
     """
 
     def __init__(
@@ -42,7 +42,9 @@ class CacheTrackingPolicy(TrackedPolicy):
         super().__init__()
         self.cache = PrefixCacheView(cache_block_size, cache_capacity_tokens)
         self.predictor = PrefillTimeModel(prefill_s_per_token, learning_decay)
+        # The model's parameters per instance, aligned with the board (see ``on_rebuild``).
         self.seconds_per_token: FloatArray = np.zeros(0)
+        self.fixed_seconds: FloatArray = np.zeros(0)
         self._capacity_tokens: dict[str, int] = {}
 
     def on_rebuild(self) -> None:
@@ -58,9 +60,9 @@ class CacheTrackingPolicy(TrackedPolicy):
                 self.cache.remove_instance(instance_id)
                 self.predictor.forget(instance_id)
                 self._capacity_tokens.pop(instance_id, None)
-        self.seconds_per_token = np.array(
-            [self.predictor.seconds_per_token(i) for i in board.ids], dtype=np.float64
-        )
+        params = [self.predictor.params(i) for i in board.ids]
+        self.fixed_seconds = np.array([fixed for fixed, _ in params], dtype=np.float64)
+        self.seconds_per_token = np.array([slope for _, slope in params], dtype=np.float64)
 
     # ---- estimates ---------------------------------------------------------------------
 
@@ -80,7 +82,13 @@ class CacheTrackingPolicy(TrackedPolicy):
         board = self.board
         i = board.index[instance_id]
         # .item() keeps the arithmetic on Python floats (numpy scalars are slower here).
-        return (board.prefill_tokens.item(i) + own_tokens) * self.seconds_per_token.item(i)
+        return self.fixed_seconds.item(i) + (
+            board.prefill_tokens.item(i) + own_tokens) * self.seconds_per_token.item(i)
+
+    def predicted_ttfts(self, own_tokens: float) -> FloatArray:
+        """``predicted_ttft`` of every instance on the board at once."""
+        return self.fixed_seconds + (self.board.prefill_tokens + own_tokens) * (
+            self.seconds_per_token)
 
     def uncached_tokens(self, prepared: PreparedPrompt, decision: Decision) -> int:
         return prepared.num_tokens - self.cached_tokens(prepared, decision.instance_id)
@@ -104,7 +112,9 @@ class CacheTrackingPolicy(TrackedPolicy):
             if self.predictor.observe(instance_id, entry.queued_ahead_tokens + own, ttft_s):
                 i = self.board.index.get(instance_id)
                 if i is not None:
-                    self.seconds_per_token[i] = self.predictor.seconds_per_token(instance_id)
+                    fixed, slope = self.predictor.params(instance_id)
+                    self.fixed_seconds[i] = fixed
+                    self.seconds_per_token[i] = slope
         super().on_first_token(request_id, instance_id, ttft_s, cached_tokens, now)
 
     def apply_kv_events(self, instance_id: str, events: Iterable[KVEvent]) -> None:

@@ -14,7 +14,8 @@ For each request (see ``docs/routing.md``):
    (a system prompt), and counting it would let the first instances that received it win
    every new conversation while the rest of the fleet stays cold.
 4. **SLO switch** - predicted TTFT = (uncached tokens queued ahead + own uncached tokens) ×
-   seconds per token, learned per instance from observed TTFTs (``predictor``). If the
+   seconds per token, plus a fixed part, both learned per instance from observed TTFTs
+   (``predictor``). If the
    affinity pick's prediction exceeds ``slo_factor × slo_ttft_s`` (half the SLO, as in the
    paper), the other candidate is taken if its prediction is within that bound
    (``slo_fallback``); if both are over, the instance with the lowest predicted TTFT in the
@@ -158,7 +159,7 @@ class DualMapPolicy(CacheTrackingPolicy):
     ) -> Decision:
         """The fleet-wide lowest predicted TTFT (candidates with their cache estimates)."""
         board = self.board
-        ttfts = (board.prefill_tokens + prepared.num_tokens) * self.seconds_per_token
+        ttfts = self.predicted_ttfts(prepared.num_tokens)
         i = board.argmin_eligible(ttfts)
         choice, cached, ttft = board.ids[i], 0, float(ttfts[i])
         for instance_id, (home_cached, home_ttft) in zip(homes, estimates, strict=True):

@@ -134,8 +134,9 @@ def test_prefill_speed_is_learned_from_first_tokens() -> None:
     c1, c2 = _homes(policy, prompt, snap)
     assert policy.route(request("r", prompt), snap, 0).instance_id == c1  # all equal: c1
     for k in range(30):  # c1 turns out to be 10x slower than assumed
-        policy.on_dispatched(request(f"w{k}", tokens(rng, 3000)), Decision(c1, "test"), k)
-        policy.on_first_token(f"w{k}", c1, 3000 * 10 * S_PER_TOKEN, 0, k + 0.5)
+        size = int(rng.integers(1000, 5000))
+        policy.on_dispatched(request(f"w{k}", tokens(rng, size)), Decision(c1, "test"), k)
+        policy.on_first_token(f"w{k}", c1, size * 10 * S_PER_TOKEN, 0, k + 0.5)
         policy.on_finished(f"w{k}", c1, k + 0.9)
     assert policy.predictor.seconds_per_token(c1) == pytest.approx(10 * S_PER_TOKEN, rel=0.05)
     decision = policy.route(request("r2", prompt), snap, 100)
