@@ -81,7 +81,10 @@ class EngineProcess:
                 os.path.join(self.log_dir, f"{self.spec.instance_id}.log"), "ab")
         self.proc = subprocess.Popen(
             self.spec.command(), stdout=subprocess.DEVNULL, stderr=stderr_target,  # type: ignore[arg-type]
-            preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # Own session: a terminal's Ctrl-C reaches only the launcher, which then stops
+            # replicas in order instead of racing its supervisor restarting them.
+            start_new_session=True)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

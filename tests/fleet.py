@@ -35,7 +35,7 @@ class FleetProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "router.cli", "up", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.output: list[str] = []
         assert self.proc.stdout is not None
@@ -55,12 +55,14 @@ class FleetProcess:
         raise TimeoutError(f"no {name} event in {timeout_s}s:\n" + "".join(self.output[-60:]))
 
     def interrupt(self, timeout_s: float = 60.0) -> int:
-        self.proc.send_signal(signal.SIGINT)
+        """Ctrl-C as a terminal sends it: SIGINT to the whole foreground process group."""
+        os.killpg(self.proc.pid, signal.SIGINT)
         return self.proc.wait(timeout_s)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 
