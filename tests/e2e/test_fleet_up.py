@@ -98,3 +98,6 @@ def test_ctrl_c_stops_everything(fleet: dict[str, Any]) -> None:
     assert fleet["proc"].interrupt(timeout_s=90) == 0
     _, alive = psutil.wait_procs(children, timeout=20)
     assert not alive, [p.info if hasattr(p, "info") else p for p in alive]
+    output = "".join(fleet["proc"].output)
+    assert "restarting" not in output  # replicas were stopped, not seen as crashed
+    assert '"event": "stopped"' in output
