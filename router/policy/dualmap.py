@@ -19,7 +19,8 @@ For each request (see ``docs/routing.md``):
    affinity pick's prediction exceeds ``slo_factor × slo_ttft_s`` (half the SLO, as in the
    paper), the other candidate is taken if its prediction is within that bound
    (``slo_fallback``); if both are over, the instance with the lowest predicted TTFT in the
-   whole fleet is taken (``load``; non-candidates are assumed to have nothing cached).
+   whole fleet is taken (``load``): all instances ranked as if nothing were cached, the few
+   fastest then re-estimated with their cache views.
    ``dualmap_no_slo`` skips this step.
 
 Decision reasons: ``affinity``, ``slo_fallback``, ``load``; ``plan_rebalance`` returns
@@ -66,6 +67,7 @@ class DualMapPolicy(CacheTrackingPolicy):
         prefill_s_per_token: float = 2.1e-5,
         learning_decay: float = 0.95,
         rebalance_max_wait_s: float = 3.0,
+        fallback_probes: int = 4,
     ) -> None:
         if slo_ttft_s <= 0 or slo_factor <= 0:
             raise ValueError("slo_ttft_s and slo_factor must be positive")
@@ -75,6 +77,7 @@ class DualMapPolicy(CacheTrackingPolicy):
         self.slo_factor = slo_factor
         self.slo_aware = slo_aware
         self.rebalance_max_wait_s = rebalance_max_wait_s
+        self.fallback_probes = max(1, fallback_probes)
         if not slo_aware:
             self.name = "dualmap_no_slo"
         keys = PrefixKeyBuilder(
@@ -157,14 +160,30 @@ class DualMapPolicy(CacheTrackingPolicy):
         homes: tuple[str, ...],
         estimates: Sequence[tuple[int, float]],
     ) -> Decision:
-        """The fleet-wide lowest predicted TTFT (candidates with their cache estimates)."""
+        """The fleet-wide lowest predicted TTFT.
+
+        All instances are ranked as if nothing were cached (one vectorised pass); the
+        ``fallback_probes`` fastest are then re-estimated with their cache views, since
+        earlier fallbacks may have left this prompt's prefix on them, and compared with
+        the candidates' own estimates.
+        """
         board = self.board
-        ttfts = self.predicted_ttfts(prepared.num_tokens)
-        i = board.argmin_eligible(ttfts)
-        choice, cached, ttft = board.ids[i], 0, float(ttfts[i])
+        num_tokens = prepared.num_tokens
+        best: tuple[float, int, str] | None = None
         for instance_id, (home_cached, home_ttft) in zip(homes, estimates, strict=True):
-            if home_ttft <= ttft:  # a candidate's cache can make it the fastest after all
-                choice, cached, ttft = instance_id, home_cached, home_ttft
+            if best is None or home_ttft < best[0]:
+                best = (home_ttft, home_cached, instance_id)
+        ranked = board.smallest_eligible(self.predicted_ttfts(num_tokens), self.fallback_probes)
+        for i in ranked:
+            instance_id = board.ids[i]
+            if instance_id in homes:
+                continue
+            cached = self.cached_tokens(prepared, instance_id)
+            ttft = self.predicted_ttft(instance_id, num_tokens - cached)
+            if best is None or ttft < best[0]:
+                best = (ttft, cached, instance_id)
+        assert best is not None  # ranked is never empty: sync() checked for eligibility
+        ttft, cached, choice = best
         return Decision(choice, "load", homes, ttft, cached)
 
     def after_dispatch(

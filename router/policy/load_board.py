@@ -175,6 +175,17 @@ class LoadBoard:
         candidates = self._eligible_index
         return int(candidates[values[candidates].argmin()])
 
+    def smallest_eligible(self, values: FloatArray, count: int) -> list[int]:
+        """Indices of the ``count`` eligible instances with the smallest values, ascending
+        (ties: lowest id)."""
+        candidates = self._eligible_index
+        chosen = values[candidates]
+        if count < len(candidates):
+            part = np.argpartition(chosen, count - 1)[:count]
+            candidates, chosen = candidates[part], chosen[part]
+        order = np.lexsort((candidates, chosen))
+        return [int(i) for i in candidates[order]]
+
     def argmax_eligible(self, values: FloatArray) -> int:
         """Index of the eligible instance with the largest value (ties: lowest id)."""
         if not self.eligible_ids:

@@ -187,3 +187,23 @@ def test_rebalance_moves_queued_requests_off_a_hotspot() -> None:
     assert "q5" in moved and "q0" not in moved  # the newest leave first
     kept = 7500 + 1000 * (6 - len(moves))
     assert kept * S_PER_TOKEN <= SLO < (kept + 1000) * S_PER_TOKEN  # no more moves than needed
+
+
+def test_the_fleet_fallback_finds_a_cached_copy_off_the_rings() -> None:
+    rng = np.random.default_rng(10)
+    prompt = tokens(rng, 2000)
+    policy = _policy()
+    c1, c2 = _homes(policy, prompt, snapshot(8))
+    holder, idle, *others = [i for i in ids(8) if i not in (c1, c2)]
+    _seed_cache(policy, holder, prompt, "seed")  # e.g. an earlier fallback left it there
+    backlog = {c1: 6000, c2: 6000, holder: 1000, idle: 0} | {i: 3000 for i in others}
+    decision = policy.route(request("r", prompt), _with_backlog(snapshot(8), backlog), 0)
+    # Ranked without cache, idle (0.2 s) beats holder (0.3 s); with its cache holder is 0.1 s.
+    assert (decision.instance_id, decision.reason) == (holder, "load")
+    assert decision.cached_tokens_estimate == 1999
+    assert decision.predicted_ttft_s == pytest.approx(1001 * S_PER_TOKEN)
+    blind = _policy(fallback_probes=1)
+    blind.on_dispatched(request("seed", prompt), Decision(holder, "test"), 0.0)
+    blind.on_finished("seed", holder, 0.0)
+    decision = blind.route(request("r", prompt), _with_backlog(snapshot(8), backlog), 0)
+    assert (decision.instance_id, decision.reason) == (idle, "load")
