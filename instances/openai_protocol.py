@@ -11,6 +11,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -125,6 +127,12 @@ class CompletionRequest(_CommonParams):
             return tokenizer.encode(self.prompt)
         return [int(t) for t in self.prompt]  # type: ignore[arg-type]
 
+    def prompt_token_array(self) -> npt.NDArray[np.int32]:
+        """The prompt's token ids as an int32 array, without a Python int per token."""
+        if isinstance(self.prompt, str):
+            return tokenizer.encode_array(self.prompt)
+        return tokenizer.ids_array(self.prompt)  # type: ignore[arg-type]
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -151,11 +159,14 @@ class ChatCompletionRequest(_CommonParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
+    def rendered_prompt(self) -> str:
+        return tokenizer.render_chat([{"role": m.role, "content": m.text()} for m in self.messages])
+
     def prompt_token_ids(self) -> list[int]:
-        rendered = tokenizer.render_chat(
-            [{"role": m.role, "content": m.text()} for m in self.messages]
-        )
-        return tokenizer.encode(rendered)
+        return tokenizer.encode(self.rendered_prompt())
+
+    def prompt_token_array(self) -> npt.NDArray[np.int32]:
+        return tokenizer.encode_array(self.rendered_prompt())
 
     def output_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

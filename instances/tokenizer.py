@@ -7,7 +7,11 @@ affinity computed in the gateway matches what the engine caches.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
 
 EOS_TOKEN_ID = 256
 VOCAB_SIZE = 257
@@ -16,6 +20,16 @@ VOCAB_SIZE = 257
 def encode(text: str) -> list[int]:
     """UTF-8 bytes of ``text`` as token ids."""
     return list(text.encode("utf-8"))
+
+
+def encode_array(text: str) -> npt.NDArray[np.int32]:
+    """``encode`` as an int32 numpy array (the fast form for routing: no Python ints)."""
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+
+def ids_array(token_ids: Sequence[int]) -> npt.NDArray[np.int32]:
+    """A list of token ids as an int32 numpy array (via ``array``: ~3x faster than asarray)."""
+    return np.frombuffer(array("i", token_ids), dtype=np.int32)
 
 
 def decode(token_ids: Sequence[int]) -> str:

@@ -233,7 +233,7 @@ class Gateway:
             raise OpenAIError(f"The model '{body.model}' does not exist", 404,
                               param="model", code="model_not_found")
         try:
-            token_ids = body.prompt_token_ids()
+            token_ids = body.prompt_token_array()
         except ValueError as exc:
             raise OpenAIError(str(exc), 400, param="messages") from exc
         if isinstance(body, ChatCompletionRequest):
