@@ -20,6 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from instances import tokenizer
 
+# Headers between gateway and replicas.
+REQUEST_ID_HEADER = "x-request-id"  # the gateway's request id, used by the replica too
+INSTANCE_HEADER = "x-llmfleet-instance"  # which replica served the response
+CACHED_TOKENS_HEADER = "x-llmfleet-cached-tokens"  # prompt tokens served from prefix cache
+
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
 _log = logging.getLogger("llmfleet.api")
 

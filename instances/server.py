@@ -32,6 +32,9 @@ from instances.async_engine import AsyncEngine
 from instances.engine.core import EngineCore
 from instances.engine.types import SamplingParams, TokenEvent
 from instances.openai_protocol import (
+    CACHED_TOKENS_HEADER,
+    INSTANCE_HEADER,
+    REQUEST_ID_HEADER,
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
@@ -42,7 +45,6 @@ from instances.tokenizer import EOS_TOKEN_ID
 
 log = logging.getLogger("llmfleet.engine")
 
-REQUEST_ID_HEADER = "x-request-id"
 DEFAULT_CHAT_MAX_TOKENS = 128
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 _LATENCY_BUCKETS = (
@@ -345,8 +347,11 @@ def create_engine_app(
                 await events.aclose()
                 finish()
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"x-llmfleet-instance": config.instance_id})
+        # The first token is already here, so its prefix-cache hit can travel in a header:
+        # the gateway's TTFT model learns from uncached tokens, not prompt length.
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={
+            INSTANCE_HEADER: config.instance_id,
+            CACHED_TOKENS_HEADER: str(first.num_cached_tokens)})
 
     return app
 

@@ -25,6 +25,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from instances.openai_protocol import (
+    CACHED_TOKENS_HEADER,
+    INSTANCE_HEADER,
+    REQUEST_ID_HEADER,
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
@@ -43,8 +46,6 @@ from router.state import ClusterStateStore, InstanceRecord, snapshot_from_record
 
 log = logging.getLogger("llmfleet.gateway")
 
-REQUEST_ID_HEADER = "x-request-id"
-INSTANCE_HEADER = "x-llmfleet-instance"
 # A replica that refused a connection is skipped locally for this long, so requests stop
 # going to it before its heartbeat TTL runs out.
 SUSPECT_S = 5.0
@@ -103,6 +104,7 @@ class Gateway:
         self.records: dict[str, InstanceRecord] = {}
         self.is_leader = False
         self._suspect_until: dict[str, float] = {}
+        self._masked: tuple[ClusterSnapshot, frozenset[str], ClusterSnapshot] | None = None
         self._client: httpx.AsyncClient | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -178,19 +180,26 @@ class Gateway:
     def _routable_snapshot(self, exclude: set[str], now: float) -> ClusterSnapshot:
         """The snapshot with locally suspected or excluded replicas marked unhealthy.
 
-        The common case (nothing to hide) returns the refreshed snapshot object itself, so
-        policies can tell cheaply that nothing changed since the last decision.
+        Policies detect "nothing changed" by object identity, so the same inputs must give
+        the same objects: with nothing to hide this is the refreshed snapshot itself, and a
+        masked snapshot is memoised until the snapshot or the hidden set changes (otherwise
+        every decision while a replica is suspect would rebuild the policy's arrays).
         """
-        if not exclude and not any(t > now for t in self._suspect_until.values()):
+        hidden = frozenset(i for i, until in self._suspect_until.items() if until > now)
+        if exclude:
+            hidden |= exclude
+        if not hidden:
             return self.snapshot
-
-        def view(v: InstanceView) -> InstanceView:
-            suspect = self._suspect_until.get(v.instance_id, 0.0) > now
-            if v.healthy and (suspect or v.instance_id in exclude):
-                return InstanceView(**{**v.__dict__, "healthy": False})
-            return v
-
-        return ClusterSnapshot(self.snapshot.epoch, tuple(view(v) for v in self.snapshot.instances))
+        memo = self._masked
+        if memo is not None and memo[0] is self.snapshot and memo[1] == hidden:
+            return memo[2]
+        views = tuple(
+            InstanceView(**{**v.__dict__, "healthy": False})
+            if v.healthy and v.instance_id in hidden else v
+            for v in self.snapshot.instances)
+        masked = ClusterSnapshot(self.snapshot.epoch, views)
+        self._masked = (self.snapshot, hidden, masked)
+        return masked
 
     def route(self, request: RoutingRequest, exclude: set[str], now: float) -> Decision:
         snapshot = self._routable_snapshot(exclude, now)
@@ -294,6 +303,8 @@ class Gateway:
     def _stream_back(self, upstream: httpx.Response, request: RoutingRequest,
                      decision: Decision, started: float) -> StreamingResponse:
         policy = self.policy
+        cached_header = upstream.headers.get(CACHED_TOKENS_HEADER)
+        cached_tokens = int(cached_header) if cached_header and cached_header.isdigit() else None
 
         async def relay() -> AsyncIterator[bytes]:
             first_seen = False
@@ -304,7 +315,7 @@ class Gateway:
                         now = time.monotonic()
                         self.metrics.ttft.observe(now - started)
                         policy.on_first_token(request.request_id, decision.instance_id,
-                                              now - started, None, now)
+                                              now - started, cached_tokens, now)
                     yield chunk
             finally:
                 await upstream.aclose()

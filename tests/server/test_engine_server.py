@@ -53,6 +53,7 @@ def test_token_id_prompt_and_chat_stream(engine_url: str) -> None:
     with httpx.stream("POST", engine_url + "/v1/chat/completions", timeout=30, json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True,
         "stream_options": {"include_usage": True}}) as response:
+        cached_header = response.headers["x-llmfleet-cached-tokens"]
         lines = [ln for ln in response.iter_lines() if ln.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
@@ -60,6 +61,7 @@ def test_token_id_prompt_and_chat_stream(engine_url: str) -> None:
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert len(text) == 6
     assert chunks[-1]["usage"]["completion_tokens"] == 6
+    assert int(cached_header) == chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
 def test_stop_string_ends_generation(engine_url: str) -> None:
