@@ -191,8 +191,39 @@ def _run_live_command(args: argparse.Namespace) -> int:
 
 
 _CAPACITY_FIELDS = ("slo_attainment", "cache_hit_rate", "ttft_p50", "ttft_p90", "ttft_p99",
-                    "tpot_p50", "load_imbalance", "load_imbalance_tokens", "request_imbalance",
-                    "throughput_rps", "decisions")
+                    "tpot_p50", "e2e_p50", "e2e_p90", "load_imbalance", "load_imbalance_tokens",
+                    "request_imbalance", "throughput_rps", "decisions")
+# A probe is steady-state when its arrivals span many request lifetimes; below this many
+# E2E p90s the probe mostly measures how a burst is absorbed, not a sustainable rate.
+MIN_SPAN_OVER_E2E = 10.0
+
+
+def capacity_warnings(result: dict[str, Any]) -> list[str]:
+    """Sanity checks of a capacity result: no policy may exceed the ideal bound (it is an
+    upper bound on sustained throughput; exceeding it means the probes were not in steady
+    state), and the arrival span at the capacity rate must cover ``MIN_SPAN_OVER_E2E``
+    request lifetimes (E2E p90). Also sets ``exceeds_ideal_bound`` and ``span_over_e2e_p90``
+    on each policy entry."""
+    warnings: list[str] = []
+    bound = float(result.get("ideal_bound_rps") or 0.0)
+    requests = int(result.get("requests") or 0)
+    for name, entry in result.get("policies", {}).items():
+        capacity = entry.get("effective_capacity_rps")
+        if not capacity:
+            continue
+        exceeds = bound > 0 and capacity > bound
+        entry["exceeds_ideal_bound"] = exceeds
+        if exceeds:
+            warnings.append(f"{name}: capacity {capacity} req/s exceeds the ideal bound "
+                            f"{bound} req/s (probes not in steady state?)")
+        e2e = entry.get("e2e_p90")
+        if e2e and requests > 1:
+            ratio = (requests - 1) / capacity / float(e2e)
+            entry["span_over_e2e_p90"] = round(ratio, 2)
+            if ratio < MIN_SPAN_OVER_E2E:
+                warnings.append(f"{name}: arrivals at {capacity} req/s span only {ratio:.1f}x "
+                                f"the E2E p90 ({e2e} s); use more requests")
+    return warnings
 _PROBE_FIELDS = ("slo_attainment", "early_stopped", "ttft_p50", "ttft_p90", "ttft_p99",
                  "cache_hit_rate", "load_imbalance", "completed", "wall_seconds")
 
@@ -288,6 +319,10 @@ def run_capacity(
                 table.append({"policy": name, "rate": rate,
                               **{k: summary.get(k) for k in _PROBE_FIELDS}})
         result["sweep"] = table
+    result["warnings"] = capacity_warnings(result)
+    if log:
+        for warning in result["warnings"]:
+            print(f"[capacity] WARNING {warning}", file=sys.stderr, flush=True)
     result["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
     return result
 

@@ -56,6 +56,9 @@ class RunConfig:
     engine_params: dict[str, Any] = field(default_factory=dict)
     report_interval_s: float = 0.0
     dispatch_delay_s: float = 0.0
+    # A replica rejects prompt + max_tokens above this (HTTP 400, as ``llmfleet engine``'s
+    # default --max-model-len); the simulator counts such requests as errors too.
+    max_model_len: int | None = 131072
     # Live runner
     url: str = "http://127.0.0.1:8000"
     model: str = ""

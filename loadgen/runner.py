@@ -128,10 +128,12 @@ async def run_live(
     *,
     requests: Sequence[TraceRequest] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    outcomes_out: list[RequestOutcome] | None = None,
 ) -> dict[str, Any]:
     """Replay the workload of ``config`` against ``config.url`` and return the summary JSON
     (``loadgen.metrics.summarize`` fields plus ``mode``, ``url``, ``rate`` and, when the
-    gateway named the instance of each response, ``request_imbalance`` over instances)."""
+    gateway named the instance of each response, ``request_imbalance`` over instances).
+    ``outcomes_out``, if given, receives the per-request outcomes of the requests sent."""
     workload = list(requests) if requests is not None else load_workload(config)
     workload.sort(key=lambda r: r.arrival_s)
     if config.max_requests is not None:
@@ -175,6 +177,8 @@ async def run_live(
             await asyncio.gather(*pending, return_exceptions=True)
         bar.close()
     outcomes = outcomes[:sent]
+    if outcomes_out is not None:
+        outcomes_out.extend(outcomes)
     summary = summarize(outcomes, slo_ttft_s=config.slo_ttft_s, slo_tpot_s=config.slo_tpot_s,
                         warmup_requests=warmup_count(config, len(outcomes)),
                         wall_seconds=time.perf_counter() - wall_start)

@@ -260,6 +260,11 @@ class Simulator:
     # -- handlers -----------------------------------------------------------------------
     def _on_arrival(self, request: TraceRequest, now: float) -> None:
         outcome = self.outcomes[request.request_id]
+        limit = self.config.max_model_len
+        if limit is not None and request.prompt_len + request.output_len > limit:
+            outcome.error = "context_length_exceeded"  # the replica's HTTP 400
+            self._count_miss(request.request_id)
+            return
         routing = RoutingRequest(request.request_id, request.token_ids(), request.output_len)
         try:
             decision = self.policy.route(routing, self._snapshot(now), now)

@@ -61,3 +61,19 @@ def test_capacity_is_monotone_in_slo_and_fleet_size() -> None:
     assert tight <= loose
     assert bigger > tight
     assert bigger == pytest.approx(1.5 * tight, rel=0.03)
+
+
+def test_capacity_warnings_flag_results_above_the_ideal_bound() -> None:
+    from loadgen.cli import capacity_warnings
+
+    result = {"ideal_bound_rps": 100.0, "requests": 2001, "policies": {
+        "steady": {"effective_capacity_rps": 80.0, "e2e_p90": 2.0},    # span 25 s = 12.5 E2E
+        "bursty": {"effective_capacity_rps": 400.0, "e2e_p90": 2.0},   # above bound, span 5 s
+        "failed": {"effective_capacity_rps": None},
+    }}
+    warnings = capacity_warnings(result)
+    assert len(warnings) == 2 and all(w.startswith("bursty") for w in warnings)
+    assert result["policies"]["steady"]["exceeds_ideal_bound"] is False
+    assert result["policies"]["steady"]["span_over_e2e_p90"] == 12.5
+    assert result["policies"]["bursty"]["exceeds_ideal_bound"] is True
+    assert "exceeds_ideal_bound" not in result["policies"]["failed"]
