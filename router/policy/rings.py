@@ -10,13 +10,21 @@ its position (wrapping around).
 ``update`` is incremental: points of departed members are dropped, points of new members
 are computed (160 xxh64 calls each) and merged in. A join or leave therefore moves only the
 keys on the arcs that member gains or loses, ~``1/N`` of all keys.
+
+Lookups are O(1) on average: ``update`` also builds a bucket index over the top bits of the
+positions (about one point per bucket), so finding a key's owner is one table read and a
+bisect over the few points of one bucket, and, per point, the next point clockwise with a
+different owner, so the second distinct member (DualMap's ring B when it gives ``c1``) costs
+one more read instead of a walk.
 """
 
 from __future__ import annotations
 
-import bisect
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
 
 from router.policy.hashing import ring_point_hash
 
@@ -36,6 +44,14 @@ class HashRing:
         self._positions = array("Q")
         self._owner_slots = array("I")  # index into _names
         self._names: list[str] = []
+        # Lookup index (``_build_index``): positions in bucket ``b = position >> _shift`` are
+        # points ``_bucket_start[b]`` .. ``_bucket_start[b + 1] - 1``; ``_owners[i]`` is the
+        # owner of point ``i`` (index ``len`` wraps to point 0); ``_next_distinct[i]`` the
+        # first point clockwise after ``i`` owned by another member (``i`` if none).
+        self._shift = 64
+        self._bucket_start = array("I", [0, 0])
+        self._owners: list[str] = []
+        self._next_distinct = array("I")
 
     def __len__(self) -> int:
         """Number of points (virtual nodes) on the ring."""
@@ -72,27 +88,59 @@ class HashRing:
         self._positions = array("Q", [pos for pos, _ in merged])
         self._owner_slots = array("I", [slot_of[owner] for _, owner in merged])
         self.members = dict(members)
+        self._build_index()
         return True
 
-    def _owner_at(self, index: int) -> str:
-        return self._names[self._owner_slots[index % len(self._owner_slots)]]
+    def _build_index(self) -> None:
+        count = len(self._positions)
+        if not count:
+            self._shift, self._bucket_start = 64, array("I", [0, 0])
+            self._owners, self._next_distinct = [], array("I")
+            return
+        bits = count.bit_length()  # 2^bits > count buckets: at most ~1 point per bucket
+        self._shift = 64 - bits
+        positions = np.frombuffer(self._positions, dtype=np.uint64)
+        bucket_floors = np.arange(1 << bits, dtype=np.uint64) << np.uint64(self._shift)
+        starts = np.searchsorted(positions, bucket_floors, side="left")
+        self._bucket_start = array("I", starts.astype(np.uint32).tobytes())
+        self._bucket_start.append(count)
+        names = self._names
+        self._owners = [names[slot] for slot in self._owner_slots]
+        self._owners.append(self._owners[0])
+        slots = np.frombuffer(self._owner_slots, dtype=np.uint32)
+        run_ends = np.flatnonzero(slots != np.roll(slots, -1))  # owner changes after these
+        if not len(run_ends):  # one member
+            following = np.arange(count, dtype=np.uint32)
+        else:
+            which = np.searchsorted(run_ends, np.arange(count), side="left") % len(run_ends)
+            following = ((run_ends[which] + 1) % count).astype(np.uint32)
+        self._next_distinct = array("I", following.tobytes())
+
+    def _index(self, position: int) -> int:
+        """Index of the first point at or after ``position`` (``len(self)`` past the last)."""
+        bucket = position >> self._shift
+        starts = self._bucket_start
+        lo = starts[bucket]
+        hi = starts[bucket + 1]
+        return lo if lo == hi else bisect_left(self._positions, position, lo, hi)
 
     def owner(self, position: int) -> str:
         """The member owning ``position`` (the first point clockwise from it)."""
         if not self._positions:
             raise LookupError("empty ring")
-        return self._owner_at(bisect.bisect_left(self._positions, position))
+        return self._owners[self._index(position)]
 
     def walk(self, position: int) -> Iterator[str]:
         """Distinct members clockwise from ``position``, each once, nearest first."""
         count = len(self._positions)
         if not count:
             return
-        start = bisect.bisect_left(self._positions, position)
+        start = self._index(position)
+        owners = self._owners
         seen: set[str] = set()
         total = len(self.members)
         for step in range(count):
-            owner = self._owner_at(start + step)
+            owner = owners[(start + step) % count]
             if owner not in seen:
                 seen.add(owner)
                 yield owner
@@ -103,10 +151,17 @@ class HashRing:
         self, position: int, accept: Callable[[str], bool], exclude: str | None = None
     ) -> str | None:
         """First member clockwise from ``position`` that ``accept``s and is not ``exclude``."""
-        if self._positions:  # common case first: the owner itself is fine
-            owner = self._owner_at(bisect.bisect_left(self._positions, position))
-            if owner != exclude and accept(owner):
-                return owner
+        if self._positions:  # common cases first: the owner, or the next distinct member
+            index = self._index(position)
+            owner = self._owners[index]
+            if owner != exclude:
+                if accept(owner):
+                    return owner
+            else:
+                index = self._next_distinct[index % len(self._positions)]
+                owner = self._owners[index]
+                if owner != exclude and accept(owner):
+                    return owner
         for owner in self.walk(position):
             if owner != exclude and accept(owner):
                 return owner

@@ -90,3 +90,32 @@ def test_empty_ring() -> None:
     with pytest.raises(LookupError):
         ring.owner(5)
     assert ring.first(5, lambda m: True) is None
+
+
+@pytest.mark.parametrize("members", [{"solo": 1.0}, {"a": 0.01, "b": 0.02}, _members(7),
+                                     {**_members(40), "big": 2.5}])
+def test_indexed_lookups_equal_a_plain_bisect_and_walk(members: dict[str, float]) -> None:
+    import bisect
+
+    ring = HashRing(21, vnodes_per_weight=160)
+    ring.update(members)
+    positions = list(ring._positions)
+    owners = [ring._names[slot] for slot in ring._owner_slots]
+    edge = [0, 1, (1 << 64) - 1, positions[0], positions[-1], positions[-1] + 1,
+            *(p + d for p in positions[:50] for d in (-1, 0, 1))]
+    for key in KEYS[:300] + [k for k in edge if 0 <= k < 1 << 64]:
+        index = bisect.bisect_left(positions, key)
+        assert ring.owner(key) == owners[index % len(owners)]
+        order: list[str] = []
+        for step in range(len(owners)):
+            owner = owners[(index + step) % len(owners)]
+            if owner not in order:
+                order.append(owner)
+                if len(order) == len(members):
+                    break
+        assert list(ring.walk(key)) == order
+        assert ring.first(key, lambda m: True) == order[0]
+        expected = order[1] if len(order) > 1 else None
+        assert ring.first(key, lambda m: True, exclude=order[0]) == expected
+        head = order[0]
+        assert ring.first(key, lambda m: m != head) == expected
