@@ -22,7 +22,7 @@ dictionary probes per instance on top of hashing the prompt once.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 import numpy as np
@@ -34,10 +34,12 @@ from router.policy.hashing import HashArray, PrefixHasher
 class _InstanceCache:
     """One instance's cached prefix hashes (approximate LRU or precise event-fed set)."""
 
-    __slots__ = ("capacity_blocks", "engine_to_prefix", "lru", "precise", "refs", "unplaced")
+    __slots__ = ("capacity_blocks", "engine_to_prefix", "lru", "precise", "refs", "unplaced",
+                 "version")
 
     def __init__(self, capacity_blocks: int) -> None:
         self.capacity_blocks = capacity_blocks
+        self.version = 0  # PrefixCacheView._changes at this cache's last change
         self.precise = False
         self.lru: OrderedDict[int, None] = OrderedDict()
         # Precise mode: engine block hash -> (router prefix hash, depth in blocks), and how
@@ -63,12 +65,22 @@ class PrefixCacheView:
         self.block_size = block_size
         self.default_capacity_blocks = max(1, default_capacity_tokens // block_size)
         self._caches: dict[str, _InstanceCache] = {}
+        self._changes = 0  # counts changes to any instance's view (``version``)
 
     def _cache(self, instance_id: str) -> _InstanceCache:
+        """``instance_id``'s cache, created if needed; callers are about to change it."""
         cache = self._caches.get(instance_id)
         if cache is None:
             cache = self._caches[instance_id] = _InstanceCache(self.default_capacity_blocks)
+        self._changes += 1
+        cache.version = self._changes
         return cache
+
+    def version(self, instance_id: str) -> int:
+        """Changes whenever ``instance_id``'s view may have changed (0: no view yet); equal
+        versions mean ``cached_blocks`` answers are still valid."""
+        cache = self._caches.get(instance_id)
+        return 0 if cache is None else cache.version
 
     def prefix_hashes(self, tokens: np.ndarray) -> HashArray:
         return self.hasher.hashes(tokens)
@@ -116,20 +128,39 @@ class PrefixCacheView:
         cache.capacity_blocks = max(1, capacity_tokens // self.block_size)
         self._evict(cache)
 
-    def record_prompt(self, instance_id: str, prefix_hashes: HashArray) -> None:
-        """A prompt with ``prefix_hashes`` was routed to ``instance_id`` (approximate view)."""
-        cache = self._cache(instance_id)
-        if cache.precise or not len(prefix_hashes):
+    def record_prompt(
+        self, instance_id: str, prefix_hashes: HashArray, cached_blocks: int | None = None
+    ) -> None:
+        """A prompt with ``prefix_hashes`` was routed to ``instance_id`` (approximate view).
+
+        ``cached_blocks``: ``self.cached_blocks(instance_id, prefix_hashes)`` if the caller
+        has it for the view as it is now (same ``version``); computed otherwise.
+        """
+        num_blocks = len(prefix_hashes)
+        if not num_blocks or self.is_precise(instance_id):
             return
+        if cached_blocks is None:
+            cached_blocks = self.cached_blocks(instance_id, prefix_hashes)
+        cache = self._cache(instance_id)
         lru = cache.lru
-        move = lru.move_to_end
         # Tail first: the prompt's first block ends up most recently used, so eviction
         # takes deep blocks before the shared head, like the engine's free queue.
-        for prefix_hash in reversed(prefix_hashes.tolist()):
-            if prefix_hash in lru:
-                move(prefix_hash)
-            else:
-                lru[prefix_hash] = None
+        # The view is closed under prefixes (a block is touched after every deeper block of
+        # the same prompt, so it is evicted after them), so blocks [0, cached_blocks) are
+        # in it and none deeper: append the new tail, then move the head to the end, both
+        # as C-level bulk operations (a Python loop over 512 blocks cost ~100 µs).
+        if cached_blocks < num_blocks:
+            lru.update(dict.fromkeys(prefix_hashes[cached_blocks:][::-1].tolist()))
+        if cached_blocks:
+            head = prefix_hashes[:cached_blocks][::-1].tolist()
+            try:
+                deque(map(lru.move_to_end, head), maxlen=0)
+            except KeyError:  # not closed after all (a 64-bit hash collision): one by one
+                for prefix_hash in head:
+                    if prefix_hash in lru:
+                        lru.move_to_end(prefix_hash)
+                    else:
+                        lru[prefix_hash] = None
         self._evict(cache)
 
     @staticmethod

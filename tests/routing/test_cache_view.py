@@ -102,3 +102,26 @@ def test_blocks_without_a_known_parent_or_tokens_are_counted_not_placed() -> Non
     assert view.unplaced_blocks("x") == 3 and view.num_blocks("x") == 0
     with pytest.raises(ValueError):
         view.apply_kv_events("x", [KVEvent("BlockStored", (1,), None, tuple(range(8)), 8)])
+
+
+def test_bulk_recording_keeps_the_exact_lru_order_of_one_touch_per_block() -> None:
+    from collections import OrderedDict
+
+    rng = np.random.default_rng(5)
+    view = PrefixCacheView(16, default_capacity_tokens=16 * 300)
+    reference: OrderedDict[int, None] = OrderedDict()
+    families = [tokens(rng, 1200) for _ in range(6)]
+    for step in range(300):
+        head = families[int(rng.integers(len(families)))][: int(rng.integers(0, 1200))]
+        prompt = np.concatenate([head, tokens(rng, int(rng.integers(0, 400)))])
+        hashes = view.prefix_hashes(prompt)
+        known = view.cached_blocks("x", hashes) if step % 2 else None
+        view.record_prompt("x", hashes, known)
+        for prefix_hash in reversed(hashes.tolist()):  # the plain definition
+            if prefix_hash in reference:
+                reference.move_to_end(prefix_hash)
+            else:
+                reference[prefix_hash] = None
+        while len(reference) > 300:
+            reference.popitem(last=False)
+        assert list(view._caches["x"].lru) == list(reference)
