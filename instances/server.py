@@ -206,6 +206,7 @@ def create_engine_app(
             yield
         finally:
             if heartbeat is not None:
+                state["stopping"] = True  # redis-py may swallow the cancel mid-command
                 heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await heartbeat
@@ -402,7 +403,7 @@ async def _heartbeat_loop(engine: AsyncEngine, config: EngineServerConfig,
     store = ClusterStateStore(config.redis_url, config.namespace, config.heartbeat_ttl_s)
     period = config.heartbeat_ttl_s / 3
     try:
-        while True:
+        while not state.get("stopping"):
             record = InstanceRecord(
                 instance_id=config.instance_id, url=config.advertise_url, model=config.model,
                 api=config.api, weight=config.weight, block_size=engine.core.block_size,

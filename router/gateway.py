@@ -109,6 +109,7 @@ class Gateway:
         self._refresher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._first_refresh = asyncio.Event()
+        self._stopping = False
         # Precise cache views: policies that can use KV events get them from every replica
         # that publishes them (vLLM format over ZMQ).
         self._kv_subscriber: Any = None
@@ -132,6 +133,9 @@ class Gateway:
 
     async def stop(self) -> None:
         if self._refresher is not None:
+            # The flag, not only the cancel: redis-py can swallow a CancelledError that lands
+            # inside a command, and the loop would then run on forever.
+            self._stopping = True
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
@@ -149,7 +153,7 @@ class Gateway:
         self.metrics.kv_batches.inc()
 
     async def _refresh_loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.refresh()
             except Exception as exc:  # Redis away: keep routing on the last view

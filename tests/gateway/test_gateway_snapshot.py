@@ -32,3 +32,21 @@ def test_excluded_replica_never_chosen() -> None:
     for i in range(20):
         decision = gateway.route(RoutingRequest(f"r{i}", [1, 2, 3], 4), {"b"}, now=0.0)
         assert decision.instance_id == "a"
+
+
+async def test_stop_ends_refresh_loop_even_if_a_cancel_is_swallowed() -> None:
+    import asyncio
+
+    gateway = _gateway()
+
+    async def refresh_that_swallows_cancel() -> None:  # as redis-py can, mid-command
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            pass
+
+    gateway.refresh = refresh_that_swallows_cancel  # type: ignore[method-assign]
+    gateway.config.refresh_interval_s = 0.01
+    await gateway.start()
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(gateway.stop(), timeout=2.0)
