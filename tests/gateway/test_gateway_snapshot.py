@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from router.gateway import Gateway, GatewayConfig
 from router.policy.interfaces import ClusterSnapshot, InstanceView, RoutingRequest
 
@@ -35,15 +38,11 @@ def test_excluded_replica_never_chosen() -> None:
 
 
 async def test_stop_ends_refresh_loop_even_if_a_cancel_is_swallowed() -> None:
-    import asyncio
-
     gateway = _gateway()
 
     async def refresh_that_swallows_cancel() -> None:  # as redis-py can, mid-command
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0.05)
-        except asyncio.CancelledError:
-            pass
 
     gateway.refresh = refresh_that_swallows_cancel  # type: ignore[method-assign]
     gateway.config.refresh_interval_s = 0.01
