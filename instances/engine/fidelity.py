@@ -328,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     report = run([p for p in args.profiles.split(",") if p], args.tiny)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Real-time capacity is measured with live replicas (python -m instances.realtime_bench);
+    # carry its last result along so this file states both halves of the fidelity story.
+    realtime = out_dir / "engine-realtime.json"
+    if realtime.exists():
+        from instances.realtime_bench import fidelity_summary
+
+        report["realtime"] = fidelity_summary(json.loads(realtime.read_text()))
     (out_dir / "engine-fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, out_dir / "engine-fidelity.png")
     if args.json:
