@@ -67,9 +67,10 @@ class CacheTrackingPolicy(TrackedPolicy):
     # ---- estimates ---------------------------------------------------------------------
 
     def prefix_hashes(self, prepared: PreparedPrompt) -> HashArray:
-        if prepared.prefix_hashes is None:
-            prepared.prefix_hashes = self.cache.prefix_hashes(prepared.tokens)
-        return prepared.prefix_hashes
+        hashes = prepared.prefix_hashes
+        if hashes is None:
+            hashes = prepared.prefix_hashes = self.cache.hasher.hashes(prepared.tokens)
+        return hashes
 
     def cached_tokens(self, prepared: PreparedPrompt, instance_id: str) -> int:
         """Estimated cached prompt tokens on ``instance_id`` (never the whole prompt: the

@@ -87,8 +87,14 @@ class PrefixCacheView:
 
     # ---- queries -----------------------------------------------------------------------
 
-    def cached_blocks(self, instance_id: str, prefix_hashes: HashArray) -> int:
-        """Leading blocks of the prompt with ``prefix_hashes`` cached on ``instance_id``."""
+    def cached_blocks(self, instance_id: str, prefix_hashes: HashArray, hint: int = 0) -> int:
+        """Leading blocks of the prompt with ``prefix_hashes`` cached on ``instance_id``.
+
+        ``hint``, a likely answer (e.g. the other candidate's), is probed first with the
+        block after it: right, the search takes 3 probes instead of ~log2(blocks); wrong, it
+        costs at most 2 more. The answer does not depend on it while the view is closed
+        under prefixes (always for the approximate view).
+        """
         cache = self._caches.get(instance_id)
         hi = len(prefix_hashes)
         if cache is None or not hi:
@@ -98,6 +104,13 @@ class PrefixCacheView:
         if item(0) not in held:  # the common cold case: one probe
             return 0
         lo = 1  # invariant: prefix lo is cached, prefix hi + 1 is not
+        if 1 < hint < hi:
+            if item(hint - 1) not in held:
+                hi = hint - 1
+            elif item(hint) not in held:
+                return hint
+            else:
+                lo = hint + 1
         while lo < hi:
             mid = (lo + hi + 1) >> 1
             if item(mid - 1) in held:

@@ -78,6 +78,7 @@ class DualMapPolicy(CacheTrackingPolicy):
         self.slo_aware = slo_aware
         self.rebalance_max_wait_s = rebalance_max_wait_s
         self.fallback_probes = max(1, fallback_probes)
+        self.hot_step = hot_step
         if not slo_aware:
             self.name = "dualmap_no_slo"
         keys = PrefixKeyBuilder(
@@ -109,20 +110,46 @@ class DualMapPolicy(CacheTrackingPolicy):
         return (first,) if second is None else (first, second)
 
     def route(self, request: RoutingRequest, snapshot: ClusterSnapshot, now: float) -> Decision:
-        self.sync(snapshot)
+        board = self.board
+        if snapshot is not board.snapshot or not board.eligible_ids:
+            self.sync(snapshot)
         prepared = self.prepare(request)
         homes = self.candidates(prepared)
-        num_tokens = prepared.num_tokens
-        # (cached tokens, predicted TTFT) per candidate, c1 first.
-        estimates = []
-        for instance_id in homes:
-            cached = self.cached_tokens(prepared, instance_id)
-            estimates.append((cached, self.predicted_ttft(instance_id, num_tokens - cached)))
         if not homes:  # routable instances exist but none is on the rings (weight 0)
-            return self._lowest_ttft(prepared, homes, estimates)
-        best = 0
-        if len(homes) == 2:
-            best = self._affinity_pick(prepared, homes, estimates)
+            return self._lowest_ttft(prepared, homes, [])
+        # Per candidate, c1 first: (cached tokens, predicted TTFT) and the affinity score,
+        # inlined (this is the hot path). The pick is the larger cached prefix, ties to the
+        # lower TTFT, then c1; a cached prefix counts only if it covers the prompt's key: a
+        # shorter one is shared with other conversations (a system prompt), and letting it
+        # count, in the cache comparison or in the TTFT tie-break, makes the first instances
+        # that happened to receive it win every new conversation while the others stay cold.
+        hashes = self.prefix_hashes(prepared)
+        num_tokens = prepared.num_tokens
+        most_cached = max(0, num_tokens - 1)  # the engine recomputes at least the last token
+        key = self.rings.key(prepared)
+        key_length = key.length
+        cache = self.cache
+        block_size = cache.block_size
+        index, queued = board.index, board.prefill_tokens
+        fixed, slope = self.fixed_seconds, self.seconds_per_token
+        estimates: list[tuple[int, float]] = []
+        scores: list[tuple[int, float]] = []
+        # Search hint for c1: a lengthened key ends one hot step past the point where the
+        # prompts through its prefix diverge, likely where this prompt's cached prefix
+        # ends; for c2, c1's answer (a conversation's two homes tend to hold the same).
+        hint = (key_length - self.hot_step) // block_size if len(key.chain) > 1 else 0
+        for instance_id in homes:
+            i = index[instance_id]
+            base, ahead, per_token = fixed.item(i), queued.item(i), slope.item(i)
+            hint = cache.cached_blocks(instance_id, hashes, hint)
+            cached = min(hint * block_size, most_cached)
+            ttft = base + (ahead + (num_tokens - cached)) * per_token  # == predicted_ttft
+            estimates.append((cached, ttft))
+            if cached >= key_length:
+                scores.append((-cached, ttft))
+            else:  # cold for this key: its TTFT as if nothing were cached
+                scores.append((0, base + (ahead + num_tokens) * per_token))
+        best = 0 if len(homes) == 1 or scores[0] <= scores[1] else 1
         cached, ttft = estimates[best]
         if not self.slo_aware or ttft <= self.slo_bound_s:
             return Decision(homes[best], "affinity", homes, ttft, cached)
@@ -131,28 +158,6 @@ class DualMapPolicy(CacheTrackingPolicy):
             if other_ttft <= self.slo_bound_s:
                 return Decision(homes[1 - best], "slo_fallback", homes, other_ttft, other_cached)
         return self._lowest_ttft(prepared, homes, estimates)
-
-    def _affinity_pick(
-        self,
-        prepared: PreparedPrompt,
-        homes: tuple[str, ...],
-        estimates: Sequence[tuple[int, float]],
-    ) -> int:
-        """Index of the candidate with the larger cached prefix, ties to the lower TTFT.
-
-        A cached prefix counts only if it covers the prompt's key. A shorter one is a prefix
-        shared with other conversations (a system prompt); letting it count, in the cache
-        comparison or in the TTFT tie-break, makes the first instances that happened to
-        receive it win every new conversation while the others stay cold.
-        """
-        key_length = self.rings.key(prepared).length
-        scores = []
-        for instance_id, (cached, ttft) in zip(homes, estimates, strict=True):
-            if cached >= key_length:
-                scores.append((-cached, ttft))
-            else:  # cold for this key: its TTFT as if nothing were cached
-                scores.append((0, self.predicted_ttft(instance_id, prepared.num_tokens)))
-        return 0 if scores[0] <= scores[1] else 1
 
     def _lowest_ttft(
         self,

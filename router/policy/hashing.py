@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +36,7 @@ from instances.engine.block_manager import as_token_array
 
 TokenArray = npt.NDArray[np.int32]
 HashArray = npt.NDArray[np.uint64]
+_INT32_LE = np.dtype("<i4")
 
 KEY_SEED = 0x6C6C_6D66_6C65_6574  # "llmfleet"
 _MULT_LABEL = b"llmfleet/prefix-block/multiplier"
@@ -50,6 +52,8 @@ def token_array(token_ids: Sequence[int] | npt.NDArray[np.integer]) -> TokenArra
     byte-level tokenizer).
     """
     if isinstance(token_ids, np.ndarray):
+        if token_ids.dtype is _INT32_LE and token_ids.flags.c_contiguous:
+            return cast(TokenArray, token_ids)  # the gateway's form: nothing to do
         return as_token_array(token_ids)
     if isinstance(token_ids, list):
         return np.frombuffer(array("i", token_ids), dtype="<i4")
@@ -123,17 +127,22 @@ class PrefixHasher:
 
     def hashes(self, tokens: TokenArray, start_block: int = 0, start_prefix: int = 0) -> HashArray:
         """Hashes of each full-block prefix of ``tokens`` (continuing from ``start_prefix``)."""
-        num_blocks = len(tokens) // self.block_size
+        size = len(tokens)
+        num_blocks = size // self.block_size
         if num_blocks == 0:
             return np.empty(0, dtype=np.uint64)
-        head = tokens[: num_blocks * self.block_size]
+        head = tokens if num_blocks * self.block_size == size else (
+            tokens[: num_blocks * self.block_size])
         if not head.flags.c_contiguous:
             head = np.ascontiguousarray(head)
         words = head.view(np.uint64).reshape(num_blocks, self._words_per_block)
         # uint64 arithmetic wraps mod 2^64, which is the point; add.accumulate and in-place
         # ops avoid cumsum's and temporaries' Python-level overhead (this runs per decision).
         prefix = words @ self._mult
-        np.bitwise_xor(prefix, self._salts(start_block, num_blocks), out=prefix)
+        end = start_block + num_blocks
+        if end > len(self._salt):
+            self._salts(start_block, num_blocks)  # grows the table
+        np.bitwise_xor(prefix, self._salt[start_block:end], out=prefix)
         np.add.accumulate(prefix, out=prefix)
         if start_prefix:
             prefix += np.uint64(start_prefix)

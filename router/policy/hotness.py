@@ -68,6 +68,10 @@ class HotPrefixDetector:
         """Earliest position where prompts through ``prefix_hash`` differ (None: never)."""
         return self._split.get(prefix_hash)
 
+    def may_be_hot(self, prefix_hash: int) -> bool:
+        """False if ``is_hot(prefix_hash, share)`` is False for every share (one lookup)."""
+        return prefix_hash in self._split
+
     def is_hot(self, prefix_hash: int, share: float) -> bool:
         """True if ``prefix_hash`` carries >= ``share`` of the window and its prompts split."""
         if prefix_hash not in self._split:

@@ -24,15 +24,14 @@ request's chain of key prefixes and prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from router.policy.hashing import HashArray, PrefixHasher, TokenArray, key_hash, mix64
 from router.policy.hotness import HotPrefixDetector
 
 
-@dataclass(frozen=True)
-class PromptKey:
-    """A prompt's ring key."""
+class PromptKey(NamedTuple):
+    """A prompt's ring key (a named tuple: built once per request on the routing path)."""
 
     hash: int
     length: int  # tokens the key covers
@@ -65,6 +64,7 @@ class PrefixKeyBuilder:
             raise ValueError("max_key_blocks must be >= key_blocks")
         self.key_blocks = key_blocks
         self.block_size = block_size
+        self._base_tokens = key_blocks * block_size
         self.max_key_tokens = max_key_blocks * block_size
         self.adaptive = adaptive
         self.hot_step = hot_step
@@ -75,8 +75,8 @@ class PrefixKeyBuilder:
         self.hasher = PrefixHasher(hash_block_size)
 
     def base_length(self, num_tokens: int) -> int:
-        full = (num_tokens // self.block_size) * self.block_size
-        return min(self.key_blocks * self.block_size, full) or num_tokens
+        full = num_tokens - num_tokens % self.block_size
+        return min(self._base_tokens, full) or num_tokens
 
     def longer_length(self, split: int, num_tokens: int) -> int:
         """Key length just past a split at token ``split`` (a ``hot_step`` multiple),
@@ -102,25 +102,26 @@ class PrefixKeyBuilder:
         if hashes is None:
             hashes = self.hasher.hashes(tokens[:length])
         current = self._hash(tokens, length, hashes)
+        detector = self.detector
+        if not self.adaptive or not detector.may_be_hot(current):  # the common case
+            return PromptKey(current, length, (current,))
         chain = [current]
-        if self.adaptive:
-            detector = self.detector
-            share = self.share(num_instances)
-            while detector.is_hot(current, share):
-                split = detector.split(current)
-                assert split is not None  # hot implies split
-                longer = self.longer_length(split, num_tokens)
-                if longer <= length:
-                    break
-                if len(hashes) * self.hasher.block_size < longer:
-                    hashes = self.hasher.hashes(tokens[:longer])
-                length, current = longer, self._hash(tokens, longer, hashes)
-                chain.append(current)
+        share = self.share(num_instances)
+        while detector.is_hot(current, share):
+            split = detector.split(current)
+            assert split is not None  # hot implies split
+            longer = self.longer_length(split, num_tokens)
+            if longer <= length:
+                break
+            if len(hashes) * self.hasher.block_size < longer:
+                hashes = self.hasher.hashes(tokens[:longer])
+            length, current = longer, self._hash(tokens, longer, hashes)
+            chain.append(current)
         return PromptKey(current, length, tuple(chain))
 
     def _hash(self, tokens: TokenArray, length: int, prefix_hashes: HashArray) -> int:
-        blocks, partial = divmod(length, self.hasher.block_size)
-        if partial or not blocks:
+        blocks = length // self.hasher.block_size
+        if not blocks or blocks * self.hasher.block_size != length:
             return key_hash(tokens, length)
         return mix64(prefix_hashes.item(blocks - 1))
 

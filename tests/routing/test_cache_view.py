@@ -125,3 +125,19 @@ def test_bulk_recording_keeps_the_exact_lru_order_of_one_touch_per_block() -> No
         while len(reference) > 300:
             reference.popitem(last=False)
         assert list(view._caches["x"].lru) == list(reference)
+
+
+def test_a_search_hint_never_changes_the_answer() -> None:
+    rng = np.random.default_rng(9)
+    view = PrefixCacheView(16, default_capacity_tokens=16 * 400)
+    family = tokens(rng, 2000)
+    for _ in range(40):
+        cut = int(rng.integers(0, 2000))
+        view.record_prompt("x", view.prefix_hashes(
+            np.concatenate([family[:cut], tokens(rng, int(rng.integers(0, 300)))])))
+    for _ in range(40):
+        probe = np.concatenate([family[: int(rng.integers(0, 2000))], tokens(rng, 50)])
+        hashes = view.prefix_hashes(probe)
+        plain = view.cached_blocks("x", hashes)
+        for hint in {0, 1, 2, plain - 1, plain, plain + 1, len(hashes) - 1, len(hashes), 10**6}:
+            assert view.cached_blocks("x", hashes, hint) == plain
