@@ -31,6 +31,7 @@ from instances.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
+    error_body,
     install_error_handlers,
     parse_body,
 )
@@ -73,6 +74,9 @@ class GatewayMetrics:
                                  ["policy", "reason"], registry=self.registry)
         self.requests = Counter("llmfleet_requests", "Requests by endpoint and status code",
                                 ["endpoint", "status"], registry=self.registry)
+        self.stream_errors = Counter("llmfleet_stream_errors",
+                                     "Streams whose replica failed mid-stream",
+                                     registry=self.registry)
         self.retries = Counter("llmfleet_upstream_retries", "Requests re-sent to another replica",
                                registry=self.registry)
         self.latency = Histogram("llmfleet_request_duration_seconds",
@@ -321,6 +325,14 @@ class Gateway:
                         policy.on_first_token(request.request_id, decision.instance_id,
                                               now - started, cached_tokens, now)
                     yield chunk
+            except httpx.HTTPError as exc:
+                # The replica went away mid-stream. Say so in the stream (OpenAI-style error
+                # event, then [DONE]) rather than cutting the connection without a word.
+                self.metrics.stream_errors.inc()
+                log.warning("stream from %s broke: %r", decision.instance_id, exc)
+                error = error_body(f"The replica serving this request failed mid-stream: "
+                                   f"{exc!r}", "server_error", code="upstream_stream_broken")
+                yield f"\n\ndata: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
             finally:
                 await upstream.aclose()
                 policy.on_finished(request.request_id, decision.instance_id, time.monotonic())

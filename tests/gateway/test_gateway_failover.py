@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import Iterator
 from typing import Any
@@ -97,3 +98,23 @@ def test_no_replica_gives_503(redis_url: str, namespace: str) -> None:
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "no_healthy_replica"
         assert httpx.get(url + "/health").status_code == 503
+
+
+def test_replica_dying_mid_stream_ends_stream_with_error_event(fleet: dict[str, Any]) -> None:
+    url = fleet["url"]
+    with httpx.stream("POST", url + "/v1/completions", timeout=30, json={
+            "prompt": "a long answer please", "max_tokens": 20000, "stream": True}) as response:
+        assert response.status_code == 200
+        serving = response.headers["x-llmfleet-instance"]
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert '"text"' in first
+        victim = next(e for e in fleet["supervisor"].engines if e.spec.instance_id == serving)
+        assert victim.proc is not None
+        victim.proc.send_signal(signal.SIGKILL)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][len("data: "):])["error"]
+    assert error["code"] == "upstream_stream_broken"
+    # and the fleet keeps serving
+    assert _complete(url, "still there?").status_code == 200
