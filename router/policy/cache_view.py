@@ -160,10 +160,13 @@ class PrefixCacheView:
         # takes deep blocks before the shared head, like the engine's free queue.
         # The view is closed under prefixes (a block is touched after every deeper block of
         # the same prompt, so it is evicted after them), so blocks [0, cached_blocks) are
-        # in it and none deeper: append the new tail, then move the head to the end, both
-        # as C-level bulk operations (a Python loop over 512 blocks cost ~100 µs).
+        # in it and none deeper: append the new tail (no membership test per block), then
+        # move the head to the end as one C-level map (a Python loop testing and touching
+        # each of 512 blocks cost ~100 µs). OrderedDict.update(dict.fromkeys(...)) measured
+        # slower than the plain insertion loop.
         if cached_blocks < num_blocks:
-            lru.update(dict.fromkeys(prefix_hashes[cached_blocks:][::-1].tolist()))
+            for prefix_hash in prefix_hashes[cached_blocks:][::-1].tolist():
+                lru[prefix_hash] = None
         if cached_blocks:
             head = prefix_hashes[:cached_blocks][::-1].tolist()
             try:
