@@ -27,7 +27,6 @@ the same seed gives the same JSON except ``wall_seconds``.
 from __future__ import annotations
 
 import heapq
-import inspect
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -90,37 +89,22 @@ def default_engine_factory(instance_id: str, index: int, config: RunConfig) -> E
 
 
 def fleet_policy_params(config: RunConfig) -> dict[str, Any]:
-    """Parameters a policy should get from the simulated fleet itself, as the gateway's
-    operator would set them: the run's TTFT SLO, the profile's prefill cost per token, the
-    engine's KV capacity and block size."""
+    """Parameters a policy should get from the simulated fleet itself (the same derivation
+    the gateway uses, ``router.fleet_params``): the run's TTFT SLO, the profile's prefill
+    cost per token, the engine's KV capacity and block size."""
     from instances.engine.config import EngineConfig
-    from instances.engine.factory import load_profile
+    from router.fleet_params import fleet_policy_params as derive
 
-    profile = load_profile(config.profile)
     engine = EngineConfig(**config.engine_params)
-    capacity = (engine.num_gpu_blocks * engine.block_size if engine.num_gpu_blocks
-                else profile.kv_capacity_tokens)
-    return {
-        "slo_ttft_s": config.slo_ttft_s,
-        "prefill_s_per_token": profile.prefill_s_per_token,
-        "cache_capacity_tokens": capacity,
-        "cache_block_size": engine.block_size,
-    }
+    return derive(config.slo_ttft_s, config.profile, engine.num_gpu_blocks, engine.block_size)
 
 
 def default_policy_factory(config: RunConfig) -> RoutingPolicy:
     """The gateway's policy ``config.policy``: ``fleet_policy_params`` for the parameters
     the policy accepts, overridden by ``config.policy_params``."""
-    from router.policy import registry
+    from router.fleet_params import build_fleet_policy
 
-    accepted: set[str] = set()
-    entry = getattr(registry, "_POLICIES", {}).get(config.policy)
-    if entry is not None:
-        accepted = set(inspect.signature(entry[0]).parameters) - set(entry[1])
-    params = {k: v for k, v in fleet_policy_params(config).items() if k in accepted}
-    params.update(config.policy_params)
-    policy: RoutingPolicy = registry.build_policy(config.policy, **params)
-    return policy
+    return build_fleet_policy(config.policy, fleet_policy_params(config), config.policy_params)
 
 
 def view_from_stats(instance_id: str, stats: EngineStats, now: float) -> InstanceView:

@@ -58,6 +58,10 @@ class GatewayConfig:
     redis_url: str
     policy: str = "round_robin"
     policy_params: dict[str, Any] = field(default_factory=dict)
+    # The fleet facts policies are told (router.fleet_params): TTFT SLO and the replicas'
+    # hardware profile (prefill cost per token, KV capacity).
+    slo_ttft_s: float = 3.0
+    profile: str | None = None
     namespace: str = "llmfleet"
     refresh_interval_s: float = 0.2
     heartbeat_ttl_s: float = 3.0
@@ -97,10 +101,12 @@ class Gateway:
     """One gateway replica's state and request path."""
 
     def __init__(self, config: GatewayConfig, policy: RoutingPolicy | None = None) -> None:
-        from router.policy.registry import build_policy
+        from router.fleet_params import build_fleet_policy, fleet_policy_params
 
         self.config = config
-        self.policy = policy or build_policy(config.policy, **config.policy_params)
+        self.policy = policy or build_fleet_policy(
+            config.policy, fleet_policy_params(config.slo_ttft_s, config.profile),
+            config.policy_params)
         self.store = ClusterStateStore(config.redis_url, config.namespace,
                                        config.heartbeat_ttl_s)
         self.metrics = GatewayMetrics()

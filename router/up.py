@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -26,6 +27,20 @@ from instances.server import free_port
 from router.embedded_redis import embedded_redis
 
 log = logging.getLogger("llmfleet.up")
+
+
+def parse_params(pairs: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are JSON when they parse as JSON, else strings."""
+    params: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--policy-param wants KEY=VALUE, got {pair!r}")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
 
 
 def _pick_port(host: str, wanted: int) -> int:
@@ -47,6 +62,8 @@ def _gateway_config(args: argparse.Namespace, redis_url: str) -> Any:
     from router.gateway import GatewayConfig
 
     return GatewayConfig(redis_url=redis_url, policy=args.policy,
+                         policy_params=parse_params(args.policy_param),
+                         slo_ttft_s=args.slo_ttft, profile=args.profile,
                          heartbeat_ttl_s=args.heartbeat_ttl)
 
 
@@ -175,6 +192,8 @@ def run_gateway(args: argparse.Namespace) -> int:
         raise SystemExit("llmfleet gateway needs --redis-url or $REDIS_URL")
     port = args.port or free_port(args.host)
     config = GatewayConfig(redis_url=redis_url, policy=args.policy,
+                           policy_params=parse_params(args.policy_param),
+                           slo_ttft_s=args.slo_ttft, profile=args.profile,
                            heartbeat_ttl_s=args.heartbeat_ttl)
     print_event("gateway_ready", url=f"http://{args.host}:{port}")
     uvicorn.run(create_gateway_app(Gateway(config)), host=args.host, port=port,
@@ -192,6 +211,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8080, help="gateway port (0: any free port)")
     up.add_argument("--policy", default="dualmap")
+    up.add_argument("--policy-param", action="append", metavar="KEY=VALUE",
+                    help="routing policy parameter (repeatable), e.g. slo_factor=0.5")
+    up.add_argument("--slo-ttft", type=float, default=3.0,
+                    help="TTFT SLO in seconds the policy protects (DualMap's fallback)")
     up.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
     up.add_argument("--backend", action="append", metavar="URL",
                     help="an external OpenAI-compatible replica (vLLM, SGLang); repeatable")
@@ -206,5 +229,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=0)
     gw.add_argument("--policy", default="dualmap")
+    gw.add_argument("--policy-param", action="append", metavar="KEY=VALUE")
+    gw.add_argument("--slo-ttft", type=float, default=3.0)
+    gw.add_argument("--profile", default=None,
+                    help="hardware profile of the replicas (prefill cost, KV capacity)")
     gw.add_argument("--heartbeat-ttl", type=float, default=3.0)
     gw.set_defaults(func=run_gateway)
