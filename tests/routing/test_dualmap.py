@@ -207,3 +207,23 @@ def test_the_fleet_fallback_finds_a_cached_copy_off_the_rings() -> None:
     blind.on_finished("seed", holder, 0.0)
     decision = blind.route(request("r", prompt), _with_backlog(snapshot(8), backlog), 0)
     assert (decision.instance_id, decision.reason) == (idle, "load")
+
+
+def test_fleet_fallback_leaves_the_homes_only_for_a_clearly_faster_instance() -> None:
+    rng = np.random.default_rng(11)
+    prompt = tokens(rng, 2000)
+    policy = _policy()  # load_switch_margin 0.2
+    c1, c2 = _homes(policy, prompt, snapshot(8))
+    others = [i for i in ids(8) if i not in (c1, c2)]
+    # Homes predict (6000 + 2000) * 1e-4 = 0.8 s; the best other 0.7 s: only 12.5 % faster.
+    near = {c1: 6000, c2: 6000} | {i: 6000 for i in others} | {others[0]: 5000}
+    decision = policy.route(request("r", prompt), _with_backlog(snapshot(8), near), 0)
+    assert decision.reason == "load" and decision.instance_id in (c1, c2)
+    # 0.5 s elsewhere is 37.5 % faster: worth leaving the conversation's homes.
+    far = near | {others[0]: 3000}
+    decision = policy.route(request("r", prompt), _with_backlog(snapshot(8), far), 0)
+    assert (decision.instance_id, decision.reason) == (others[0], "load")
+    # Without a margin the small difference wins, as before.
+    eager = _policy(load_switch_margin=0.0)
+    decision = eager.route(request("r", prompt), _with_backlog(snapshot(8), near), 0)
+    assert (decision.instance_id, decision.reason) == (others[0], "load")
