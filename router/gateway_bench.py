@@ -61,7 +61,7 @@ def _gateway_processes(mode: str, gateway_proc: subprocess.Popen[bytes] | None
     procs = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if "ServeReplica:llmfleet" in cmd or "ProxyActor" in cmd:
+        if "ServeReplica:llmfleet" in cmd or "ProxyActor" in cmd or "haproxy" in cmd:
             procs.append(proc)
     return procs
 
@@ -90,6 +90,7 @@ def _gateway(mode: str, redis_url: str, policy: str) -> Iterator[tuple[str, Any]
             proc.wait(10)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")  # as llmfleet up runs it
     import ray
     from ray import serve
 
