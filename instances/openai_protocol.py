@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from instances import tokenizer
 
+# Output budgets when the request names none (the gateway estimates load with the same).
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+DEFAULT_CHAT_MAX_TOKENS = 128
+
 # Headers between gateway and replicas.
 REQUEST_ID_HEADER = "x-request-id"  # the gateway's request id, used by the replica too
 INSTANCE_HEADER = "x-llmfleet-instance"  # which replica served the response
@@ -132,6 +136,10 @@ class CompletionRequest(_CommonParams):
             return tokenizer.encode(self.prompt)
         return [int(t) for t in self.prompt]  # type: ignore[arg-type]
 
+    def output_budget(self) -> int:
+        """Tokens to generate at most (OpenAI's completions default: 16)."""
+        return self.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+
     def prompt_token_array(self) -> npt.NDArray[np.int32]:
         """The prompt's token ids as an int32 array, without a Python int per token."""
         if isinstance(self.prompt, str):
@@ -173,8 +181,9 @@ class ChatCompletionRequest(_CommonParams):
     def prompt_token_array(self) -> npt.NDArray[np.int32]:
         return tokenizer.encode_array(self.rendered_prompt())
 
-    def output_budget(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+    def output_budget(self) -> int:
+        """Tokens to generate at most (``max_completion_tokens`` wins over ``max_tokens``)."""
+        return self.max_completion_tokens or self.max_tokens or DEFAULT_CHAT_MAX_TOKENS
 
 
 def _location(loc: Sequence[Any]) -> str:

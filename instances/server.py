@@ -45,8 +45,6 @@ from instances.tokenizer import EOS_TOKEN_ID
 
 log = logging.getLogger("llmfleet.engine")
 
-DEFAULT_CHAT_MAX_TOKENS = 128
-DEFAULT_COMPLETION_MAX_TOKENS = 16
 _LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
     10.0, 20.0, 40.0, 80.0,
@@ -271,11 +269,7 @@ def create_engine_app(
         if body.model is not None and body.model != config.model:
             raise OpenAIError(f"The model '{body.model}' does not exist", 404,
                               param="model", code="model_not_found")
-        if chat:
-            assert isinstance(body, ChatCompletionRequest)
-            max_tokens = body.output_budget() or DEFAULT_CHAT_MAX_TOKENS
-        else:
-            max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+        max_tokens = body.output_budget()
         if len(prompt_ids) + max_tokens > config.max_model_len:
             raise OpenAIError(
                 f"This model's maximum context length is {config.max_model_len} tokens; "

@@ -259,10 +259,7 @@ class Gateway:
             token_ids = body.prompt_token_array()
         except ValueError as exc:
             raise OpenAIError(str(exc), 400, param="messages") from exc
-        if isinstance(body, ChatCompletionRequest):
-            max_tokens = body.output_budget() or 16
-        else:
-            max_tokens = body.max_tokens or 16
+        max_tokens = body.output_budget()
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         routing_request = RoutingRequest(request_id, token_ids, max_tokens)
         raw = await request.body()
