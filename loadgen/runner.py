@@ -21,12 +21,10 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from instances.openai_protocol import INSTANCE_HEADER, REQUEST_ID_HEADER
 from loadgen.config import RunConfig, load_workload, warmup_count
 from loadgen.metrics import RequestOutcome, imbalance, summarize
 from loadgen.request import TraceRequest
-
-INSTANCE_HEADER = "x-llmfleet-instance"  # set by the llmfleet gateway on routed responses
-REQUEST_ID_HEADER = "x-request-id"
 
 
 def completion_body(request: TraceRequest, model: str, ignore_eos: bool) -> dict[str, Any]:
