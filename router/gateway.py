@@ -260,7 +260,10 @@ class Gateway:
         except ValueError as exc:
             raise OpenAIError(str(exc), 400, param="messages") from exc
         max_tokens = body.output_budget()
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        # Our own id, unique even if clients reuse theirs: it keys the policy's in-flight
+        # view, the replica's request and the request table.
+        client_id = request.headers.get(REQUEST_ID_HEADER)
+        request_id = f"{client_id}-{uuid.uuid4().hex[:12]}" if client_id else uuid.uuid4().hex
         routing_request = RoutingRequest(request_id, token_ids, max_tokens)
         raw = await request.body()
         exclude: set[str] = set()
@@ -293,6 +296,15 @@ class Gateway:
                 return self._stream_back(upstream, routing_request, decision, started)
             try:
                 content = await upstream.aread()
+            except httpx.TransportError as exc:
+                # The replica failed before its whole answer arrived; the client has seen
+                # nothing yet, so the request can still go elsewhere.
+                self._suspect_until[decision.instance_id] = time.monotonic() + SUSPECT_S
+                exclude.add(decision.instance_id)
+                last_error = f"{decision.instance_id}: {exc!r}"
+                if attempt + 1 < MAX_ATTEMPTS:
+                    self.metrics.retries.inc()
+                continue
             finally:
                 await upstream.aclose()
                 self.policy.on_finished(request_id, decision.instance_id, time.monotonic())

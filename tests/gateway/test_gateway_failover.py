@@ -118,3 +118,40 @@ def test_replica_dying_mid_stream_ends_stream_with_error_event(fleet: dict[str, 
     assert error["code"] == "upstream_stream_broken"
     # and the fleet keeps serving
     assert _complete(url, "still there?").status_code == 200
+
+
+def test_replica_dying_before_a_non_streamed_answer_is_retried(fleet: dict[str, Any]) -> None:
+    import concurrent.futures
+
+    url = fleet["url"]
+    engines = fleet["supervisor"].engines
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(httpx.post, url + "/v1/completions", timeout=60, json={
+            "prompt": "answer slowly", "max_tokens": 20000})
+
+        def serving() -> Any:
+            for engine in engines:
+                if httpx.get(engine.spec.url + "/load").json()["num_running"] == 1:
+                    return engine
+            return None
+
+        wait_until(lambda: serving() is not None, timeout_s=10, interval_s=0.01)
+        victim = serving()
+        victim.proc.send_signal(signal.SIGKILL)
+        response = future.result()
+    assert response.status_code == 200, response.text
+    assert response.headers["x-llmfleet-instance"] != victim.spec.instance_id
+    assert response.json()["usage"]["completion_tokens"] == 20000
+
+
+def test_clients_reusing_a_request_id_do_not_collide(fleet: dict[str, Any]) -> None:
+    import concurrent.futures
+
+    def call(_: int) -> httpx.Response:
+        return httpx.post(fleet["url"] + "/v1/completions", timeout=30,
+                          headers={"x-request-id": "same-id"},
+                          json={"prompt": "hello", "max_tokens": 200})
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(call, range(4)))
+    assert [r.status_code for r in responses] == [200] * 4
