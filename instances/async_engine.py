@@ -65,6 +65,10 @@ class AsyncEngine:
         """Engine seconds since start (real seconds × speedup)."""
         return (self._clock() - self._t0) * self.speedup
 
+    def has_request(self, request_id: str) -> bool:
+        """True while a request with this id is being generated."""
+        return request_id in self._streams
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")

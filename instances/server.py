@@ -278,6 +278,9 @@ def create_engine_app(
         params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                                 seed=body.seed, stop_token_ids=(EOS_TOKEN_ID,))
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        if engine.has_request(request_id):
+            raise OpenAIError(f"A request with id {request_id!r} is already in flight", 409,
+                              param=REQUEST_ID_HEADER, code="duplicate_request_id")
         gen = _Generation(stop_strings=body.stop_strings())
         started = engine.engine_now()
         events = engine.generate(request_id, prompt_ids, params)

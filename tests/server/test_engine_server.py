@@ -136,3 +136,15 @@ def test_registers_in_redis_and_leaves_on_stop(redis_url: str, namespace: str) -
     for _url in _serve(redis_url=redis_url, namespace=namespace):
         wait_until(lambda: asyncio.run(live()) == ["engine-test"], timeout_s=5)
     assert asyncio.run(live()) == []
+
+
+def test_duplicate_request_id_in_flight_is_a_409(engine_url: str) -> None:
+    with httpx.stream("POST", engine_url + "/v1/completions", timeout=30,
+                      headers={"x-request-id": "dup"},
+                      json={"prompt": "one", "max_tokens": 20000, "stream": True}) as first:
+        lines = first.iter_lines()
+        next(lines)
+        second = httpx.post(engine_url + "/v1/completions", timeout=30,
+                            headers={"x-request-id": "dup"}, json={"prompt": "two"})
+    assert second.status_code == 409
+    assert second.json()["error"]["code"] == "duplicate_request_id"
