@@ -7,7 +7,7 @@ end on their modelled deadlines: ``lateness = busy real time / modelled time - 1
 window (0.05: its tokens come 5 % slower than the device it emulates). The fleet is within
 tolerance when the worst engine's lateness is at most 5 %.
 
-    python -m instances.realtime_bench --json   (or: llmfleet bench realtime --json)
+    llmfleet bench realtime --json   (or: python -m instances.realtime_bench --json)
 """
 
 from __future__ import annotations
@@ -149,6 +149,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", default=RESULTS)
+
+
+def register_bench(bench_subparsers: Any) -> None:
+    """``llmfleet bench realtime``."""
+    parser = bench_subparsers.add_parser(
+        "realtime", help="how many emulated replicas this machine runs in real time")
+    add_arguments(parser)
+    parser.set_defaults(func=run_cli)
 
 
 def run_cli(args: argparse.Namespace) -> int:

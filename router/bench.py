@@ -36,7 +36,7 @@ import numpy as np
 from router.policy.interfaces import ClusterSnapshot, InstanceView, RoutingPolicy, RoutingRequest
 from router.policy.registry import POLICY_NAMES, build_policy
 
-BENCH_MODULES = ("migration.bench", "router.gateway_bench")
+BENCH_MODULES = ("migration.bench", "router.gateway_bench", "instances.realtime_bench")
 DEFAULT_OUT = Path("docs/results/routing.json")
 # The routing-core targets: decision p99 at 16 and at 1,024 instances (8k-token prompts).
 TARGET_P99_US = {16: 20.0, 1024: 50.0}
