@@ -87,7 +87,11 @@ def _gateway(mode: str, redis_url: str, policy: str) -> Iterator[tuple[str, Any]
             yield f"http://127.0.0.1:{port}", proc
         finally:
             proc.terminate()
-            proc.wait(10)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:  # never leave a gateway behind
+                proc.kill()
+                proc.wait()
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")  # as llmfleet up runs it
