@@ -190,16 +190,13 @@ def run_gateway(args: argparse.Namespace) -> int:
     """The gateway alone (no Ray), against an existing Redis with registered replicas."""
     import uvicorn
 
-    from router.gateway import Gateway, GatewayConfig, create_gateway_app
+    from router.gateway import Gateway, create_gateway_app
 
     redis_url = args.redis_url or os.environ.get("REDIS_URL")
     if not redis_url:
         raise SystemExit("llmfleet gateway needs --redis-url or $REDIS_URL")
     port = args.port or free_port(args.host)
-    config = GatewayConfig(redis_url=redis_url, policy=args.policy,
-                           policy_params=parse_params(args.policy_param),
-                           slo_ttft_s=args.slo_ttft, profile=args.profile,
-                           heartbeat_ttl_s=args.heartbeat_ttl)
+    config = _gateway_config(args, redis_url)
     print_event("gateway_ready", url=f"http://{args.host}:{port}")
     uvicorn.run(create_gateway_app(Gateway(config)), host=args.host, port=port,
                 log_level="warning", access_log=False)
