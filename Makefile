@@ -10,7 +10,8 @@ UP_ARGS ?=
 
 .PHONY: up test lint typecheck pytest install clean
 
-$(STAMP): pyproject.toml
+# The install compiles router/policy/_fastpath.c in place: edit it, and the next make rebuilds.
+$(STAMP): pyproject.toml router/policy/_fastpath.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'

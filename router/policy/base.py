@@ -32,8 +32,7 @@ _MEMO_LIMIT = 4096  # requests routed and not yet dispatched (LAPS queues hold s
 class PreparedPrompt:
     """A request's prompt with lazily derived forms, computed at most once per request."""
 
-    __slots__ = ("_tokens", "dispatch_cache", "key", "num_tokens", "prefix_hashes",
-                 "token_ids")
+    __slots__ = ("_tokens", "key", "num_tokens", "prefix_hashes", "token_ids")
 
     def __init__(self, token_ids: Sequence[int] | npt.NDArray[np.integer]) -> None:
         self.token_ids = token_ids
@@ -41,8 +40,6 @@ class PreparedPrompt:
         self._tokens: TokenArray | None = None
         self.prefix_hashes: HashArray | None = None  # set by policies with a cache view
         self.key: PromptKey | None = None  # set by ring policies
-        # (instance id, cache view version, cached blocks) found while dispatching.
-        self.dispatch_cache: tuple[str, int, int] | None = None
 
     @property
     def tokens(self) -> TokenArray:

@@ -95,8 +95,6 @@ class CacheTrackingPolicy(TrackedPolicy):
         instance_id = decision.instance_id
         hashes = self.prefix_hashes(prepared)
         blocks = self.cache.cached_blocks(instance_id, hashes)
-        # For after_dispatch's record_prompt, valid while the view's version is unchanged.
-        prepared.dispatch_cache = (instance_id, self.cache.version(instance_id), blocks)
         return prepared.num_tokens - min(blocks * self.cache.block_size,
                                          max(0, prepared.num_tokens - 1))
 
@@ -105,12 +103,7 @@ class CacheTrackingPolicy(TrackedPolicy):
     def after_dispatch(
         self, request: RoutingRequest, prepared: PreparedPrompt, decision: Decision, now: float
     ) -> None:
-        instance_id = decision.instance_id
-        known = prepared.dispatch_cache
-        blocks = None
-        if known is not None and known[:2] == (instance_id, self.cache.version(instance_id)):
-            blocks = known[2]
-        self.cache.record_prompt(instance_id, self.prefix_hashes(prepared), blocks)
+        self.cache.record_prompt(decision.instance_id, self.prefix_hashes(prepared))
 
     def on_first_token(
         self, request_id: str, instance_id: str, ttft_s: float, cached_tokens: int | None,

@@ -111,12 +111,11 @@ def test_bulk_recording_keeps_the_exact_lru_order_of_one_touch_per_block() -> No
     view = PrefixCacheView(16, default_capacity_tokens=16 * 300)
     reference: OrderedDict[int, None] = OrderedDict()
     families = [tokens(rng, 1200) for _ in range(6)]
-    for step in range(300):
+    for _ in range(300):
         head = families[int(rng.integers(len(families)))][: int(rng.integers(0, 1200))]
         prompt = np.concatenate([head, tokens(rng, int(rng.integers(0, 400)))])
         hashes = view.prefix_hashes(prompt)
-        known = view.cached_blocks("x", hashes) if step % 2 else None
-        view.record_prompt("x", hashes, known)
+        view.record_prompt("x", hashes)
         for prefix_hash in reversed(hashes.tolist()):  # the plain definition
             if prefix_hash in reference:
                 reference.move_to_end(prefix_hash)
@@ -124,7 +123,7 @@ def test_bulk_recording_keeps_the_exact_lru_order_of_one_touch_per_block() -> No
                 reference[prefix_hash] = None
         while len(reference) > 300:
             reference.popitem(last=False)
-        assert list(view._caches["x"].lru) == list(reference)
+        assert view._caches["x"].blocks.keys() == list(reference)
 
 
 def test_a_search_hint_never_changes_the_answer() -> None:

@@ -1,0 +1,195 @@
+"""The compiled routing kernels (``router/policy/_fastpath.c``) against plain definitions."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.policy._fastpath import PrefixLru
+from router.policy.hashing import PrefixHasher
+
+
+def reference_prefix_hashes(
+    hasher: PrefixHasher, tokens: np.ndarray, start_block: int = 0, start_prefix: int = 0
+) -> np.ndarray:
+    """The hash as hashing.py defines it, in numpy: multilinear per block over little-endian
+    uint64 words, XOR a per-position salt, running sum mod 2^64."""
+    blocks = len(tokens) // hasher.block_size
+    words = np.ascontiguousarray(tokens[: blocks * hasher.block_size], dtype="<i4")
+    words = words.view(np.uint64).reshape(blocks, hasher.block_size // 2)
+    salt = hasher._salts(start_block, blocks)
+    with np.errstate(over="ignore"):
+        block_hashes = (words @ hasher._mult) ^ salt
+        return np.add.accumulate(block_hashes) + np.uint64(start_prefix)
+
+
+@pytest.mark.parametrize("block_size", [2, 16, 32])
+@pytest.mark.parametrize("num_tokens", [0, 1, 15, 16, 17, 1000, 8192])
+def test_prefix_hashes_match_the_numpy_definition(block_size: int, num_tokens: int) -> None:
+    rng = np.random.default_rng(num_tokens + block_size)
+    hasher = PrefixHasher(block_size)
+    tokens = rng.integers(-(2**31), 2**31 - 1, num_tokens, dtype=np.int64).astype(np.int32)
+    expected = reference_prefix_hashes(hasher, tokens)
+    assert np.array_equal(hasher.hashes(tokens), expected)
+    # A continued chain: the hashes of blocks d+1... after a known prefix of d blocks.
+    if len(expected) > 3:
+        start = 3 * block_size
+        continued = hasher.hashes(tokens[start:], start_block=3, start_prefix=int(expected[2]))
+        assert np.array_equal(continued, expected[3:])
+
+
+def test_prefix_hashes_accept_any_integer_array_and_views() -> None:
+    rng = np.random.default_rng(1)
+    hasher = PrefixHasher(16)
+    tokens = rng.integers(0, 128_000, 4096).astype(np.int32)
+    expected = hasher.hashes(tokens)
+    assert np.array_equal(hasher.hashes(tokens.astype(np.int64)), expected)
+    assert np.array_equal(hasher.hashes(tokens.astype(">i4")), expected)
+    spaced = np.empty(8192, dtype=np.int32)
+    spaced[::2] = tokens
+    assert np.array_equal(hasher.hashes(spaced[::2]), expected)  # not contiguous
+    # Past the precomputed salt table (64k tokens): the table grows, values continue.
+    long_prompt = rng.integers(0, 128_000, 70_000).astype(np.int32)
+    assert np.array_equal(hasher.hashes(long_prompt),
+                          reference_prefix_hashes(hasher, long_prompt))
+
+
+def test_prefix_hashes_kernel_rejects_mismatched_buffers() -> None:
+    from router.policy._fastpath import prefix_hashes
+
+    mult = np.ones(8, dtype=np.uint64)
+    with pytest.raises(ValueError):
+        prefix_hashes(np.zeros(20, np.int32), mult, np.zeros(1, np.uint64),
+                      np.empty(1, np.uint64), 0)
+    with pytest.raises(ValueError):  # salt shorter than the blocks
+        prefix_hashes(np.zeros(32, np.int32), mult, np.zeros(1, np.uint64),
+                      np.empty(2, np.uint64), 0)
+    with pytest.raises(TypeError):
+        prefix_hashes([1, 2], mult, mult, np.empty(1, np.uint64), 0)
+
+
+class ModelLru:
+    """PrefixLru's contract as plain Python: an OrderedDict of counts."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[int, int] = OrderedDict()
+
+    def record(self, hashes: list[int]) -> None:
+        for key in reversed(hashes):
+            if key in self.entries:
+                self.entries.move_to_end(key)
+            else:
+                self.entries[key] = 1
+        self.evict()
+
+    def evict(self) -> None:
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def add(self, key: int) -> None:
+        if key in self.entries:
+            self.entries[key] += 1
+        else:
+            self.entries[key] = 1
+
+    def discard(self, key: int) -> None:
+        if key in self.entries:
+            self.entries[key] -= 1
+            if not self.entries[key]:
+                del self.entries[key]
+
+    def cached_blocks(self, hashes: list[int]) -> int:
+        """Longest held prefix, by a linear scan (the view is closed under prefixes)."""
+        count = 0
+        while count < len(hashes) and hashes[count] in self.entries:
+            count += 1
+        return count
+
+
+# Keys from a small pool collide in the table often; some share their home slot by design.
+_keys = st.one_of(st.integers(0, 40), st.integers(0, 2**64 - 1),
+                  st.sampled_from([0, 2**63, 2**64 - 1, 2**32]))
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("record"), st.lists(_keys, max_size=30, unique=True)),
+    st.tuples(st.just("add"), _keys),
+    st.tuples(st.just("discard"), _keys),
+    st.tuples(st.just("capacity"), st.integers(0, 60)),
+    st.tuples(st.just("clear"), st.none()),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(capacity=st.integers(0, 50), ops=_ops)
+def test_prefix_lru_behaves_like_an_ordered_dict(capacity: int, ops: list) -> None:
+    lru, model = PrefixLru(capacity), ModelLru(capacity)
+    for op, arg in ops:
+        if op == "record":
+            hashes = np.array(arg, dtype=np.uint64)
+            lru.record(hashes)
+            model.record(arg)
+            assert lru.cached_blocks(hashes) == model.cached_blocks(arg)
+        elif op == "add":
+            lru.add(arg)
+            model.add(arg)
+        elif op == "discard":
+            lru.discard(arg)
+            model.discard(arg)
+        elif op == "capacity":
+            lru.capacity = model.capacity = arg
+            model.evict()
+        else:
+            lru.clear()
+            model.entries.clear()
+        assert lru.keys() == list(model.entries)
+        assert len(lru) == len(model.entries)
+        for key in list(model.entries)[:5]:
+            assert key in lru and lru.count(key) == model.entries[key]
+
+
+def test_prefix_lru_search_is_the_longest_held_prefix_whatever_the_hint() -> None:
+    rng = np.random.default_rng(3)
+    hasher = PrefixHasher(16)
+    lru = PrefixLru()
+    family = rng.integers(0, 128_000, 4000).astype(np.int32)
+    lru.record(hasher.hashes(family[:2400]))
+    prompt = np.concatenate([family[:3000], rng.integers(0, 128_000, 500).astype(np.int32)])
+    hashes = hasher.hashes(prompt)
+    assert all(lru.cached_blocks(hashes, hint) == 150 for hint in range(-2, len(hashes) + 3))
+    assert lru.cached_blocks(hashes[:0]) == 0
+    assert lru.cached_blocks(hasher.hashes(family[16:2000])) == 0
+
+
+def test_prefix_lru_survives_growth_and_heavy_eviction() -> None:
+    """Many keys through a small capacity: the table grows, and backward-shift deletion
+    must keep every held key findable."""
+    rng = np.random.default_rng(4)
+    lru, model = PrefixLru(1000), ModelLru(1000)
+    for _ in range(200):
+        keys = rng.integers(0, 2**63, int(rng.integers(1, 200)), dtype=np.uint64)
+        lru.record(keys)
+        model.record(keys.tolist())
+    assert lru.keys() == list(model.entries)
+    held = np.array(list(model.entries), dtype=np.uint64)
+    assert all(int(key) in lru for key in held)
+    assert sum(int(key) in lru for key in rng.integers(0, 2**63, 1000, dtype=np.uint64)) == 0
+
+
+def test_prefix_lru_rejects_what_is_not_a_key() -> None:
+    lru = PrefixLru(10)
+    assert -1 not in lru and 2**70 not in lru
+    with pytest.raises(TypeError):
+        "x" in lru  # noqa: B015
+    with pytest.raises(OverflowError):
+        lru.add(-5)
+    with pytest.raises(ValueError):
+        PrefixLru(-1)
+    with pytest.raises(ValueError):
+        lru.record(b"abc")  # not a whole number of uint64
+    lru.discard(-5)
+    lru.discard(12345)
+    assert len(lru) == 0 and lru.count(7) == 0
