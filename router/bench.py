@@ -11,7 +11,8 @@ ask new questions about documents that come back (Zipf popularity, so cache view
 trees and hot-prefix state are populated), every decision is dispatched and gets its first
 token and its finish a fixed number of decisions later (so the in-flight view is busy), and
 the snapshot is replaced by a new one with fresh load reports every ``--refresh-every``
-decisions (its O(N) adoption lands in the decision that sees it first, as in the gateway).
+decisions. Its O(N) adoption (``policy.adopt``) is timed apart, as ``adopt_us``: the
+gateway's refresh loop adopts a snapshot when it reads one, not in a request's decision.
 Token ids are int32 numpy arrays, the form the gateway should hand over; ``list_input``
 repeats DualMap with Python lists.
 """
@@ -145,12 +146,17 @@ def bench_policy(policy: RoutingPolicy, num_instances: int, *, prompt_tokens: in
     snapshot = _snapshot(rng, num_instances, 0.0)
     route_ns: list[int] = []
     feedback_ns: list[int] = []
+    adopt_ns: list[int] = []
     reasons: Counter[str] = Counter()
     dispatched: list[tuple[str, str]] = []
     clock = time.perf_counter_ns
     for seq in range(warmup + decisions):
         if seq and seq % refresh_every == 0:
             snapshot = _snapshot(rng, num_instances, seq * 0.001)
+            start = clock()
+            policy.adopt(snapshot)  # as the gateway's refresh loop does
+            if seq >= warmup:
+                adopt_ns.append(clock() - start)
         request = RoutingRequest(f"req-{seq}", workload.prompt(), 128)
         now = seq * 0.001
         start = clock()
@@ -174,6 +180,8 @@ def bench_policy(policy: RoutingPolicy, num_instances: int, *, prompt_tokens: in
         **{f"decision_us_{k}": v for k, v in decision_stats.items()},
         "feedback_us_p50": feedback_stats["p50"],
         "feedback_us_p99": feedback_stats["p99"],
+        "adopt_us_p50": _percentiles(adopt_ns)["p50"] if adopt_ns else None,
+        "adopt_us_max": _percentiles(adopt_ns)["max"] if adopt_ns else None,
         "reasons": dict(sorted(reasons.items())),
     }
 

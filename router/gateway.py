@@ -183,6 +183,8 @@ class Gateway:
         if self._kv_subscriber is not None:
             self._kv_subscriber.sync({r.instance_id: r.kv_events for r in live if r.kv_events})
         self.snapshot = snapshot_from_records(epoch, members, live)
+        # The O(instances) part of a new snapshot is done here, not in the next decision.
+        self.policy.adopt(self.snapshot)
         healthy = sum(1 for v in self.snapshot.instances if v.healthy)
         self.metrics.instances.labels(state="healthy").set(healthy)
         self.metrics.instances.labels(state="unhealthy").set(len(self.snapshot.instances) - healthy)

@@ -617,7 +617,50 @@ static PyTypeObject PrefixLruType = {
     .tp_as_sequence = &PrefixLru_as_sequence,
 };
 
+/* splitmix64's finaliser: spreads a structured 64-bit hash over all 64 bits. */
+static inline uint64_t
+mix64_value(uint64_t value)
+{
+    value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    value = (value ^ (value >> 27)) * 0x94D049BB133111EBULL;
+    return value ^ (value >> 31);
+}
+
+static PyObject *
+fastpath_mix64(PyObject *self, PyObject *value)
+{
+    uint64_t x = PyLong_AsUnsignedLongLongMask(value);
+    if (x == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromUnsignedLongLong(mix64_value(x));
+}
+
+/* mix64_at(hashes, index): mix64(hashes[index]) of a uint64 buffer (a ring key from a
+ * prompt's prefix hashes without making the intermediate Python int). */
+static PyObject *
+fastpath_mix64_at(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t index;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &index))
+        return NULL;
+    Py_ssize_t count = view.len / 8;
+    if (index < 0 || index >= count) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_IndexError, "mix64_at: index out of range");
+        return NULL;
+    }
+    uint64_t x;
+    memcpy(&x, (const char *)view.buf + 8 * index, 8);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(mix64_value(x));
+}
+
 static PyMethodDef fastpath_methods[] = {
+    {"mix64", fastpath_mix64, METH_O,
+     "mix64(value): splitmix64's finaliser of value mod 2^64."},
+    {"mix64_at", fastpath_mix64_at, METH_VARARGS,
+     "mix64_at(hashes, index): mix64 of hashes[index] (a uint64 buffer)."},
     {"prefix_hashes", fastpath_prefix_hashes, METH_VARARGS,
      "prefix_hashes(tokens, mult, salt, out, start_prefix): prefix-block hashes into out."},
     {NULL, NULL, 0, NULL},

@@ -62,10 +62,13 @@ class TrackedPolicy(RoutingPolicy):
 
     # ---- helpers for route -------------------------------------------------------------
 
-    def sync(self, snapshot: ClusterSnapshot) -> None:
-        """Adopt ``snapshot``; raise ``NoInstanceAvailable`` if no instance is routable."""
+    def adopt(self, snapshot: ClusterSnapshot) -> None:
         if self.board.sync(snapshot):
             self.on_rebuild()
+
+    def sync(self, snapshot: ClusterSnapshot) -> None:
+        """Adopt ``snapshot``; raise ``NoInstanceAvailable`` if no instance is routable."""
+        self.adopt(snapshot)
         if not self.board.eligible_ids:
             raise NoInstanceAvailable(f"no healthy, non-draining instance (epoch {snapshot.epoch})")
 

@@ -45,15 +45,29 @@ class CacheTrackingPolicy(TrackedPolicy):
         # The model's parameters per instance, aligned with the board (see ``on_rebuild``).
         self.seconds_per_token: FloatArray = np.zeros(0)
         self.fixed_seconds: FloatArray = np.zeros(0)
+        # KV capacity in tokens last given to the cache view, by instance and aligned with
+        # the board; the board's membership version these arrays are aligned with.
         self._capacity_tokens: dict[str, int] = {}
+        self._capacity: FloatArray = np.zeros(0)
+        self._membership_version = -1
 
     def on_rebuild(self) -> None:
         board = self.board
-        for view in board.views:
-            capacity = view.total_blocks * view.block_size
-            if capacity > 0 and self._capacity_tokens.get(view.instance_id) != capacity:
-                self._capacity_tokens[view.instance_id] = capacity
-                self.cache.set_capacity(view.instance_id, capacity)
+        capacity = board.capacity_tokens
+        if board.membership_version == self._membership_version:
+            # A load report: only KV sizes that changed matter (usually none).
+            changed = np.flatnonzero(capacity != self._capacity)
+            for i in changed.tolist():
+                if capacity[i] > 0:
+                    self.cache.set_capacity(board.ids[i], int(capacity[i]))
+            self._capacity = capacity
+            return
+        self._membership_version = board.membership_version
+        for i, instance_id in enumerate(board.ids):
+            if capacity[i] > 0 and self._capacity_tokens.get(instance_id) != capacity[i]:
+                self.cache.set_capacity(instance_id, int(capacity[i]))
+            self._capacity_tokens[instance_id] = int(capacity[i])
+        self._capacity = capacity
         present = set(board.ids)
         for instance_id in self.cache.instance_ids():
             if instance_id not in present:  # left the fleet: its cache is gone with it

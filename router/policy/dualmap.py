@@ -106,7 +106,7 @@ class DualMapPolicy(CacheTrackingPolicy):
         self.prefix_hashes(prepared)  # first: the key reuses them
         key = self.rings.key(prepared)
         ring_a, ring_b = self.rings.rings
-        accept = self.board.is_eligible
+        accept = self.board.eligible_set.__contains__
         first = ring_a.first(key.hash, accept)
         if first is None:
             return ()

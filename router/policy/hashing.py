@@ -36,6 +36,8 @@ import numpy.typing as npt
 import xxhash
 
 from instances.engine.block_manager import as_token_array
+from router.policy._fastpath import mix64 as mix64  # re-exported: the key finaliser
+from router.policy._fastpath import mix64_at as mix64_at
 from router.policy._fastpath import prefix_hashes
 
 if sys.byteorder != "little":  # the compiled kernels read int32 pairs as little-endian words
@@ -83,16 +85,6 @@ def common_prefix_length(a: TokenArray, b: TokenArray) -> int:
 def key_hash(tokens: TokenArray, length: int) -> int:
     """xxh64 of the first ``length`` tokens (int32 LE bytes)."""
     return xxhash.xxh64_intdigest(tokens[:length].data, KEY_SEED)
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def mix64(value: int) -> int:
-    """splitmix64's finaliser: spreads a structured 64-bit hash over all 64 bits."""
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
 
 
 def ring_point_hash(member: str, replica: int, seed: int) -> int:

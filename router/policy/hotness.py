@@ -20,6 +20,9 @@ no clock):
 A prefix is *hot* when it was seen at least ``max(min_count, share * requests_in_window)``
 times and has a split. A prefix that turned hot stays hot until its count falls below half
 that threshold (hysteresis), so keys near the threshold do not flip back and forth.
+Whether a prefix is hot is decided each time a request through it is recorded (and when its
+count falls to zero), and kept in a set: a key lookup on the routing path is then one set
+probe (``hot_split``), not a recomputation of the threshold.
 """
 
 from __future__ import annotations
@@ -68,12 +71,14 @@ class HotPrefixDetector:
         """Earliest position where prompts through ``prefix_hash`` differ (None: never)."""
         return self._split.get(prefix_hash)
 
-    def may_be_hot(self, prefix_hash: int) -> bool:
-        """False if ``is_hot(prefix_hash, share)`` is False for every share (one lookup)."""
-        return prefix_hash in self._split
+    def hot_split(self, prefix_hash: int) -> int | None:
+        """The split of ``prefix_hash`` if it was hot when a request through it was last
+        recorded, else None (the routing path's question: one set probe)."""
+        return self._split[prefix_hash] if prefix_hash in self._hot else None
 
     def is_hot(self, prefix_hash: int, share: float) -> bool:
-        """True if ``prefix_hash`` carries >= ``share`` of the window and its prompts split."""
+        """True if ``prefix_hash`` carries >= ``share`` of the window and its prompts split
+        (computed now from the counts; ``record`` stores the answer for ``hot_split``)."""
         if prefix_hash not in self._split:
             return False
         threshold = max(self.min_count, share * len(self._recent))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from router.policy.hashing import HashArray, PrefixHasher, TokenArray, key_hash, mix64
+from router.policy.hashing import HashArray, PrefixHasher, TokenArray, key_hash, mix64_at
 from router.policy.hotness import HotPrefixDetector
 
 
@@ -88,10 +88,9 @@ class PrefixKeyBuilder:
             return self.hot_share
         return 0.5 / max(1, num_instances)
 
-    def key(
-        self, tokens: TokenArray, num_instances: int, prefix_hashes: HashArray | None = None
-    ) -> PromptKey:
-        """The key of ``tokens`` given the hot prefixes learned so far (reads only).
+    def key(self, tokens: TokenArray, prefix_hashes: HashArray | None = None) -> PromptKey:
+        """The key of ``tokens`` given the hot prefixes learned so far (reads only; which
+        prefixes are hot, for the fleet's size, was decided as requests were recorded).
 
         ``prefix_hashes`` (``self.hasher.hashes(tokens)``, if the caller has them) saves
         hashing the key's tokens again.
@@ -102,14 +101,12 @@ class PrefixKeyBuilder:
         if hashes is None:
             hashes = self.hasher.hashes(tokens[:length])
         current = self._hash(tokens, length, hashes)
-        detector = self.detector
-        if not self.adaptive or not detector.may_be_hot(current):  # the common case
+        hot_split = self.detector.hot_split
+        split = hot_split(current) if self.adaptive else None
+        if split is None:  # the common case
             return PromptKey(current, length, (current,))
         chain = [current]
-        share = self.share(num_instances)
-        while detector.is_hot(current, share):
-            split = detector.split(current)
-            assert split is not None  # hot implies split
+        while split is not None:
             longer = self.longer_length(split, num_tokens)
             if longer <= length:
                 break
@@ -117,13 +114,14 @@ class PrefixKeyBuilder:
                 hashes = self.hasher.hashes(tokens[:longer])
             length, current = longer, self._hash(tokens, longer, hashes)
             chain.append(current)
+            split = hot_split(current)
         return PromptKey(current, length, tuple(chain))
 
     def _hash(self, tokens: TokenArray, length: int, prefix_hashes: HashArray) -> int:
         blocks = length // self.hasher.block_size
         if not blocks or blocks * self.hasher.block_size != length:
             return key_hash(tokens, length)
-        return mix64(prefix_hashes.item(blocks - 1))
+        return mix64_at(prefix_hashes, blocks - 1)
 
     def record(self, key: PromptKey, tokens: TokenArray, num_instances: int) -> None:
         """Count a dispatched request's key chain and prompt (no-op when not adaptive)."""

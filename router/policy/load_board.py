@@ -41,7 +41,8 @@ class LoadBoard:
     * ``requests``: requests on the instance (running + waiting);
     * ``prefill_tokens``: uncached prompt tokens not yet prefilled;
     * ``decode_tokens``: output budget of this router's unfinished requests there;
-    * ``free_blocks`` / ``block_size``: from the last report;
+    * ``free_blocks`` / ``block_size`` / ``capacity_tokens`` (KV tokens): from the last
+      report;
     * ``eligible``: healthy and not draining.
     """
 
@@ -50,10 +51,14 @@ class LoadBoard:
         self.snapshot: ClusterSnapshot | None = None
         self.generation = 0  # bumps on every rebuild
         self.ids: list[str] = []
+        self._weights: list[float] = []
+        self._routable: list[bool] = []
+        # Bumps when the instances or their weights change, not on a mere load report.
+        self.membership_version = 0
         self.views: tuple[InstanceView, ...] = ()
         self.index: dict[str, int] = {}
         self.eligible_ids: list[str] = []
-        self._eligible_set: frozenset[str] = frozenset()
+        self.eligible_set: frozenset[str] = frozenset()  # eligible_ids as a set
         empty = np.zeros(0)
         self.eligible: BoolArray = np.zeros(0, dtype=bool)
         self._eligible_index: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)
@@ -62,6 +67,7 @@ class LoadBoard:
         self.decode_tokens: FloatArray = empty
         self.free_blocks: FloatArray = empty
         self.block_size: FloatArray = empty
+        self.capacity_tokens: FloatArray = empty
         self._others_requests: FloatArray = empty
         self._others_prefill: FloatArray = empty
 
@@ -81,29 +87,45 @@ class LoadBoard:
 
     def _rebuild(self, snapshot: ClusterSnapshot) -> None:
         views = snapshot.instances
-        tracker = self.tracker
         self.snapshot = snapshot
         self.views = views
         self.generation += 1
-        self.ids = [v.instance_id for v in views]
-        self.index = {instance_id: i for i, instance_id in enumerate(self.ids)}
+        ids = [v.instance_id for v in views]
+        weights = [v.weight for v in views]
+        same_members = ids == self.ids and weights == self._weights
         routable = [is_routable(v) for v in views]
-        self.eligible = np.array(routable, dtype=bool)
-        self._eligible_index = np.flatnonzero(self.eligible)
-        self.eligible_ids = [v.instance_id for v, ok in zip(views, routable, strict=True) if ok]
-        self._eligible_set = frozenset(self.eligible_ids)
-        own = [tracker.load(i) for i in self.ids]
-        own_requests = np.array([o.requests for o in own], dtype=np.float64)
-        own_prefill = np.array([o.prefill_tokens for o in own], dtype=np.float64)
-        reported_requests = np.array([v.num_running + v.num_waiting for v in views], np.float64)
-        reported_prefill = np.array([v.waiting_prefill_tokens for v in views], np.float64)
-        self._others_requests = np.maximum(reported_requests - own_requests, 0.0)
-        self._others_prefill = np.maximum(reported_prefill - own_prefill, 0.0)
+        if not same_members or routable != self._routable:
+            self.index = {instance_id: i for i, instance_id in enumerate(ids)}
+            self.eligible = np.array(routable, dtype=bool)
+            self._eligible_index = np.flatnonzero(self.eligible)
+            self.eligible_ids = [i for i, ok in zip(ids, routable, strict=True) if ok]
+            self.eligible_set = frozenset(self.eligible_ids)
+            self._routable = routable
+        if same_members:
+            # The arrays hold own + others for these very instances (``_refresh`` keeps them
+            # so), which gives the tracker's own load without asking it per instance: a
+            # load report for an unchanged fleet is then a few vector operations.
+            own_requests = self.requests - self._others_requests
+            own_prefill = self.prefill_tokens - self._others_prefill
+        else:
+            self.ids, self._weights = ids, weights
+            self.membership_version += 1
+            own = [self.tracker.load(i) for i in ids]
+            own_requests = np.array([o.requests for o in own], dtype=np.float64)
+            own_prefill = np.array([o.prefill_tokens for o in own], dtype=np.float64)
+            self.decode_tokens = np.array([o.decode_tokens for o in own], dtype=np.float64)
+        reports = np.array(
+            [(v.num_running + v.num_waiting, v.waiting_prefill_tokens, v.free_blocks,
+              v.block_size, v.total_blocks) for v in views],
+            dtype=np.float64,
+        ).reshape(len(views), 5)
+        self._others_requests = np.maximum(reports[:, 0] - own_requests, 0.0)
+        self._others_prefill = np.maximum(reports[:, 1] - own_prefill, 0.0)
         self.requests = own_requests + self._others_requests
         self.prefill_tokens = own_prefill + self._others_prefill
-        self.decode_tokens = np.array([o.decode_tokens for o in own], dtype=np.float64)
-        self.free_blocks = np.array([v.free_blocks for v in views], dtype=np.float64)
-        self.block_size = np.array([max(1, v.block_size) for v in views], dtype=np.float64)
+        self.free_blocks = reports[:, 2].copy()
+        self.block_size = np.maximum(reports[:, 3], 1.0)
+        self.capacity_tokens = reports[:, 3] * reports[:, 4]
 
     def membership(self) -> tuple[tuple[str, float], ...]:
         """(instance id, weight) of every instance in the snapshot, routable or not."""
@@ -114,7 +136,7 @@ class LoadBoard:
         return None if i is None else self.views[i]
 
     def is_eligible(self, instance_id: str) -> bool:
-        return instance_id in self._eligible_set
+        return instance_id in self.eligible_set
 
     # ---- feedback (keeps the tracker and the arrays in step) --------------------------------
 

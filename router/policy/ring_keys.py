@@ -27,6 +27,7 @@ class KeyedRings:
     ) -> None:
         self.rings = tuple(HashRing(seed, vnodes_per_weight) for seed in seeds)
         self.keys = keys
+        self._membership_version = -1  # the board's, at the last sync
 
     @property
     def num_members(self) -> int:
@@ -34,6 +35,9 @@ class KeyedRings:
 
     def sync(self, board: LoadBoard) -> bool:
         """Make every ring hold the board's members; True if membership changed."""
+        if board.membership_version == self._membership_version:
+            return False  # a load report: nothing on the rings can have moved
+        self._membership_version = board.membership_version
         members = members_from(board.membership())
         changed = False
         for ring in self.rings:
@@ -44,8 +48,7 @@ class KeyedRings:
         """The prompt's key (computed once per request; reuses the prompt's prefix hashes
         if the policy computed them first)."""
         if prepared.key is None:
-            prepared.key = self.keys.key(prepared.tokens, self.num_members,
-                                         prepared.prefix_hashes)
+            prepared.key = self.keys.key(prepared.tokens, prepared.prefix_hashes)
         return prepared.key
 
     def record(self, prepared: PreparedPrompt) -> None:

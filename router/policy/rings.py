@@ -151,15 +151,19 @@ class HashRing:
         self, position: int, accept: Callable[[str], bool], exclude: str | None = None
     ) -> str | None:
         """First member clockwise from ``position`` that ``accept``s and is not ``exclude``."""
-        if self._positions:  # common cases first: the owner, or the next distinct member
-            index = self._index(position)
+        positions = self._positions
+        if positions:  # common cases first: the owner, or the next distinct member
+            # ``_index`` inlined: this runs twice per DualMap decision.
+            bucket = position >> self._shift
+            lo = self._bucket_start[bucket]
+            hi = self._bucket_start[bucket + 1]
+            index = lo if lo == hi else bisect_left(positions, position, lo, hi)
             owner = self._owners[index]
             if owner != exclude:
                 if accept(owner):
                     return owner
             else:
-                index = self._next_distinct[index % len(self._positions)]
-                owner = self._owners[index]
+                owner = self._owners[self._next_distinct[index % len(positions)]]
                 if owner != exclude and accept(owner):
                     return owner
         for owner in self.walk(position):

@@ -193,3 +193,21 @@ def test_prefix_lru_rejects_what_is_not_a_key() -> None:
     lru.discard(-5)
     lru.discard(12345)
     assert len(lru) == 0 and lru.count(7) == 0
+
+
+def test_mix64_is_splitmix64s_finaliser() -> None:
+    from router.policy._fastpath import mix64, mix64_at
+
+    def reference(value: int) -> int:
+        mask = (1 << 64) - 1
+        value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & mask
+        return value ^ (value >> 31)
+
+    # splitmix64's first output from seed 0 (the published test vector).
+    assert mix64(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF
+    values = np.random.default_rng(6).integers(0, 2**64, 200, dtype=np.uint64)
+    assert [mix64(int(v)) for v in values] == [reference(int(v)) for v in values]
+    assert [mix64_at(values, k) for k in range(200)] == [reference(int(v)) for v in values]
+    with pytest.raises(IndexError):
+        mix64_at(values, 200)
