@@ -9,7 +9,6 @@ not done twice; that memo is bounded and never changes a decision.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -58,7 +57,8 @@ class TrackedPolicy(RoutingPolicy):
 
     def __init__(self) -> None:
         self.board = LoadBoard()
-        self._prepared: OrderedDict[str, PreparedPrompt] = OrderedDict()
+        # Insertion-ordered (a dict is): the oldest memo goes first when over the limit.
+        self._prepared: dict[str, PreparedPrompt] = {}
 
     # ---- helpers for route -------------------------------------------------------------
 
@@ -77,13 +77,13 @@ class TrackedPolicy(RoutingPolicy):
 
     def prepare(self, request: RoutingRequest) -> PreparedPrompt:
         """The request's ``PreparedPrompt``, shared between ``route`` and ``on_dispatched``."""
-        prepared = self._prepared.get(request.request_id)
+        memo = self._prepared
+        prepared = memo.get(request.request_id)
         if prepared is not None and prepared.token_ids is request.token_ids:
             return prepared
-        prepared = PreparedPrompt(request.token_ids)
-        self._prepared[request.request_id] = prepared
-        if len(self._prepared) > _MEMO_LIMIT:
-            self._prepared.popitem(last=False)
+        prepared = memo[request.request_id] = PreparedPrompt(request.token_ids)
+        if len(memo) > _MEMO_LIMIT:
+            del memo[next(iter(memo))]
         return prepared
 
     # ---- feedback ----------------------------------------------------------------------

@@ -67,12 +67,16 @@ class PrefixCacheView:
         self.block_size = block_size
         self.default_capacity_blocks = max(1, default_capacity_tokens // block_size)
         self._caches: dict[str, _InstanceCache] = {}
+        # Each instance's held prefix hashes, for callers on the routing path that search
+        # them directly (``held[id].cached_blocks(hashes, hint)`` == ``cached_blocks``).
+        self.held: dict[str, PrefixLru] = {}
 
     def _cache(self, instance_id: str) -> _InstanceCache:
         """``instance_id``'s cache, created if needed."""
         cache = self._caches.get(instance_id)
         if cache is None:
             cache = self._caches[instance_id] = _InstanceCache(self.default_capacity_blocks)
+            self.held[instance_id] = cache.blocks
         return cache
 
     def prefix_hashes(self, tokens: np.ndarray) -> HashArray:
@@ -128,6 +132,7 @@ class PrefixCacheView:
 
     def remove_instance(self, instance_id: str) -> None:
         self._caches.pop(instance_id, None)
+        self.held.pop(instance_id, None)
 
     def apply_kv_events(self, instance_id: str, events: Iterable[KVEvent]) -> None:
         """Apply an instance's KV events; its view becomes precise from now on.

@@ -46,9 +46,9 @@ class ConsistentHashPolicy(TrackedPolicy):
         self.sync(snapshot)
         board = self.board
         key = self.rings.key(self.prepare(request))
-        owner = self.rings.rings[0].first(key.hash, board.is_eligible)
-        if owner is None:  # routable instances exist but none is on the ring (weight 0)
-            owner = board.eligible_ids[0]
+        homes = self.rings.homes(key.hash)
+        # Routable instances exist but none is on the ring (weight 0): the first of them.
+        owner = homes[0] if homes else board.eligible_ids[0]
         return Decision(owner, "hash", candidates=(owner,))
 
     def after_dispatch(

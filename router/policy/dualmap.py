@@ -101,24 +101,14 @@ class DualMapPolicy(CacheTrackingPolicy):
         super().on_rebuild()
         self.rings.sync(self.board)
 
-    def candidates(self, prepared: PreparedPrompt) -> tuple[str, ...]:
-        """The prompt's one or two routable homes: (c1 on ring A, c2 on ring B, c2 != c1)."""
-        self.prefix_hashes(prepared)  # first: the key reuses them
-        key = self.rings.key(prepared)
-        ring_a, ring_b = self.rings.rings
-        accept = self.board.eligible_set.__contains__
-        first = ring_a.first(key.hash, accept)
-        if first is None:
-            return ()
-        second = ring_b.first(key.hash, accept, exclude=first)
-        return (first,) if second is None else (first, second)
-
     def route(self, request: RoutingRequest, snapshot: ClusterSnapshot, now: float) -> Decision:
         board = self.board
         if snapshot is not board.snapshot or not board.eligible_ids:
             self.sync(snapshot)
         prepared = self.prepare(request)
-        homes = self.candidates(prepared)
+        hashes = self.prefix_hashes(prepared)  # first: the key reuses them
+        key = self.rings.key(prepared)
+        homes = self.rings.homes(key.hash)  # (c1 on ring A, c2 on ring B, c2 != c1)
         if not homes:  # routable instances exist but none is on the rings (weight 0)
             return self._lowest_ttft(prepared, homes, [])
         # Per candidate, c1 first: (cached tokens, predicted TTFT) and the affinity score,
@@ -127,13 +117,11 @@ class DualMapPolicy(CacheTrackingPolicy):
         # shorter one is shared with other conversations (a system prompt), and letting it
         # count, in the cache comparison or in the TTFT tie-break, makes the first instances
         # that happened to receive it win every new conversation while the others stay cold.
-        hashes = self.prefix_hashes(prepared)
         num_tokens = prepared.num_tokens
         most_cached = max(0, num_tokens - 1)  # the engine recomputes at least the last token
-        key = self.rings.key(prepared)
         key_length = key.length
-        cache = self.cache
-        block_size = cache.block_size
+        held = self.cache.held
+        block_size = self.cache.block_size
         index, queued = board.index, board.prefill_tokens
         fixed, slope = self.fixed_seconds, self.seconds_per_token
         estimates: list[tuple[int, float]] = []
@@ -145,7 +133,8 @@ class DualMapPolicy(CacheTrackingPolicy):
         for instance_id in homes:
             i = index[instance_id]
             base, ahead, per_token = fixed.item(i), queued.item(i), slope.item(i)
-            hint = cache.cached_blocks(instance_id, hashes, hint)
+            blocks = held.get(instance_id)
+            hint = 0 if blocks is None else blocks.cached_blocks(hashes, hint)
             cached = min(hint * block_size, most_cached)
             ttft = base + (ahead + (num_tokens - cached)) * per_token  # == predicted_ttft
             estimates.append((cached, ttft))

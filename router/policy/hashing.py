@@ -126,17 +126,11 @@ class PrefixHasher:
 
     def hashes(self, tokens: TokenArray, start_block: int = 0, start_prefix: int = 0) -> HashArray:
         """Hashes of each full-block prefix of ``tokens`` (continuing from ``start_prefix``)."""
-        size = len(tokens)
-        num_blocks = size // self.block_size
-        if num_blocks == 0:
-            return np.empty(0, dtype=np.uint64)
+        num_blocks = len(tokens) // self.block_size
         if tokens.dtype is not _INT32_LE or not tokens.flags.c_contiguous:
             tokens = as_token_array(tokens)
-        head = tokens if num_blocks * self.block_size == size else (
-            tokens[: num_blocks * self.block_size])
-        end = start_block + num_blocks
-        if end > len(self._salt):
+        if start_block + num_blocks > len(self._salt):
             self._salts(start_block, num_blocks)  # grows the table
         out = np.empty(num_blocks, dtype=np.uint64)
-        prefix_hashes(head, self._mult, self._salt[start_block:end], out, start_prefix)
+        prefix_hashes(tokens, self._mult, self._salt, start_block, out, start_prefix)
         return out

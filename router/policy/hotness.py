@@ -58,7 +58,8 @@ class HotPrefixDetector:
         self._count: dict[int, int] = {}
         self._reference: dict[int, TokenArray] = {}
         self._split: dict[int, int] = {}
-        self._hot: set[int] = set()
+        # Prefixes hot when a request through them was last recorded (read by key lookups).
+        self.hot: set[int] = set()
 
     def __len__(self) -> int:
         """Requests in the window."""
@@ -74,7 +75,7 @@ class HotPrefixDetector:
     def hot_split(self, prefix_hash: int) -> int | None:
         """The split of ``prefix_hash`` if it was hot when a request through it was last
         recorded, else None (the routing path's question: one set probe)."""
-        return self._split[prefix_hash] if prefix_hash in self._hot else None
+        return self._split[prefix_hash] if prefix_hash in self.hot else None
 
     def is_hot(self, prefix_hash: int, share: float) -> bool:
         """True if ``prefix_hash`` carries >= ``share`` of the window and its prompts split
@@ -82,7 +83,7 @@ class HotPrefixDetector:
         if prefix_hash not in self._split:
             return False
         threshold = max(self.min_count, share * len(self._recent))
-        if prefix_hash in self._hot:
+        if prefix_hash in self.hot:
             threshold *= 0.5
         return self._count.get(prefix_hash, 0) >= threshold
 
@@ -104,9 +105,9 @@ class HotPrefixDetector:
             if counts[prefix_hash] >= self.track_count:
                 self._observe(prefix_hash, prompt)
             if self.is_hot(prefix_hash, share):
-                self._hot.add(prefix_hash)
+                self.hot.add(prefix_hash)
             else:
-                self._hot.discard(prefix_hash)
+                self.hot.discard(prefix_hash)
 
     def _observe(self, prefix_hash: int, prompt: TokenArray) -> None:
         reference = self._reference.get(prefix_hash)
@@ -131,4 +132,4 @@ class HotPrefixDetector:
                 del counts[prefix_hash]
                 self._reference.pop(prefix_hash, None)
                 self._split.pop(prefix_hash, None)
-                self._hot.discard(prefix_hash)
+                self.hot.discard(prefix_hash)

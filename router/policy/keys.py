@@ -73,6 +73,7 @@ class PrefixKeyBuilder:
             hot_window, hot_min_count, max_tokens=self.max_key_tokens
         )
         self.hasher = PrefixHasher(hash_block_size)
+        self._hash_block_size = hash_block_size
 
     def base_length(self, num_tokens: int) -> int:
         full = num_tokens - num_tokens % self.block_size
@@ -95,16 +96,18 @@ class PrefixKeyBuilder:
         ``prefix_hashes`` (``self.hasher.hashes(tokens)``, if the caller has them) saves
         hashing the key's tokens again.
         """
+        # The common case (no hot prefix) inlined: this runs once per routing decision.
         num_tokens = len(tokens)
-        length = self.base_length(num_tokens)
+        full = num_tokens - num_tokens % self.block_size
+        length = min(self._base_tokens, full) or num_tokens  # == base_length(num_tokens)
         hashes = prefix_hashes
         if hashes is None:
             hashes = self.hasher.hashes(tokens[:length])
         current = self._hash(tokens, length, hashes)
-        hot_split = self.detector.hot_split
-        split = hot_split(current) if self.adaptive else None
-        if split is None:  # the common case
+        if not self.adaptive or current not in self.detector.hot:
             return PromptKey(current, length, (current,))
+        hot_split = self.detector.hot_split
+        split = hot_split(current)
         chain = [current]
         while split is not None:
             longer = self.longer_length(split, num_tokens)
@@ -118,10 +121,10 @@ class PrefixKeyBuilder:
         return PromptKey(current, length, tuple(chain))
 
     def _hash(self, tokens: TokenArray, length: int, prefix_hashes: HashArray) -> int:
-        blocks = length // self.hasher.block_size
-        if not blocks or blocks * self.hasher.block_size != length:
-            return key_hash(tokens, length)
-        return mix64_at(prefix_hashes, blocks - 1)
+        blocks, rest = divmod(length, self._hash_block_size)
+        if blocks and not rest:
+            return mix64_at(prefix_hashes, blocks - 1)
+        return key_hash(tokens, length)
 
     def record(self, key: PromptKey, tokens: TokenArray, num_instances: int) -> None:
         """Count a dispatched request's key chain and prompt (no-op when not adaptive)."""

@@ -28,21 +28,43 @@ class KeyedRings:
         self.rings = tuple(HashRing(seed, vnodes_per_weight) for seed in seeds)
         self.keys = keys
         self._membership_version = -1  # the board's, at the last sync
+        # Every ring holds the same members, so slots (sorted member order) agree across
+        # rings: one eligibility mask serves them all.
+        self._names: list[str] = []
+        self._eligible_mask = b""
+        self._lookups = tuple(ring.lookup for ring in self.rings)
 
     @property
     def num_members(self) -> int:
         return len(self.rings[0].members)
 
     def sync(self, board: LoadBoard) -> bool:
-        """Make every ring hold the board's members; True if membership changed."""
-        if board.membership_version == self._membership_version:
-            return False  # a load report: nothing on the rings can have moved
-        self._membership_version = board.membership_version
-        members = members_from(board.membership())
+        """Make every ring hold the board's members and take in which of them are routable
+        now; True if membership changed."""
         changed = False
-        for ring in self.rings:
-            changed = ring.update(members) or changed
+        if board.membership_version != self._membership_version:
+            self._membership_version = board.membership_version
+            members = members_from(board.membership())
+            for ring in self.rings:
+                changed = ring.update(members) or changed
+            self._names = self.rings[0].names
+            self._lookups = tuple(ring.lookup for ring in self.rings)
+        self._eligible_mask = self.rings[0].eligibility_mask(board.eligible_set)
         return changed
+
+    def homes(self, key_hash: int) -> tuple[str, ...]:
+        """The routable owners of ``key_hash``: the first on ring A, then on each further
+        ring the first that is not already taken (DualMap's ``c1`` and ``c2``). Fewer when
+        fewer routable members are on the rings; empty when none is."""
+        names, mask = self._names, self._eligible_mask
+        lookups = self._lookups
+        first = lookups[0].first(key_hash, mask)
+        if first < 0:
+            return ()
+        if len(lookups) == 1:
+            return (names[first],)
+        second = lookups[1].first(key_hash, mask, first)
+        return (names[first],) if second < 0 else (names[first], names[second])
 
     def key(self, prepared: PreparedPrompt) -> PromptKey:
         """The prompt's key (computed once per request; reuses the prompt's prefix hashes

@@ -11,21 +11,21 @@ its position (wrapping around).
 are computed (160 xxh64 calls each) and merged in. A join or leave therefore moves only the
 keys on the arcs that member gains or loses, ~``1/N`` of all keys.
 
-Lookups are O(1) on average: ``update`` also builds a bucket index over the top bits of the
-positions (about one point per bucket), so finding a key's owner is one table read and a
-bisect over the few points of one bucket, and, per point, the next point clockwise with a
-different owner, so the second distinct member (DualMap's ring B when it gives ``c1``) costs
-one more read instead of a walk.
+Lookups are O(1) on average and compiled (``_fastpath.RingIndex``, built by ``update``): a
+bucket index over the top bits of the positions (about one point per bucket) and, per
+point, the next point clockwise with a different owner, so the second distinct member
+(DualMap's ring B when it gives ``c1``) costs one more read instead of a walk. Members are
+numbered by *slot* (their rank in sorted order, ``names``); ``lookup.first(position,
+eligible_mask, exclude_slot)`` answers in slots, with eligibility as a byte per slot
+(``eligibility_mask``), so a decision touches no Python object per point.
 """
 
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 
-import numpy as np
-
+from router.policy._fastpath import RingIndex
 from router.policy.hashing import ring_point_hash
 
 
@@ -38,20 +38,12 @@ class HashRing:
         self.seed = seed
         self.vnodes_per_weight = vnodes_per_weight
         self.members: dict[str, float] = {}
-        # Points sorted by (position, member). Compact arrays rather than lists of Python
-        # ints: bisecting 164k points at 1,024 instances then touches 1.3 MB, not ~7 MB of
-        # scattered int objects, which matters on a decision path that just streamed a prompt.
+        # Points sorted by (position, member), as compact arrays: at 1,024 instances the
+        # ring has 164k points, and lists of Python ints would scatter them over ~7 MB.
         self._positions = array("Q")
-        self._owner_slots = array("I")  # index into _names
-        self._names: list[str] = []
-        # Lookup index (``_build_index``): positions in bucket ``b = position >> _shift`` are
-        # points ``_bucket_start[b]`` .. ``_bucket_start[b + 1] - 1``; ``_owners[i]`` is the
-        # owner of point ``i`` (index ``len`` wraps to point 0); ``_next_distinct[i]`` the
-        # first point clockwise after ``i`` owned by another member (``i`` if none).
-        self._shift = 64
-        self._bucket_start = array("I", [0, 0])
-        self._owners: list[str] = []
-        self._next_distinct = array("I")
+        self._owner_slots = array("i")  # index into names
+        self.names: list[str] = []  # members by slot (sorted)
+        self.lookup = RingIndex(self._positions, self._owner_slots)
 
     def __len__(self) -> int:
         """Number of points (virtual nodes) on the ring."""
@@ -72,7 +64,7 @@ class HashRing:
         added = {m: w for m, w in members.items() if self.members.get(m) != w}
         if not removed and not added:
             return False
-        names = self._names
+        names = self.names
         kept = [
             (pos, names[slot])
             for pos, slot in zip(self._positions, self._owner_slots, strict=True)
@@ -83,64 +75,36 @@ class HashRing:
             new_points.extend(self._points(member, added[member]))
         new_points.sort()
         merged = sorted(kept + new_points)  # two sorted runs: Timsort merges them in O(n)
-        self._names = sorted(members)
-        slot_of = {name: slot for slot, name in enumerate(self._names)}
+        self.names = sorted(members)
+        slot_of = {name: slot for slot, name in enumerate(self.names)}
         self._positions = array("Q", [pos for pos, _ in merged])
-        self._owner_slots = array("I", [slot_of[owner] for _, owner in merged])
+        self._owner_slots = array("i", [slot_of[owner] for _, owner in merged])
         self.members = dict(members)
-        self._build_index()
+        self.lookup = RingIndex(self._positions, self._owner_slots)
         return True
 
-    def _build_index(self) -> None:
-        count = len(self._positions)
-        if not count:
-            self._shift, self._bucket_start = 64, array("I", [0, 0])
-            self._owners, self._next_distinct = [], array("I")
-            return
-        bits = count.bit_length()  # 2^bits > count buckets: at most ~1 point per bucket
-        self._shift = 64 - bits
-        positions = np.frombuffer(self._positions, dtype=np.uint64)
-        bucket_floors = np.arange(1 << bits, dtype=np.uint64) << np.uint64(self._shift)
-        starts = np.searchsorted(positions, bucket_floors, side="left")
-        self._bucket_start = array("I", starts.astype(np.uint32).tobytes())
-        self._bucket_start.append(count)
-        names = self._names
-        self._owners = [names[slot] for slot in self._owner_slots]
-        self._owners.append(self._owners[0])
-        slots = np.frombuffer(self._owner_slots, dtype=np.uint32)
-        run_ends = np.flatnonzero(slots != np.roll(slots, -1))  # owner changes after these
-        if not len(run_ends):  # one member
-            following = np.arange(count, dtype=np.uint32)
-        else:
-            which = np.searchsorted(run_ends, np.arange(count), side="left") % len(run_ends)
-            following = ((run_ends[which] + 1) % count).astype(np.uint32)
-        self._next_distinct = array("I", following.tobytes())
-
-    def _index(self, position: int) -> int:
-        """Index of the first point at or after ``position`` (``len(self)`` past the last)."""
-        bucket = position >> self._shift
-        starts = self._bucket_start
-        lo = starts[bucket]
-        hi = starts[bucket + 1]
-        return lo if lo == hi else bisect_left(self._positions, position, lo, hi)
+    def eligibility_mask(self, eligible: Container[str]) -> bytes:
+        """One byte per slot, 1 where the member is in ``eligible`` (for ``lookup.first``)."""
+        return bytes(name in eligible for name in self.names)
 
     def owner(self, position: int) -> str:
         """The member owning ``position`` (the first point clockwise from it)."""
-        if not self._positions:
+        count = len(self._positions)
+        if not count:
             raise LookupError("empty ring")
-        return self._owners[self._index(position)]
+        return self.names[self._owner_slots[self.lookup.index(position) % count]]
 
     def walk(self, position: int) -> Iterator[str]:
         """Distinct members clockwise from ``position``, each once, nearest first."""
         count = len(self._positions)
         if not count:
             return
-        start = self._index(position)
-        owners = self._owners
+        start = self.lookup.index(position)
+        names, slots = self.names, self._owner_slots
         seen: set[str] = set()
         total = len(self.members)
         for step in range(count):
-            owner = owners[(start + step) % count]
+            owner = names[slots[(start + step) % count]]
             if owner not in seen:
                 seen.add(owner)
                 yield owner
@@ -150,22 +114,8 @@ class HashRing:
     def first(
         self, position: int, accept: Callable[[str], bool], exclude: str | None = None
     ) -> str | None:
-        """First member clockwise from ``position`` that ``accept``s and is not ``exclude``."""
-        positions = self._positions
-        if positions:  # common cases first: the owner, or the next distinct member
-            # ``_index`` inlined: this runs twice per DualMap decision.
-            bucket = position >> self._shift
-            lo = self._bucket_start[bucket]
-            hi = self._bucket_start[bucket + 1]
-            index = lo if lo == hi else bisect_left(positions, position, lo, hi)
-            owner = self._owners[index]
-            if owner != exclude:
-                if accept(owner):
-                    return owner
-            else:
-                owner = self._owners[self._next_distinct[index % len(positions)]]
-                if owner != exclude and accept(owner):
-                    return owner
+        """First member clockwise from ``position`` that ``accept``s and is not ``exclude``
+        (the general form, by walking; the routing path uses ``lookup.first``)."""
         for owner in self.walk(position):
             if owner != exclude and accept(owner):
                 return owner

@@ -62,14 +62,15 @@ def test_prefix_hashes_kernel_rejects_mismatched_buffers() -> None:
     from router.policy._fastpath import prefix_hashes
 
     mult = np.ones(8, dtype=np.uint64)
-    with pytest.raises(ValueError):
-        prefix_hashes(np.zeros(20, np.int32), mult, np.zeros(1, np.uint64),
-                      np.empty(1, np.uint64), 0)
+    salt = np.zeros(4, np.uint64)
+    with pytest.raises(ValueError):  # fewer tokens than the blocks asked for
+        prefix_hashes(np.zeros(20, np.int32), mult, salt, 0, np.empty(2, np.uint64), 0)
     with pytest.raises(ValueError):  # salt shorter than the blocks
-        prefix_hashes(np.zeros(32, np.int32), mult, np.zeros(1, np.uint64),
-                      np.empty(2, np.uint64), 0)
+        prefix_hashes(np.zeros(64, np.int32), mult, salt, 3, np.empty(2, np.uint64), 0)
+    with pytest.raises(ValueError):
+        prefix_hashes(np.zeros(64, np.int32), mult, salt, -1, np.empty(2, np.uint64), 0)
     with pytest.raises(TypeError):
-        prefix_hashes([1, 2], mult, mult, np.empty(1, np.uint64), 0)
+        prefix_hashes([1, 2], mult, salt, 0, np.empty(1, np.uint64), 0)
 
 
 class ModelLru:
@@ -211,3 +212,24 @@ def test_mix64_is_splitmix64s_finaliser() -> None:
     assert [mix64_at(values, k) for k in range(200)] == [reference(int(v)) for v in values]
     with pytest.raises(IndexError):
         mix64_at(values, 200)
+
+
+def test_ring_index_rejects_bad_input_and_handles_an_empty_ring() -> None:
+    from array import array
+
+    from router.policy._fastpath import RingIndex
+
+    empty = RingIndex(array("Q"), array("i"))
+    assert len(empty) == 0 and empty.first(123, b"\x01") == -1 and empty.index(5) == 0
+    with pytest.raises(ValueError):
+        RingIndex(array("Q", [5, 3]), array("i", [0, 1]))  # not sorted
+    with pytest.raises(ValueError):
+        RingIndex(array("Q", [3, 5]), array("i", [0]))  # owners do not pair up
+    ring = RingIndex(array("Q", [10, 20, 30]), array("i", [0, 1, 0]))
+    assert ring.first(15, b"\x01\x01") == 1 and ring.first(31, b"\x01\x01") == 0  # wraps
+    assert ring.first(15, b"\x01\x00") == 0 and ring.first(15, b"\x00\x00") == -1
+    assert ring.first(15, b"\x01") == 0  # labels past the mask are not eligible
+    with pytest.raises(OverflowError):
+        ring.first(-1, b"\x01")
+    with pytest.raises(IndexError):
+        ring.owner_at(3)

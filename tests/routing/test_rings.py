@@ -100,7 +100,9 @@ def test_indexed_lookups_equal_a_plain_bisect_and_walk(members: dict[str, float]
     ring = HashRing(21, vnodes_per_weight=160)
     ring.update(members)
     positions = list(ring._positions)
-    owners = [ring._names[slot] for slot in ring._owner_slots]
+    owners = [ring.names[slot] for slot in ring._owner_slots]
+    slot_of = {name: slot for slot, name in enumerate(ring.names)}
+    rng = random.Random(len(members))
     edge = [0, 1, (1 << 64) - 1, positions[0], positions[-1], positions[-1] + 1,
             *(p + d for p in positions[:50] for d in (-1, 0, 1))]
     for key in KEYS[:300] + [k for k in edge if 0 <= k < 1 << 64]:
@@ -118,3 +120,21 @@ def test_indexed_lookups_equal_a_plain_bisect_and_walk(members: dict[str, float]
         expected = order[1] if len(order) > 1 else None
         assert ring.first(key, lambda m: True, exclude=order[0]) == expected
         assert ring.first(key, order[0].__ne__) == expected
+        # The compiled lookup, in slots: every member eligible, one excluded, and a random
+        # eligible subset, against the first acceptable member of the plain walk.
+        everyone = ring.eligibility_mask(set(members))
+        assert ring.lookup.first(key, everyone) == slot_of[order[0]]
+        assert ring.lookup.first(key, everyone, slot_of[order[0]]) == (
+            -1 if expected is None else slot_of[expected])
+        some = {m for m in members if rng.random() < 0.3}
+        excluded = rng.choice(order)
+        wanted = next((m for m in order if m in some and m != excluded), None)
+        assert ring.lookup.first(key, ring.eligibility_mask(some), slot_of[excluded]) == (
+            -1 if wanted is None else slot_of[wanted])
+    # Next distinct owner of every point, against a plain scan.
+    for point in range(len(owners)):
+        step = 1
+        while step < len(owners) and owners[(point + step) % len(owners)] == owners[point]:
+            step += 1
+        expected_point = point if step == len(owners) else (point + step) % len(owners)
+        assert ring.lookup.next_distinct(point) == expected_point
