@@ -11,7 +11,7 @@ UP_ARGS ?=
 .PHONY: up test lint typecheck pytest install clean
 
 # The install compiles router/policy/_fastpath.c in place: edit it, and the next make rebuilds.
-$(STAMP): pyproject.toml router/policy/_fastpath.c
+$(STAMP): pyproject.toml router/policy/_fastpath.c $(wildcard router/policy/csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'

@@ -10,7 +10,29 @@ def prefix_hashes(
 ) -> None: ...
 
 def mix64(value: int) -> int: ...
-def mix64_at(hashes: Buffer, index: int) -> int: ...
+def key_hash(tokens: Buffer, mult: Buffer, salt: Buffer, hashes: Buffer, length: int) -> int: ...
+
+class PromptKey(tuple[int, int, tuple[int, ...]]):
+    """A prompt's ring key: (hash, length, chain)."""
+
+    def __new__(cls, sequence: tuple[int, int, tuple[int, ...]]) -> PromptKey: ...
+    @property
+    def hash(self) -> int: ...  # type: ignore[override]
+    @property
+    def length(self) -> int: ...
+    @property
+    def chain(self) -> tuple[int, ...]: ...
+
+def prompt_key(
+    tokens: Buffer, mult: Buffer, salt: Buffer, hashes: Buffer, base_length: int,
+    hot_step: int, max_length: int, hot: set[int], splits: dict[int, int],
+) -> PromptKey: ...
+def locate(
+    tokens: Buffer, mult: Buffer, salt: Buffer, base_length: int, hot_step: int,
+    max_length: int, hot: set[int], splits: dict[int, int],
+    lookups: tuple[RingIndex, ...], eligible: Buffer, tables: list[PrefixLru | None] | None,
+    names: list[str],
+) -> tuple[PromptKey, tuple[str, ...], tuple[int, ...], bytes]: ...
 
 class PrefixLru:
     capacity: int

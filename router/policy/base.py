@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from router.policy.hashing import HashArray, TokenArray, token_array
+from router.policy.hashing import PrefixHashes, TokenArray, token_array
 from router.policy.interfaces import (
     ClusterSnapshot,
     Decision,
@@ -37,7 +37,7 @@ class PreparedPrompt:
         self.token_ids = token_ids
         self.num_tokens = len(token_ids)
         self._tokens: TokenArray | None = None
-        self.prefix_hashes: HashArray | None = None  # set by policies with a cache view
+        self.prefix_hashes: PrefixHashes | None = None  # set by policies with a cache view
         self.key: PromptKey | None = None  # set by ring policies
 
     @property

@@ -15,7 +15,7 @@ import numpy as np
 from instances.engine.types import KVEvent
 from router.policy.base import PreparedPrompt, TrackedPolicy
 from router.policy.cache_view import PrefixCacheView
-from router.policy.hashing import HashArray
+from router.policy.hashing import PrefixHashes
 from router.policy.interfaces import Decision, RoutingRequest
 from router.policy.load_board import FloatArray
 from router.policy.predictor import PrefillTimeModel
@@ -63,6 +63,8 @@ class CacheTrackingPolicy(TrackedPolicy):
             self._capacity = capacity
             return
         self._membership_version = board.membership_version
+        for instance_id in board.ids:
+            self.cache.ensure(instance_id)  # every view exists, so tables by slot are stable
         for i, instance_id in enumerate(board.ids):
             if capacity[i] > 0 and self._capacity_tokens.get(instance_id) != capacity[i]:
                 self.cache.set_capacity(instance_id, int(capacity[i]))
@@ -80,7 +82,7 @@ class CacheTrackingPolicy(TrackedPolicy):
 
     # ---- estimates ---------------------------------------------------------------------
 
-    def prefix_hashes(self, prepared: PreparedPrompt) -> HashArray:
+    def prefix_hashes(self, prepared: PreparedPrompt) -> PrefixHashes:
         hashes = prepared.prefix_hashes
         if hashes is None:
             hashes = prepared.prefix_hashes = self.cache.hasher.hashes(prepared.tokens)

@@ -30,7 +30,7 @@ import numpy as np
 
 from instances.engine.types import KVEvent
 from router.policy._fastpath import PrefixLru
-from router.policy.hashing import HashArray, PrefixHasher
+from router.policy.hashing import HashArray, PrefixHasher, PrefixHashes
 
 _UNBOUNDED = 2**62  # a precise view holds whatever its engine reports
 
@@ -71,6 +71,11 @@ class PrefixCacheView:
         # them directly (``held[id].cached_blocks(hashes, hint)`` == ``cached_blocks``).
         self.held: dict[str, PrefixLru] = {}
 
+    def ensure(self, instance_id: str) -> None:
+        """Create ``instance_id``'s (empty) view if it has none; ``held[instance_id]`` then
+        stays the same object until ``remove_instance``."""
+        self._cache(instance_id)
+
     def _cache(self, instance_id: str) -> _InstanceCache:
         """``instance_id``'s cache, created if needed."""
         cache = self._caches.get(instance_id)
@@ -84,7 +89,7 @@ class PrefixCacheView:
 
     # ---- queries -----------------------------------------------------------------------
 
-    def cached_blocks(self, instance_id: str, prefix_hashes: HashArray, hint: int = 0) -> int:
+    def cached_blocks(self, instance_id: str, prefix_hashes: PrefixHashes, hint: int = 0) -> int:
         """Leading blocks of the prompt with ``prefix_hashes`` cached on ``instance_id``.
 
         ``hint``, a likely answer (e.g. the other candidate's), is probed first with the
@@ -95,7 +100,7 @@ class PrefixCacheView:
         cache = self._caches.get(instance_id)
         return 0 if cache is None else cache.blocks.cached_blocks(prefix_hashes, hint)
 
-    def cached_tokens(self, instance_id: str, prefix_hashes: HashArray) -> int:
+    def cached_tokens(self, instance_id: str, prefix_hashes: PrefixHashes) -> int:
         return self.cached_blocks(instance_id, prefix_hashes) * self.block_size
 
     def num_blocks(self, instance_id: str) -> int:
@@ -118,7 +123,7 @@ class PrefixCacheView:
         if not cache.precise:
             cache.blocks.capacity = cache.capacity_blocks
 
-    def record_prompt(self, instance_id: str, prefix_hashes: HashArray) -> None:
+    def record_prompt(self, instance_id: str, prefix_hashes: PrefixHashes) -> None:
         """A prompt with ``prefix_hashes`` was routed to ``instance_id`` (approximate view).
 
         Tail first: the prompt's first block ends up most recently used, so eviction takes

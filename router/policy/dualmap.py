@@ -91,6 +91,7 @@ class DualMapPolicy(CacheTrackingPolicy):
             hot_min_count=hot_min_count, hash_block_size=cache_block_size,
         )
         self.rings = KeyedRings(RING_SEEDS, vnodes_per_weight, keys)
+        assert keys.hasher.block_size == self.cache.block_size  # locate's hashes serve both
 
     @property
     def slo_bound_s(self) -> float:
@@ -99,16 +100,15 @@ class DualMapPolicy(CacheTrackingPolicy):
 
     def on_rebuild(self) -> None:
         super().on_rebuild()
-        self.rings.sync(self.board)
+        self.rings.sync(self.board, self.cache.held)
 
     def route(self, request: RoutingRequest, snapshot: ClusterSnapshot, now: float) -> Decision:
         board = self.board
         if snapshot is not board.snapshot or not board.eligible_ids:
             self.sync(snapshot)
         prepared = self.prepare(request)
-        hashes = self.prefix_hashes(prepared)  # first: the key reuses them
-        key = self.rings.key(prepared)
-        homes = self.rings.homes(key.hash)  # (c1 on ring A, c2 on ring B, c2 != c1)
+        # (c1 on ring A, c2 on ring B, c2 != c1) and their cached prefixes, in one call.
+        homes, cached_blocks = self.rings.locate(prepared)
         if not homes:  # routable instances exist but none is on the rings (weight 0)
             return self._lowest_ttft(prepared, homes, [])
         # Per candidate, c1 first: (cached tokens, predicted TTFT) and the affinity score,
@@ -119,23 +119,16 @@ class DualMapPolicy(CacheTrackingPolicy):
         # that happened to receive it win every new conversation while the others stay cold.
         num_tokens = prepared.num_tokens
         most_cached = max(0, num_tokens - 1)  # the engine recomputes at least the last token
-        key_length = key.length
-        held = self.cache.held
+        key_length = prepared.key.length  # type: ignore[union-attr]  # set by locate
         block_size = self.cache.block_size
         index, queued = board.index, board.prefill_tokens
         fixed, slope = self.fixed_seconds, self.seconds_per_token
         estimates: list[tuple[int, float]] = []
         scores: list[tuple[int, float]] = []
-        # Search hint for c1: a lengthened key ends one hot step past the point where the
-        # prompts through its prefix diverge, likely where this prompt's cached prefix
-        # ends; for c2, c1's answer (a conversation's two homes tend to hold the same).
-        hint = (key_length - self.hot_step) // block_size if len(key.chain) > 1 else 0
-        for instance_id in homes:
+        for instance_id, blocks in zip(homes, cached_blocks, strict=True):
             i = index[instance_id]
             base, ahead, per_token = fixed.item(i), queued.item(i), slope.item(i)
-            blocks = held.get(instance_id)
-            hint = 0 if blocks is None else blocks.cached_blocks(hashes, hint)
-            cached = min(hint * block_size, most_cached)
+            cached = min(blocks * block_size, most_cached)
             ttft = base + (ahead + (num_tokens - cached)) * per_token  # == predicted_ttft
             estimates.append((cached, ttft))
             if cached >= key_length:

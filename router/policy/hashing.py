@@ -1,13 +1,17 @@
-"""Token hashing for routing: prompt keys (xxhash64) and prefix-block hashes (vectorised).
+"""Token hashing for routing: prefix-block hashes and prompt keys, compiled.
 
-Two different hashes serve two different jobs:
+One family of hashes serves two jobs:
 
-* **Key hashes** place a prompt on the consistent-hash rings: a function of the first ``n``
-  tokens only, the same on every gateway replica and machine. When ``n`` is a whole number
-  of prefix blocks the key is the splitmix64-finalised prefix-block hash below (which a
-  cache-aware policy computes anyway, so the key is nearly free); otherwise it is xxh64 over
-  the little-endian int32 bytes of the tokens.
 * **Prefix-block hashes** identify "the first ``k`` blocks of this prompt" for the cache
+  views (below).
+* **Key hashes** place a prompt on the consistent-hash rings: a function of the first ``n``
+  tokens only, the same on every gateway replica and machine: the splitmix64-finalised
+  prompt hash at ``n`` (``PrefixHasher.key_hash``). When ``n`` is a whole number of blocks
+  that is the prefix-block hash a cache-aware policy computes anyway, so the key is nearly
+  free; otherwise the trailing partial block is hashed the same way, zero-padded, with its
+  length mixed in (``_fastpath.c`` states the formula).
+
+**Prefix-block hashes** identify "the first ``k`` blocks of this prompt" for the cache
   views. An 8k-token prompt has 512 blocks of 16 tokens; a Python loop of 512 xxhash calls
   costs ~80 µs, more than the whole routing budget. Instead, all prefix hashes are computed
   in one compiled pass (``_fastpath.prefix_hashes``, ~2 µs for 8k tokens; the numpy form,
@@ -36,18 +40,21 @@ import numpy.typing as npt
 import xxhash
 
 from instances.engine.block_manager import as_token_array
+from router.policy._fastpath import PromptKey, key_hash, prefix_hashes, prompt_key
 from router.policy._fastpath import mix64 as mix64  # re-exported: the key finaliser
-from router.policy._fastpath import mix64_at as mix64_at
-from router.policy._fastpath import prefix_hashes
 
 if sys.byteorder != "little":  # the compiled kernels read int32 pairs as little-endian words
     raise ImportError("llmfleet's routing kernels need a little-endian machine")
 
 TokenArray = npt.NDArray[np.int32]
 HashArray = npt.NDArray[np.uint64]
+# A prompt's prefix hashes as consumers take them: uint64 values in a numpy array, or in a
+# bytes buffer where the routing path made them (``_fastpath.locate``); the compiled
+# consumers read either through the buffer protocol.
+PrefixHashes = HashArray | bytes
 _INT32_LE = np.dtype("<i4")
 
-KEY_SEED = 0x6C6C_6D66_6C65_6574  # "llmfleet"
+MAX_BLOCK_SIZE = 256  # tokens per hash block (the compiled key code pads one block on the stack)
 _MULT_LABEL = b"llmfleet/prefix-block/multiplier"
 _SALT_LABEL = b"llmfleet/prefix-block/salt"
 
@@ -82,11 +89,6 @@ def common_prefix_length(a: TokenArray, b: TokenArray) -> int:
     return 0 if a.item(0) != b.item(0) else m
 
 
-def key_hash(tokens: TokenArray, length: int) -> int:
-    """xxh64 of the first ``length`` tokens (int32 LE bytes)."""
-    return xxhash.xxh64_intdigest(tokens[:length].data, KEY_SEED)
-
-
 def ring_point_hash(member: str, replica: int, seed: int) -> int:
     """Position of virtual node ``replica`` of ``member`` on a ring seeded with ``seed``."""
     return xxhash.xxh64_intdigest(f"{member}#{replica}".encode(), seed)
@@ -107,13 +109,50 @@ class PrefixHasher:
     """
 
     def __init__(self, block_size: int = 16) -> None:
-        if block_size <= 0 or block_size % 2:
-            raise ValueError("block_size must be a positive even number")
+        if block_size <= 0 or block_size % 2 or block_size > MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size must be an even number in 2..{MAX_BLOCK_SIZE}")
         self.block_size = block_size
         self._words_per_block = block_size // 2
         # Odd multipliers keep every single-word difference visible mod 2^64.
         self._mult = _constants(_MULT_LABEL, self._words_per_block) | np.uint64(1)
         self._salt = _constants(_SALT_LABEL, 4096)  # 64k tokens at 16 per block; grows
+        self._no_hashes = np.empty(0, dtype=np.uint64)
+
+    def reserve(self, num_tokens: int) -> None:
+        """Make the salt table cover every block, partial or full, of ``num_tokens``."""
+        blocks = -(-num_tokens // self.block_size)
+        if blocks > len(self._salt):
+            self._salts(0, blocks)
+
+    def constants(self, num_tokens: int) -> tuple[HashArray, HashArray]:
+        """(multipliers, salts) for compiled kernels hashing a prompt of ``num_tokens``."""
+        if num_tokens > len(self._salt) * self.block_size:
+            self.reserve(num_tokens)
+        return self._mult, self._salt
+
+    def key_hash(
+        self, tokens: TokenArray, length: int, hashes: PrefixHashes | None = None
+    ) -> int:
+        """The key hash of the first ``length`` tokens (see the module docstring);
+        ``hashes``: the prompt's prefix hashes, as far as the caller has them."""
+        tokens = token_array(tokens)
+        self.reserve(len(tokens))
+        return key_hash(tokens, self._mult, self._salt,
+                        self._no_hashes if hashes is None else hashes, length)
+
+    def prompt_key(
+        self, tokens: TokenArray, hashes: PrefixHashes | None, base_length: int, hot_step: int,
+        max_length: int, hot: set[int], splits: dict[int, int],
+    ) -> PromptKey:
+        """``_fastpath.prompt_key`` with this hasher's constants (``keys.PrefixKeyBuilder.key``
+        states the rule)."""
+        if tokens.dtype is not _INT32_LE or not tokens.flags.c_contiguous:
+            tokens = as_token_array(tokens)
+        if len(tokens) > len(self._salt) * self.block_size:
+            self.reserve(len(tokens))
+        return prompt_key(tokens, self._mult, self._salt,
+                          self._no_hashes if hashes is None else hashes, base_length,
+                          hot_step, max_length, hot, splits)
 
     def _salts(self, start: int, count: int) -> HashArray:
         end = start + count

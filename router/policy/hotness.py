@@ -57,7 +57,7 @@ class HotPrefixDetector:
         self._recent: deque[tuple[int, ...]] = deque()
         self._count: dict[int, int] = {}
         self._reference: dict[int, TokenArray] = {}
-        self._split: dict[int, int] = {}
+        self.splits: dict[int, int] = {}  # prefix -> split (read by key lookups)
         # Prefixes hot when a request through them was last recorded (read by key lookups).
         self.hot: set[int] = set()
 
@@ -70,17 +70,17 @@ class HotPrefixDetector:
 
     def split(self, prefix_hash: int) -> int | None:
         """Earliest position where prompts through ``prefix_hash`` differ (None: never)."""
-        return self._split.get(prefix_hash)
+        return self.splits.get(prefix_hash)
 
     def hot_split(self, prefix_hash: int) -> int | None:
         """The split of ``prefix_hash`` if it was hot when a request through it was last
         recorded, else None (the routing path's question: one set probe)."""
-        return self._split[prefix_hash] if prefix_hash in self.hot else None
+        return self.splits[prefix_hash] if prefix_hash in self.hot else None
 
     def is_hot(self, prefix_hash: int, share: float) -> bool:
         """True if ``prefix_hash`` carries >= ``share`` of the window and its prompts split
         (computed now from the counts; ``record`` stores the answer for ``hot_split``)."""
-        if prefix_hash not in self._split:
+        if prefix_hash not in self.splits:
             return False
         threshold = max(self.min_count, share * len(self._recent))
         if prefix_hash in self.hot:
@@ -116,9 +116,9 @@ class HotPrefixDetector:
             return
         shared = common_prefix_length(reference, prompt)
         if shared < min(len(reference), len(prompt)):
-            split = self._split.get(prefix_hash)
+            split = self.splits.get(prefix_hash)
             if split is None or shared < split:
-                self._split[prefix_hash] = shared
+                self.splits[prefix_hash] = shared
         elif len(prompt) > len(reference):  # an extension: follow the conversation
             self._reference[prefix_hash] = np.array(prompt)
 
@@ -131,5 +131,5 @@ class HotPrefixDetector:
             else:
                 del counts[prefix_hash]
                 self._reference.pop(prefix_hash, None)
-                self._split.pop(prefix_hash, None)
+                self.splits.pop(prefix_hash, None)
                 self.hot.discard(prefix_hash)

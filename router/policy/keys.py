@@ -13,29 +13,25 @@ smallest multiple of ``hot_step`` tokens beyond it, capped by the prompt and
 repeats. The split is a property of the traffic, not of the request, so every turn of a
 conversation behind a shared system prompt finds the same longer key.
 
-A key's hash depends on its tokens only, the same on every gateway replica: for a length
-that is a whole number of ``hash_block_size`` blocks (every two-block base key, every longer
-key on the ``hot_step`` grid) it is the finalised prefix-block hash of ``hashing.PrefixHasher``,
-which a cache-aware caller already has for the whole prompt; other lengths (prompts shorter
-than a block, keys cut by the prompt's end) use xxh64 over the tokens. Reading a key never
-changes state; ``record`` (called from ``on_dispatched``) feeds the detector with the
-request's chain of key prefixes and prompt.
+A key's hash depends on its tokens only, the same on every gateway replica:
+``PrefixHasher.key_hash`` of the key's tokens. For a length that is a whole number of
+``hash_block_size`` blocks (every two-block base key, every longer key on the ``hot_step``
+grid) that is the finalised prefix-block hash, which a cache-aware caller already has for
+the whole prompt. The whole derivation, hot-key loop included, is one compiled call
+(``_fastpath.prompt_key``) that reads the detector's ``hot`` set and ``splits``. Reading a
+key never changes state; ``record`` (called from ``on_dispatched``) feeds the detector with
+the request's chain of key prefixes and prompt.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from router.policy._fastpath import PromptKey
+from router.policy.hashing import PrefixHasher, PrefixHashes, TokenArray
 
-from router.policy.hashing import HashArray, PrefixHasher, TokenArray, key_hash, mix64_at
+__all__ = ["PrefixKeyBuilder", "PromptKey"]  # PromptKey: (hash, length, chain), made in C
 from router.policy.hotness import HotPrefixDetector
 
-
-class PromptKey(NamedTuple):
-    """A prompt's ring key (a named tuple: built once per request on the routing path)."""
-
-    hash: int
-    length: int  # tokens the key covers
-    chain: tuple[int, ...]  # key prefix hashes from the base key to this key
+_NOTHING_HOT: set[int] = set()  # the hot set of a builder that never lengthens keys
 
 
 class PrefixKeyBuilder:
@@ -73,7 +69,6 @@ class PrefixKeyBuilder:
             hot_window, hot_min_count, max_tokens=self.max_key_tokens
         )
         self.hasher = PrefixHasher(hash_block_size)
-        self._hash_block_size = hash_block_size
 
     def base_length(self, num_tokens: int) -> int:
         full = num_tokens - num_tokens % self.block_size
@@ -89,42 +84,22 @@ class PrefixKeyBuilder:
             return self.hot_share
         return 0.5 / max(1, num_instances)
 
-    def key(self, tokens: TokenArray, prefix_hashes: HashArray | None = None) -> PromptKey:
+    def key(self, tokens: TokenArray, prefix_hashes: PrefixHashes | None = None) -> PromptKey:
         """The key of ``tokens`` given the hot prefixes learned so far (reads only; which
         prefixes are hot, for the fleet's size, was decided as requests were recorded).
 
         ``prefix_hashes`` (``self.hasher.hashes(tokens)``, if the caller has them) saves
         hashing the key's tokens again.
         """
-        # The common case (no hot prefix) inlined: this runs once per routing decision.
-        num_tokens = len(tokens)
-        full = num_tokens - num_tokens % self.block_size
-        length = min(self._base_tokens, full) or num_tokens  # == base_length(num_tokens)
-        hashes = prefix_hashes
-        if hashes is None:
-            hashes = self.hasher.hashes(tokens[:length])
-        current = self._hash(tokens, length, hashes)
-        if not self.adaptive or current not in self.detector.hot:
-            return PromptKey(current, length, (current,))
-        hot_split = self.detector.hot_split
-        split = hot_split(current)
-        chain = [current]
-        while split is not None:
-            longer = self.longer_length(split, num_tokens)
-            if longer <= length:
-                break
-            if len(hashes) * self.hasher.block_size < longer:
-                hashes = self.hasher.hashes(tokens[:longer])
-            length, current = longer, self._hash(tokens, longer, hashes)
-            chain.append(current)
-            split = hot_split(current)
-        return PromptKey(current, length, tuple(chain))
+        detector = self.detector
+        return self.hasher.prompt_key(
+            tokens, prefix_hashes, self.base_length(len(tokens)), self.hot_step,
+            self.max_key_tokens, self.hot_prefixes, detector.splits)
 
-    def _hash(self, tokens: TokenArray, length: int, prefix_hashes: HashArray) -> int:
-        blocks, rest = divmod(length, self._hash_block_size)
-        if blocks and not rest:
-            return mix64_at(prefix_hashes, blocks - 1)
-        return key_hash(tokens, length)
+    @property
+    def hot_prefixes(self) -> set[int]:
+        """The prefixes whose keys are lengthened now (none when not adaptive)."""
+        return self.detector.hot if self.adaptive else _NOTHING_HOT
 
     def record(self, key: PromptKey, tokens: TokenArray, num_instances: int) -> None:
         """Count a dispatched request's key chain and prompt (no-op when not adaptive)."""

@@ -8,8 +8,9 @@ an epoch bump with unchanged membership moves no key.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from router.policy._fastpath import PrefixLru, locate
 from router.policy.base import PreparedPrompt
 from router.policy.keys import PrefixKeyBuilder, PromptKey
 from router.policy.load_board import LoadBoard
@@ -33,14 +34,25 @@ class KeyedRings:
         self._names: list[str] = []
         self._eligible_mask = b""
         self._lookups = tuple(ring.lookup for ring in self.rings)
+        self._tables: list[PrefixLru | None] | None = None
+        # What locate hands the compiled call, looked up once: the hasher's constants (the
+        # salt table covering _salted_tokens), the detector's hot set and splits (the same
+        # objects for the builder's life).
+        self._hash_block = keys.hasher.block_size
+        self._mult, self._salt = keys.hasher.constants(0)
+        self._salted_tokens = len(self._salt) * self._hash_block
+        self._hot = keys.hot_prefixes
+        self._splits = keys.detector.splits
 
     @property
     def num_members(self) -> int:
         return len(self.rings[0].members)
 
-    def sync(self, board: LoadBoard) -> bool:
+    def sync(self, board: LoadBoard, tables: Mapping[str, PrefixLru] | None = None) -> bool:
         """Make every ring hold the board's members and take in which of them are routable
-        now; True if membership changed."""
+        now; True if membership changed. ``tables``: each instance's cached prefixes (a
+        cache view's ``held``) for ``locate``; the objects must stay the same until the
+        next membership change."""
         changed = False
         if board.membership_version != self._membership_version:
             self._membership_version = board.membership_version
@@ -49,8 +61,28 @@ class KeyedRings:
                 changed = ring.update(members) or changed
             self._names = self.rings[0].names
             self._lookups = tuple(ring.lookup for ring in self.rings)
+            self._tables = None if tables is None else [tables.get(n) for n in self._names]
         self._eligible_mask = self.rings[0].eligibility_mask(board.eligible_set)
         return changed
+
+    def locate(self, prepared: PreparedPrompt) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """The prompt's homes (``homes``) and, per home, its cached prefix in blocks, in one
+        compiled call (``_fastpath.locate``) that also sets ``prepared.prefix_hashes`` (the
+        hash block size's, as a bytes buffer) and ``prepared.key``. Same answers as
+        ``key``, ``homes`` and the cache view's ``cached_blocks`` called one by one."""
+        tokens = prepared.tokens
+        num_tokens = len(tokens)
+        keys = self.keys
+        if num_tokens > self._salted_tokens:  # the salt table must cover the prompt
+            self._mult, self._salt = keys.hasher.constants(num_tokens)
+            self._salted_tokens = len(self._salt) * keys.hasher.block_size
+        key, homes, blocks, hashes = locate(
+            tokens, self._mult, self._salt, keys.base_length(num_tokens),
+            keys.hot_step, keys.max_key_tokens, self._hot, self._splits, self._lookups,
+            self._eligible_mask, self._tables, self._names)
+        prepared.prefix_hashes = hashes
+        prepared.key = key
+        return homes, blocks
 
     def homes(self, key_hash: int) -> tuple[str, ...]:
         """The routable owners of ``key_hash``: the first on ring A, then on each further

@@ -227,3 +227,51 @@ def test_fleet_fallback_leaves_the_homes_only_for_a_clearly_faster_instance() ->
     eager = _policy(load_switch_margin=0.0)
     decision = eager.route(request("r", prompt), _with_backlog(snapshot(8), near), 0)
     assert (decision.instance_id, decision.reason) == (others[0], "load")
+
+
+def test_locate_gives_what_key_homes_and_cache_searches_give_one_by_one() -> None:
+    """The compiled per-decision call against its parts, on a warm policy with hot
+    (lengthened) keys, cached prefixes and an unroutable instance."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from router.policy.base import PreparedPrompt
+    from router.policy.dualmap import DualMapPolicy
+    from router.policy.interfaces import ClusterSnapshot, InstanceView, RoutingRequest
+
+    rng = np.random.default_rng(11)
+    views = tuple(InstanceView(f"i{k}", total_blocks=4000) for k in range(8))
+    policy = DualMapPolicy(hot_min_count=4)
+    system = rng.integers(0, 50_000, 1100).astype(np.int32)
+    documents = [rng.integers(0, 50_000, 1500).astype(np.int32) for _ in range(6)]
+
+    def prompt(k: int) -> np.ndarray:
+        tail = rng.integers(0, 50_000, int(rng.integers(1, 300))).astype(np.int32)
+        return np.concatenate([system, documents[k % 6], tail])
+
+    snapshot = ClusterSnapshot(1, views)
+    for seq in range(300):
+        request = RoutingRequest(f"r{seq}", prompt(seq), 8)
+        policy.on_dispatched(request, policy.route(request, snapshot, 0.0), 0.0)
+    assert policy.rings.keys.hot_prefixes  # some keys are lengthened
+    masked = ClusterSnapshot(2, (replace(views[3], healthy=False), *views[:3], *views[4:]))
+    masked = ClusterSnapshot(2, tuple(sorted(masked.instances, key=lambda v: v.instance_id)))
+    seen_cached = seen_lengthened = 0
+    for snap in (snapshot, masked):
+        policy.adopt(snap)
+        for seq in range(60):
+            tokens = prompt(seq)
+            located = PreparedPrompt(tokens)
+            homes, blocks = policy.rings.locate(located)
+            plain = PreparedPrompt(tokens)
+            key = policy.rings.keys.key(plain.tokens)
+            hashes = policy.cache.hasher.hashes(plain.tokens)
+            assert located.key == key
+            assert bytes(located.prefix_hashes) == hashes.tobytes()  # type: ignore[arg-type]
+            assert homes == policy.rings.homes(key.hash)
+            assert blocks == tuple(policy.cache.cached_blocks(h, hashes) for h in homes)
+            assert "i3" not in homes or snap is snapshot
+            seen_cached += any(blocks)
+            seen_lengthened += len(key.chain) > 1
+    assert seen_cached > 30 and seen_lengthened > 30  # the cases that matter were there

@@ -197,7 +197,7 @@ def test_prefix_lru_rejects_what_is_not_a_key() -> None:
 
 
 def test_mix64_is_splitmix64s_finaliser() -> None:
-    from router.policy._fastpath import mix64, mix64_at
+    from router.policy._fastpath import mix64
 
     def reference(value: int) -> int:
         mask = (1 << 64) - 1
@@ -209,9 +209,6 @@ def test_mix64_is_splitmix64s_finaliser() -> None:
     assert mix64(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF
     values = np.random.default_rng(6).integers(0, 2**64, 200, dtype=np.uint64)
     assert [mix64(int(v)) for v in values] == [reference(int(v)) for v in values]
-    assert [mix64_at(values, k) for k in range(200)] == [reference(int(v)) for v in values]
-    with pytest.raises(IndexError):
-        mix64_at(values, 200)
 
 
 def test_ring_index_rejects_bad_input_and_handles_an_empty_ring() -> None:
@@ -233,3 +230,54 @@ def test_ring_index_rejects_bad_input_and_handles_an_empty_ring() -> None:
         ring.first(-1, b"\x01")
     with pytest.raises(IndexError):
         ring.owner_at(3)
+
+
+def reference_key_hash(hasher: PrefixHasher, tokens: np.ndarray, length: int) -> int:
+    """The key hash as _fastpath.c defines it, in numpy: mix64 of the prefix hash of the
+    full blocks plus, for a partial last block, its zero-padded block value XOR its salt
+    XOR mix64(its length)."""
+    from router.policy._fastpath import mix64
+
+    size = hasher.block_size
+    blocks, rest = divmod(length, size)
+    h = int(reference_prefix_hashes(hasher, tokens[: blocks * size])[-1]) if blocks else 0
+    if rest:
+        padded = np.zeros(size, dtype="<i4")
+        padded[:rest] = tokens[blocks * size: length]
+        with np.errstate(over="ignore"):
+            value = int(padded.view(np.uint64) @ hasher._mult)
+        salt = int(hasher._salts(blocks, 1)[0])
+        h = (h + (value ^ salt ^ mix64(rest))) % 2**64
+    return mix64(h)
+
+
+@pytest.mark.parametrize("length", [0, 1, 7, 16, 31, 1024, 1500, 2048])
+def test_key_hash_matches_its_definition(length: int) -> None:
+    hasher = PrefixHasher(16)
+    prompt = np.random.default_rng(length).integers(0, 128_000, 2048).astype(np.int32)
+    assert hasher.key_hash(prompt, length) == reference_key_hash(hasher, prompt, length)
+    with pytest.raises(ValueError):
+        hasher.key_hash(prompt, 2049)
+
+
+def test_prompt_key_follows_hot_splits_on_the_step_grid() -> None:
+    hasher = PrefixHasher(16)
+    prompt = np.random.default_rng(8).integers(0, 128_000, 3000).astype(np.int32)
+    key = hasher.key_hash
+    base = key(prompt, 1024)
+    # Not hot: the base key. Hot with a split at 1100: one hot step past it (1152); that
+    # key hot too with a split the prompt's end caps (2990 -> 3000), then max_length caps.
+    assert hasher.prompt_key(prompt, None, 1024, 128, 4096, set(), {}) == (
+        base, 1024, (base,))
+    longer = key(prompt, 1152)
+    splits = {base: 1100, longer: 2990}
+    assert hasher.prompt_key(prompt, None, 1024, 128, 4096, {base}, splits) == (
+        longer, 1152, (base, longer))
+    end = key(prompt, 3000)
+    assert hasher.prompt_key(prompt, hasher.hashes(prompt), 1024, 128, 4096,
+                             {base, longer}, splits) == (end, 3000, (base, longer, end))
+    capped = key(prompt, 2048)
+    assert hasher.prompt_key(prompt, None, 1024, 128, 2048, {base, longer}, splits) == (
+        capped, 2048, (base, longer, capped))
+    # A split that would not lengthen the key stops the chain.
+    assert hasher.prompt_key(prompt, None, 1024, 128, 4096, {base}, {base: 10})[1] == 1024

@@ -7,7 +7,7 @@ from array import array
 import numpy as np
 import pytest
 
-from router.policy.hashing import PrefixHasher, key_hash, mix64, token_array
+from router.policy.hashing import PrefixHasher, mix64, token_array
 from tests.routing.util import tokens
 
 
@@ -30,10 +30,22 @@ def test_key_hash_depends_on_exactly_the_key_tokens() -> None:
     a = tokens(rng, 2048)
     b = a.copy()
     b[1500] += 1  # differs after the first 1024 tokens only
+    hasher = PrefixHasher(16)
+    key_hash = hasher.key_hash
     assert key_hash(a, 1024) == key_hash(b, 1024)
+    assert key_hash(a, 1500) == key_hash(b, 1500)  # a partial block before the difference
+    assert key_hash(a, 1501) != key_hash(b, 1501)
     assert key_hash(a, 2048) != key_hash(b, 2048)
     assert key_hash(a, 1024) != key_hash(a, 1023)
     assert key_hash(token_array(a.tolist()), 1024) == key_hash(a, 1024)
+    # Given prefix hashes (all, some, none) never change a key.
+    full = hasher.hashes(a)
+    for length in (0, 5, 16, 1000, 1024, 1500, 2048):
+        expected = key_hash(a, length)
+        assert key_hash(a, length, full) == key_hash(a, length, full[:10]) == expected
+    # A zero-padded partial block is not its padding: [x, 0] and [x] differ.
+    padded = np.array([7, 0], dtype=np.int32)
+    assert key_hash(padded, 2) != key_hash(padded, 1)
 
 
 def test_prefix_hashes_agree_exactly_up_to_the_first_differing_block() -> None:
