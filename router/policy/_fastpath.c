@@ -28,7 +28,32 @@
 #include "csrc/ring.h"
 #include "csrc/locate.h"
 
+static PyObject *
+fastpath_set_vector_kernels(PyObject *self, PyObject *value)
+{
+    int enable = PyObject_IsTrue(value);
+    if (enable < 0)
+        return NULL;
+    int previous = use_vector_kernels;
+    if (enable)
+        detect_vector_kernels(); /* on only where the CPU has them */
+    else
+        use_vector_kernels = 0;
+    return PyBool_FromLong(previous);
+}
+
+static PyObject *
+fastpath_vector_kernels(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(use_vector_kernels);
+}
+
 static PyMethodDef fastpath_methods[] = {
+    {"set_vector_kernels", fastpath_set_vector_kernels, METH_O,
+     "set_vector_kernels(on) -> bool: use SIMD hashing where the CPU has it (the default)\n"
+     "or not; returns the previous setting. The values are the same either way."},
+    {"vector_kernels", fastpath_vector_kernels, METH_NOARGS,
+     "vector_kernels() -> bool: whether prompt hashing uses a SIMD kernel."},
     {"mix64", fastpath_mix64, METH_O,
      "mix64(value): splitmix64's finaliser of value mod 2^64."},
     {"key_hash", fastpath_key_hash, METH_VARARGS, key_hash_doc},
@@ -48,6 +73,7 @@ static struct PyModuleDef fastpath_module = {
 PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
+    detect_vector_kernels();
     if (PyType_Ready(&PrefixLruType) < 0 || PyType_Ready(&RingIndexType) < 0)
         return NULL;
     if (PromptKeyType == NULL) {

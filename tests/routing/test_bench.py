@@ -21,7 +21,7 @@ def test_bench_routing_prints_and_writes_the_contract_fields(
     out = tmp_path / "routing.json"
     code = main(["bench", "routing", "--instances", "4", "--policies", "dualmap,round_robin",
                  "--prompt-tokens", "2048", "--decisions", "60", "--warmup", "30",
-                 "--out", str(out), "--json"])
+                 "--refresh-every", "16", "--repeat", "3", "--out", str(out), "--json"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
@@ -33,13 +33,20 @@ def test_bench_routing_prints_and_writes_the_contract_fields(
         assert sum(row["reasons"].values()) == 60
     assert printed["policies"]["round_robin"]["reasons"] == {"round_robin": 60}
     assert "dualmap" in printed["list_input"]
+    # Three rounds; each number is the median over them.
+    dualmap = printed["policies"]["dualmap"]
+    assert len(dualmap["repeats"]) == 3
+    assert dualmap["decision_us_p99"] == pytest.approx(
+        sorted(r["decision_us_p99"] for r in dualmap["repeats"])[1], abs=0.01)
+    assert dualmap["adopt_us_p50"] > 0  # snapshots were adopted apart from decisions
+    assert "target_met" not in printed  # targets exist for 16 and 1,024 instances only
 
 
 def test_several_fleet_sizes_are_reported_side_by_side(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     assert main(["bench", "routing", "--instances", "2,3", "--policies", "least_loaded",
                  "--prompt-tokens", "600", "--decisions", "20", "--warmup", "5",
-                 "--out", str(out)]) == 0
+                 "--repeat", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["by_instances"]) == {"2", "3"}
     assert result["by_instances"]["3"]["policies"]["least_loaded"]["decision_us_p50"] > 0

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import platform
+import sys
 from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,9 +31,21 @@ def reference_prefix_hashes(
         return np.add.accumulate(block_hashes) + np.uint64(start_prefix)
 
 
+@pytest.fixture(params=[True, False], ids=["vector", "scalar"])
+def kernels(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Run a test with the SIMD hashing kernel (where this CPU has it) and without."""
+    from router.policy._fastpath import set_vector_kernels, vector_kernels
+
+    previous = set_vector_kernels(request.param)
+    yield vector_kernels()
+    set_vector_kernels(previous)
+
+
 @pytest.mark.parametrize("block_size", [2, 16, 32])
-@pytest.mark.parametrize("num_tokens", [0, 1, 15, 16, 17, 1000, 8192])
-def test_prefix_hashes_match_the_numpy_definition(block_size: int, num_tokens: int) -> None:
+@pytest.mark.parametrize("num_tokens", [0, 1, 15, 16, 17, 127, 128, 1000, 8192])
+def test_prefix_hashes_match_the_numpy_definition(
+    block_size: int, num_tokens: int, kernels: bool
+) -> None:
     rng = np.random.default_rng(num_tokens + block_size)
     hasher = PrefixHasher(block_size)
     tokens = rng.integers(-(2**31), 2**31 - 1, num_tokens, dtype=np.int64).astype(np.int32)
@@ -40,6 +56,15 @@ def test_prefix_hashes_match_the_numpy_definition(block_size: int, num_tokens: i
         start = 3 * block_size
         continued = hasher.hashes(tokens[start:], start_block=3, start_prefix=int(expected[2]))
         assert np.array_equal(continued, expected[3:])
+
+
+def test_the_vector_kernel_is_used_where_the_cpu_has_it() -> None:
+    from router.policy._fastpath import vector_kernels
+
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if sys.platform == "linux" and cpuinfo.exists() else ""
+    if platform.machine() == "x86_64" and " avx512dq" in flags and " avx512f" in flags:
+        assert vector_kernels()
 
 
 def test_prefix_hashes_accept_any_integer_array_and_views() -> None:
