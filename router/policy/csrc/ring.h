@@ -218,30 +218,32 @@ RingIndex_len(RingIndex *self)
     return self->count;
 }
 
-static PyObject *
-RingIndex_owner_at(RingIndex *self, PyObject *value)
+/* A point index in range, or -1 with IndexError (or the int conversion's error) set. */
+static Py_ssize_t
+parse_point(const RingIndex *self, PyObject *value)
 {
     Py_ssize_t index = PyLong_AsSsize_t(value);
     if (index == -1 && PyErr_Occurred())
-        return NULL;
+        return -1;
     if (index < 0 || index >= self->count) {
         PyErr_SetString(PyExc_IndexError, "RingIndex: point out of range");
-        return NULL;
+        return -1;
     }
-    return PyLong_FromLong(self->owners[index]);
+    return index;
+}
+
+static PyObject *
+RingIndex_owner_at(RingIndex *self, PyObject *value)
+{
+    Py_ssize_t index = parse_point(self, value);
+    return index < 0 ? NULL : PyLong_FromLong(self->owners[index]);
 }
 
 static PyObject *
 RingIndex_next_distinct(RingIndex *self, PyObject *value)
 {
-    Py_ssize_t index = PyLong_AsSsize_t(value);
-    if (index == -1 && PyErr_Occurred())
-        return NULL;
-    if (index < 0 || index >= self->count) {
-        PyErr_SetString(PyExc_IndexError, "RingIndex: point out of range");
-        return NULL;
-    }
-    return PyLong_FromUnsignedLong(self->next_distinct[index]);
+    Py_ssize_t index = parse_point(self, value);
+    return index < 0 ? NULL : PyLong_FromUnsignedLong(self->next_distinct[index]);
 }
 
 static PyMethodDef RingIndex_methods[] = {
