@@ -19,6 +19,9 @@ async def main(redis_url: str, namespace: str, policy: str, count: int, seed: in
     gateway = Gateway(GatewayConfig(redis_url=redis_url, namespace=namespace, policy=policy))
     await gateway.refresh()
     await gateway.store.close()
+    # The refresh adopted the snapshot, so no decision below pays for it.
+    board = getattr(gateway.policy, "board", None)
+    assert board is None or board.snapshot is gateway.snapshot
     rng = random.Random(seed)
     system = [rng.randrange(256) for _ in range(512)]
     digest = hashlib.sha256()
