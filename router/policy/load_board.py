@@ -53,8 +53,10 @@ class LoadBoard:
         self.ids: list[str] = []
         self._weights: list[float] = []
         self._routable: list[bool] = []
-        # Bumps when the instances or their weights change, not on a mere load report.
+        # Bump when the instances or their weights change / when which of them are routable
+        # may have changed; not on a mere load report.
         self.membership_version = 0
+        self.eligibility_version = 0
         self.views: tuple[InstanceView, ...] = ()
         self.index: dict[str, int] = {}
         self.eligible_ids: list[str] = []
@@ -101,6 +103,7 @@ class LoadBoard:
             self.eligible_ids = [i for i, ok in zip(ids, routable, strict=True) if ok]
             self.eligible_set = frozenset(self.eligible_ids)
             self._routable = routable
+            self.eligibility_version += 1
         if same_members:
             # The arrays hold own + others for these very instances (``_refresh`` keeps them
             # so), which gives the tracker's own load without asking it per instance: a

@@ -29,6 +29,7 @@ class KeyedRings:
         self.rings = tuple(HashRing(seed, vnodes_per_weight) for seed in seeds)
         self.keys = keys
         self._membership_version = -1  # the board's, at the last sync
+        self._eligibility_version = -1
         # Every ring holds the same members, so slots (sorted member order) agree across
         # rings: one eligibility mask serves them all.
         self._names: list[str] = []
@@ -62,7 +63,10 @@ class KeyedRings:
             self._names = self.rings[0].names
             self._lookups = tuple(ring.lookup for ring in self.rings)
             self._tables = None if tables is None else [tables.get(n) for n in self._names]
-        self._eligible_mask = self.rings[0].eligibility_mask(board.eligible_set)
+            self._eligibility_version = -1
+        if board.eligibility_version != self._eligibility_version:
+            self._eligibility_version = board.eligibility_version
+            self._eligible_mask = self.rings[0].eligibility_mask(board.eligible_set)
         return changed
 
     def locate(self, prepared: PreparedPrompt) -> tuple[tuple[str, ...], tuple[int, ...]]:
