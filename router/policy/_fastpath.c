@@ -59,6 +59,8 @@ static PyMethodDef fastpath_methods[] = {
     {"key_hash", fastpath_key_hash, METH_VARARGS, key_hash_doc},
     {"prompt_key", fastpath_prompt_key, METH_VARARGS, prompt_key_doc},
     {"locate", fastpath_locate, METH_VARARGS, locate_doc},
+    {"xxh64", fastpath_xxh64, METH_VARARGS,
+     "xxh64(data, seed=0) -> int: XXH64 of a bytes-like object (for tests)."},
     {"prefix_hashes", fastpath_prefix_hashes, METH_VARARGS,
      "prefix_hashes(tokens, mult, salt, out, start_prefix): prefix-block hashes into out."},
     {NULL, NULL, 0, NULL},

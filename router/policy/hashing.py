@@ -1,15 +1,15 @@
 """Token hashing for routing: prefix-block hashes and prompt keys, compiled.
 
-One family of hashes serves two jobs:
+Two hashes serve two jobs:
 
 * **Prefix-block hashes** identify "the first ``k`` blocks of this prompt" for the cache
   views (below).
 * **Key hashes** place a prompt on the consistent-hash rings: a function of the first ``n``
-  tokens only, the same on every gateway replica and machine: the splitmix64-finalised
-  prompt hash at ``n`` (``PrefixHasher.key_hash``). When ``n`` is a whole number of blocks
-  that is the prefix-block hash a cache-aware policy computes anyway, so the key is nearly
-  free; otherwise the trailing partial block is hashed the same way, zero-padded, with its
-  length mixed in (``_fastpath.c`` states the formula).
+  tokens only, the same on every gateway replica and machine (``PrefixHasher.key_hash``).
+  When ``n`` is a whole number of blocks the key is the splitmix64-finalised prefix-block
+  hash below (which a cache-aware policy computes anyway, so the key is nearly free);
+  otherwise it is xxh64 over the little-endian int32 bytes of the tokens
+  (``csrc/hashing.h``, ``csrc/xxh64.h``).
 
 **Prefix-block hashes** identify "the first ``k`` blocks of this prompt" for the cache
   views. An 8k-token prompt has 512 blocks of 16 tokens; a Python loop of 512 xxhash calls

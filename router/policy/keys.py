@@ -17,7 +17,8 @@ A key's hash depends on its tokens only, the same on every gateway replica:
 ``PrefixHasher.key_hash`` of the key's tokens. For a length that is a whole number of
 ``hash_block_size`` blocks (every two-block base key, every longer key on the ``hot_step``
 grid) that is the finalised prefix-block hash, which a cache-aware caller already has for
-the whole prompt. The whole derivation, hot-key loop included, is one compiled call
+the whole prompt; other lengths (prompts shorter than a block, keys cut by the prompt's
+end) use xxh64 over the tokens. The whole derivation, hot-key loop included, is one compiled call
 (``_fastpath.prompt_key``) that reads the detector's ``hot`` set and ``splits``. Reading a
 key never changes state; ``record`` (called from ``on_dispatched``) feeds the detector with
 the request's chain of key prefixes and prompt.

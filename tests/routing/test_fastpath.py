@@ -257,26 +257,34 @@ def test_ring_index_rejects_bad_input_and_handles_an_empty_ring() -> None:
         ring.owner_at(3)
 
 
+KEY_SEED = 0x6C6C_6D66_6C65_6574  # "llmfleet"
+
+
 def reference_key_hash(hasher: PrefixHasher, tokens: np.ndarray, length: int) -> int:
-    """The key hash as _fastpath.c defines it, in numpy: mix64 of the prefix hash of the
-    full blocks plus, for a partial last block, its zero-padded block value XOR its salt
-    XOR mix64(its length)."""
+    """The key hash as csrc/hashing.h defines it: mix64 of the prefix hash for a whole
+    number of blocks, else xxh64 of the tokens' int32 bytes (the xxhash package)."""
+    import xxhash
+
     from router.policy._fastpath import mix64
 
-    size = hasher.block_size
-    blocks, rest = divmod(length, size)
-    h = int(reference_prefix_hashes(hasher, tokens[: blocks * size])[-1]) if blocks else 0
-    if rest:
-        padded = np.zeros(size, dtype="<i4")
-        padded[:rest] = tokens[blocks * size: length]
-        with np.errstate(over="ignore"):
-            value = int(padded.view(np.uint64) @ hasher._mult)
-        salt = int(hasher._salts(blocks, 1)[0])
-        h = (h + (value ^ salt ^ mix64(rest))) % 2**64
-    return mix64(h)
+    blocks, rest = divmod(length, hasher.block_size)
+    if blocks and not rest:
+        return mix64(int(reference_prefix_hashes(hasher, tokens[:length])[-1]))
+    return xxhash.xxh64_intdigest(tokens[:length].astype("<i4").tobytes(), KEY_SEED)
 
 
-@pytest.mark.parametrize("length", [0, 1, 7, 16, 31, 1024, 1500, 2048])
+def test_xxh64_is_the_xxhash_packages() -> None:
+    import xxhash
+
+    from router.policy._fastpath import xxh64
+
+    data = np.random.default_rng(12).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    for size in range(0, 300):  # every tail path: 32-byte stripes, 8, 4 and 1-byte steps
+        for seed in (0, KEY_SEED):
+            assert xxh64(data[:size], seed) == xxhash.xxh64_intdigest(data[:size], seed)
+
+
+@pytest.mark.parametrize("length", [0, 1, 7, 15, 16, 31, 300, 1024, 1500, 2048])
 def test_key_hash_matches_its_definition(length: int) -> None:
     hasher = PrefixHasher(16)
     prompt = np.random.default_rng(length).integers(0, 128_000, 2048).astype(np.int32)

@@ -6,6 +6,7 @@ from array import array
 
 import numpy as np
 import pytest
+import xxhash
 
 from router.policy.hashing import PrefixHasher, mix64, token_array
 from tests.routing.util import tokens
@@ -43,9 +44,9 @@ def test_key_hash_depends_on_exactly_the_key_tokens() -> None:
     for length in (0, 5, 16, 1000, 1024, 1500, 2048):
         expected = key_hash(a, length)
         assert key_hash(a, length, full) == key_hash(a, length, full[:10]) == expected
-    # A zero-padded partial block is not its padding: [x, 0] and [x] differ.
-    padded = np.array([7, 0], dtype=np.int32)
-    assert key_hash(padded, 2) != key_hash(padded, 1)
+    # A key of a whole number of blocks is the prefix hash's mix, otherwise xxh64 (as ever).
+    assert key_hash(a, 1024) == mix64(full.item(63))
+    assert key_hash(a, 1000) == xxhash.xxh64_intdigest(a[:1000].tobytes(), 0x6C6C6D666C656574)
 
 
 def test_prefix_hashes_agree_exactly_up_to_the_first_differing_block() -> None:

@@ -23,7 +23,7 @@ def test_base_key_covers_two_blocks_or_all_full_blocks_or_all_tokens() -> None:
     assert key.chain == (key.hash,)
     # Passing the whole prompt's prefix hashes gives the same key without rehashing.
     assert keys.key(prompt, PrefixHasher(16).hashes(prompt)) == key
-    short = prompt[:300]  # not a whole number of blocks: the partial block is hashed too
+    short = prompt[:300]  # not a whole number of blocks: xxh64 of the tokens
     assert keys.key(short).hash == PrefixHasher(16).key_hash(short, 300)
     assert keys.key(short).hash != keys.key(prompt[:299]).hash
     other = np.concatenate([prompt[:1024], tokens(rng, 3000)])  # differs after the key

@@ -3,6 +3,7 @@
 #define LLMFLEET_FASTPATH_HASHING_H
 
 #include "common.h"
+#include "xxh64.h"
 
 /* prefix_hashes(tokens, mult, salt, salt_start, out, start_prefix) -> None
  *
@@ -58,19 +59,15 @@ fastpath_mix64(PyObject *self, PyObject *value)
 
 /* ---- Ring keys ---------------------------------------------------------------------------
  *
- * A prompt's ring key (router/policy/keys.py states the rule) is mix64(H(L)) of the prompt
- * hash H at the key length L:
+ * A prompt's ring key at length L (router/policy/keys.py states the rule):
  *
- *   H(L) = prefix hash of the L // B full blocks (0 for none)
- *        + (tail value ^ salt[L // B] ^ mix64(L % B))       when L % B != 0,
- *
- * with B the hash block size and the tail value the block formula over the trailing
- * partial block padded with zeros (its length enters through mix64(L % B), so padding is
- * not ambiguous). Every length, aligned or not, is thus one family of hashes, and an
- * aligned key is the prompt's prefix hash that the cache views use anyway.
+ *   mix64(prefix hash of the L / B blocks)   when L is a whole number of hash blocks B
+ *                                            (the prefix hash the cache views use anyway);
+ *   xxh64(int32 LE bytes of tokens[:L], KEY_SEED)   otherwise (a prompt shorter than a
+ *                                            block, a key cut by the prompt's end).
  */
 
-#define MAX_WORDS_PER_BLOCK 128
+#define KEY_SEED 0x6C6C6D666C656574ULL /* "llmfleet" */
 
 typedef struct {
     const unsigned char *tokens; /* int32 LE */
@@ -83,34 +80,33 @@ typedef struct {
     Py_ssize_t num_hashes;
 } PromptHashing;
 
-/* H(length), or sets an exception and returns 0 with *ok = 0. */
+/* The key hash at length, or sets an exception and returns 0 with *ok = 0. */
 static uint64_t
-prompt_hash(const PromptHashing *p, Py_ssize_t length, int *ok)
+key_value(const PromptHashing *p, Py_ssize_t length, int *ok)
 {
     Py_ssize_t block_tokens = 2 * p->words_per_block;
     Py_ssize_t blocks = length / block_tokens;
-    Py_ssize_t rest = length % block_tokens;
     *ok = 0;
-    if (length < 0 || length > p->num_tokens || blocks + (rest != 0) > p->num_salts) {
-        PyErr_SetString(PyExc_ValueError, "key length past the prompt or the salt table");
+    if (length < 0 || length > p->num_tokens) {
+        PyErr_SetString(PyExc_ValueError, "key length past the prompt");
         return 0;
     }
-    uint64_t h = 0;
-    Py_ssize_t known = blocks < p->num_hashes ? blocks : p->num_hashes;
-    if (known > 0)
-        h = p->hashes[known - 1];
-    for (Py_ssize_t k = known; k < blocks; k++) /* past the caller's hashes: continue */
+    *ok = 1;
+    if (blocks == 0 || blocks * block_tokens != length)
+        return xxh64(p->tokens, 4 * (size_t)length, KEY_SEED);
+    if (blocks <= p->num_hashes)
+        return mix64_value(p->hashes[blocks - 1]);
+    if (blocks > p->num_salts) {
+        *ok = 0;
+        PyErr_SetString(PyExc_ValueError, "key length past the salt table");
+        return 0;
+    }
+    /* Past the caller's hashes: continue the prefix hash from the last one given. */
+    uint64_t h = p->num_hashes ? p->hashes[p->num_hashes - 1] : 0;
+    for (Py_ssize_t k = p->num_hashes; k < blocks; k++)
         h += block_value(p->tokens + 4 * block_tokens * k, p->mult, p->words_per_block)
              ^ p->salt[k];
-    if (rest) {
-        unsigned char padded[8 * MAX_WORDS_PER_BLOCK];
-        memset(padded, 0, 8 * p->words_per_block);
-        memcpy(padded, p->tokens + 4 * block_tokens * blocks, 4 * rest);
-        h += block_value(padded, p->mult, p->words_per_block) ^ p->salt[blocks]
-             ^ mix64_value((uint64_t)rest);
-    }
-    *ok = 1;
-    return h;
+    return mix64_value(h);
 }
 
 typedef struct {
@@ -137,7 +133,7 @@ get_prompt(PyObject *tokens, PyObject *mult, PyObject *salt, PyObject *hashes,
     p->hashes = (const uint64_t *)b->hashes.buf;
     p->num_hashes = b->hashes.len / 8;
     if (b->tokens.len % 4 || p->words_per_block <= 0
-            || p->words_per_block > MAX_WORDS_PER_BLOCK || b->hashes.len % 8) {
+            || b->hashes.len % 8) {
         PyErr_SetString(PyExc_ValueError, "prompt key: bad buffer sizes");
         return -1;
     }
@@ -155,8 +151,8 @@ release_prompt(PromptBuffers *b)
 
 PyDoc_STRVAR(key_hash_doc,
 "key_hash(tokens, mult, salt, hashes, length) -> int\n\n"
-"mix64(H(length)) of a prompt (see the comment above it in _fastpath.c); hashes are the\n"
-"prompt's prefix hashes as far as the caller has them (may be empty).");
+"A prompt's ring key hash at length (see the comment above it in csrc/hashing.h);\n"
+"hashes are the prompt's prefix hashes as far as the caller has them (may be empty).");
 
 static PyObject *
 fastpath_key_hash(PyObject *self, PyObject *args)
@@ -171,12 +167,24 @@ fastpath_key_hash(PyObject *self, PyObject *args)
     memset(&b, 0, sizeof b);
     if (get_prompt(tokens, mult, salt, hashes, &b, &p) == 0) {
         int ok;
-        uint64_t h = prompt_hash(&p, length, &ok);
+        uint64_t h = key_value(&p, length, &ok);
         if (ok)
-            result = PyLong_FromUnsignedLongLong(mix64_value(h));
+            result = PyLong_FromUnsignedLongLong(h);
     }
     release_prompt(&b);
     return result;
+}
+
+static PyObject *
+fastpath_xxh64(PyObject *self, PyObject *args)
+{
+    Py_buffer data;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTuple(args, "y*|K", &data, &seed))
+        return NULL;
+    uint64_t h = xxh64((const unsigned char *)data.buf, (size_t)data.len, (uint64_t)seed);
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLongLong(h);
 }
 
 /* The split recorded for a hot key, -1 if the key is not hot, -2 on error. */
@@ -232,7 +240,7 @@ compute_prompt_key(const PromptHashing *p, Py_ssize_t length, Py_ssize_t hot_ste
                    Py_ssize_t max_length, PyObject *hot, PyObject *splits)
 {
     int ok;
-    uint64_t key = mix64_value(prompt_hash(p, length, &ok));
+    uint64_t key = key_value(p, length, &ok);
     if (!ok)
         return NULL;
     PyObject *chain = PyList_New(0), *result = NULL;
@@ -260,7 +268,7 @@ compute_prompt_key(const PromptHashing *p, Py_ssize_t length, Py_ssize_t hot_ste
         if (longer <= length)
             break;
         length = longer;
-        key = mix64_value(prompt_hash(p, length, &ok));
+        key = key_value(p, length, &ok);
         if (!ok)
             goto done;
     }
