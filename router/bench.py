@@ -75,9 +75,9 @@ def register_bench(bench_subparsers: Any) -> None:
     parser.add_argument("--refresh-every", type=int, default=256,
                         help="decisions between snapshot refreshes (load reports)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=5,
+    parser.add_argument("--repeat", type=int, default=9,
                         help="rounds of every policy; numbers are medians over rounds "
-                             "(default 5: one round is at the mercy of a noisy spell)")
+                             "(default 9: one round is at the mercy of a noisy spell)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="where to write the JSON ('-' for nowhere)")
     parser.add_argument("--json", action="store_true", help="print JSON (else a table)")

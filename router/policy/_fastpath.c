@@ -12,7 +12,8 @@
  *                    the binary search for a prompt's longest cached prefix and the
  *                    tail-first recording of a routed prompt as methods;
  *   locate         - the above composed into one call per decision (ring_keys.py), since
- *                    every interpreted call on the decision path costs ~0.3-0.5 µs.
+ *                    every interpreted call on the decision path costs ~0.3-0.5 µs;
+ *   affinity_pick  - DualMap's per-home TTFT estimates and affinity pick (dualmap.py).
  *
  * As Python dicts of ints, a view of 27k blocks per instance is ~150 bytes per block spread
  * over scattered objects: every probe of a search missed the CPU caches twice (the table,
@@ -27,6 +28,7 @@
 #include "csrc/lru.h"
 #include "csrc/ring.h"
 #include "csrc/locate.h"
+#include "csrc/affinity.h"
 
 static PyObject *
 fastpath_set_vector_kernels(PyObject *self, PyObject *value)
@@ -59,6 +61,7 @@ static PyMethodDef fastpath_methods[] = {
     {"key_hash", fastpath_key_hash, METH_VARARGS, key_hash_doc},
     {"prompt_key", fastpath_prompt_key, METH_VARARGS, prompt_key_doc},
     {"locate", fastpath_locate, METH_VARARGS, locate_doc},
+    {"affinity_pick", fastpath_affinity_pick, METH_VARARGS, affinity_pick_doc},
     {"xxh64", fastpath_xxh64, METH_VARARGS,
      "xxh64(data, seed=0) -> int: XXH64 of a bytes-like object (for tests)."},
     {"prefix_hashes", fastpath_prefix_hashes, METH_VARARGS,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from router.policy._fastpath import affinity_pick
 from router.policy.base import PreparedPrompt
 from router.policy.cache_tracking import CacheTrackingPolicy
 from router.policy.interfaces import ClusterSnapshot, Decision, RoutingRequest
@@ -111,31 +112,17 @@ class DualMapPolicy(CacheTrackingPolicy):
         homes, cached_blocks = self.rings.locate(prepared)
         if not homes:  # routable instances exist but none is on the rings (weight 0)
             return self._lowest_ttft(prepared, homes, [])
-        # Per candidate, c1 first: (cached tokens, predicted TTFT) and the affinity score,
-        # inlined (this is the hot path). The pick is the larger cached prefix, ties to the
-        # lower TTFT, then c1; a cached prefix counts only if it covers the prompt's key: a
-        # shorter one is shared with other conversations (a system prompt), and letting it
-        # count, in the cache comparison or in the TTFT tie-break, makes the first instances
-        # that happened to receive it win every new conversation while the others stay cold.
-        num_tokens = prepared.num_tokens
-        most_cached = max(0, num_tokens - 1)  # the engine recomputes at least the last token
-        key_length = prepared.key.length  # type: ignore[union-attr]  # set by locate
-        block_size = self.cache.block_size
-        index, queued = board.index, board.prefill_tokens
-        fixed, slope = self.fixed_seconds, self.seconds_per_token
-        estimates: list[tuple[int, float]] = []
-        scores: list[tuple[int, float]] = []
-        for instance_id, blocks in zip(homes, cached_blocks, strict=True):
-            i = index[instance_id]
-            base, ahead, per_token = fixed.item(i), queued.item(i), slope.item(i)
-            cached = min(blocks * block_size, most_cached)
-            ttft = base + (ahead + (num_tokens - cached)) * per_token  # == predicted_ttft
-            estimates.append((cached, ttft))
-            if cached >= key_length:
-                scores.append((-cached, ttft))
-            else:  # cold for this key: its TTFT as if nothing were cached
-                scores.append((0, base + (ahead + num_tokens) * per_token))
-        best = 0 if len(homes) == 1 or scores[0] <= scores[1] else 1
+        # Per candidate, c1 first: (cached tokens, predicted TTFT), and the affinity pick:
+        # the larger cached prefix, ties to the lower TTFT, then c1. A cached prefix counts
+        # only if it covers the prompt's key: a shorter one is shared with other
+        # conversations (a system prompt), and letting it count, in the cache comparison or
+        # in the TTFT tie-break, makes the first instances that happened to receive it win
+        # every new conversation while the others stay cold. Compiled (the hot path):
+        # _fastpath.affinity_pick states the arithmetic, == predicted_ttft per home.
+        best, estimates = affinity_pick(
+            homes, cached_blocks, board.index, self.fixed_seconds, board.prefill_tokens,
+            self.seconds_per_token, self.cache.block_size, prepared.num_tokens,
+            prepared.key.length)  # type: ignore[union-attr]  # locate set the key
         cached, ttft = estimates[best]
         if not self.slo_aware or ttft <= self.slo_bound_s:
             return Decision(homes[best], "affinity", homes, ttft, cached)

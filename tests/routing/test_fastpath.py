@@ -314,3 +314,57 @@ def test_prompt_key_follows_hot_splits_on_the_step_grid() -> None:
         capped, 2048, (base, longer, capped))
     # A split that would not lengthen the key stops the chain.
     assert hasher.prompt_key(prompt, None, 1024, 128, 4096, {base}, {base: 10})[1] == 1024
+
+
+def reference_affinity_pick(
+    homes: tuple[str, ...], blocks: tuple[int, ...], index: dict[str, int], fixed: np.ndarray,
+    queued: np.ndarray, slope: np.ndarray, block_size: int, num_tokens: int, key_length: int,
+) -> tuple[int, tuple[tuple[int, float], ...]]:
+    """DualMap's pick as plain Python (the rule dualmap.py states)."""
+    estimates, scores = [], []
+    for home, held in zip(homes, blocks, strict=True):
+        i = index[home]
+        base, ahead, per_token = fixed.item(i), queued.item(i), slope.item(i)
+        cached = min(held * block_size, max(0, num_tokens - 1))
+        ttft = base + (ahead + (num_tokens - cached)) * per_token
+        estimates.append((cached, ttft))
+        cold = base + (ahead + num_tokens) * per_token
+        scores.append((-cached, ttft) if cached >= key_length else (0, cold))
+    best = 0 if len(homes) == 1 or scores[0] <= scores[1] else 1
+    return best, tuple(estimates)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_affinity_pick_is_the_plain_rule(data: st.DataObject) -> None:
+    from router.policy._fastpath import affinity_pick
+
+    size = data.draw(st.integers(2, 6))
+    index = {f"i{k}": k for k in range(size)}
+    floats = st.floats(0.0, 5.0, allow_nan=False)
+    fixed = np.array(data.draw(st.lists(floats, min_size=size, max_size=size)))
+    queued = np.array(data.draw(st.lists(st.integers(0, 50_000), min_size=size,
+                                         max_size=size)), dtype=np.float64)
+    slope = np.array(data.draw(st.lists(st.sampled_from([1e-5, 2.1e-5, 3e-5]),
+                                        min_size=size, max_size=size)))
+    homes = tuple(data.draw(st.lists(st.sampled_from(sorted(index)), min_size=1, max_size=2,
+                                     unique=True)))
+    # Small block counts and equal loads make ties (in cache and in TTFT) common.
+    blocks = tuple(data.draw(st.lists(st.integers(0, 70), min_size=len(homes),
+                                      max_size=len(homes))))
+    num_tokens = data.draw(st.integers(0, 1200))
+    key_length = data.draw(st.sampled_from([0, 16, 512, 1024]))
+    args = (homes, blocks, index, fixed, queued, slope, 16, num_tokens, key_length)
+    assert affinity_pick(*args) == reference_affinity_pick(*args)
+
+
+def test_affinity_pick_rejects_what_it_cannot_read() -> None:
+    from router.policy._fastpath import affinity_pick
+
+    arrays = (np.zeros(2), np.zeros(2), np.ones(2))
+    with pytest.raises(KeyError):
+        affinity_pick(("nope",), (0,), {"a": 0}, *arrays, 16, 100, 16)
+    with pytest.raises(IndexError):
+        affinity_pick(("a",), (0,), {"a": 5}, *arrays, 16, 100, 16)
+    with pytest.raises(ValueError):
+        affinity_pick((), (), {"a": 0}, *arrays, 16, 100, 16)
