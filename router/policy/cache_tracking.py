@@ -45,37 +45,32 @@ class CacheTrackingPolicy(TrackedPolicy):
         # The model's parameters per instance, aligned with the board (see ``on_rebuild``).
         self.seconds_per_token: FloatArray = np.zeros(0)
         self.fixed_seconds: FloatArray = np.zeros(0)
-        # KV capacity in tokens last given to the cache view, by instance and aligned with
-        # the board; the board's membership version these arrays are aligned with.
-        self._capacity_tokens: dict[str, int] = {}
+        # KV capacity in tokens per instance as last given to the cache view, and the
+        # board's membership version it and the model's arrays are aligned with.
         self._capacity: FloatArray = np.zeros(0)
         self._membership_version = -1
 
     def on_rebuild(self) -> None:
         board = self.board
         capacity = board.capacity_tokens
-        if board.membership_version == self._membership_version:
-            # A load report: only KV sizes that changed matter (usually none).
-            changed = np.flatnonzero(capacity != self._capacity)
-            for i in changed.tolist():
-                if capacity[i] > 0:
-                    self.cache.set_capacity(board.ids[i], int(capacity[i]))
-            self._capacity = capacity
+        same_members = board.membership_version == self._membership_version
+        # A load report for the same fleet: only KV sizes that changed (usually none).
+        changed = (np.flatnonzero(capacity != self._capacity).tolist() if same_members
+                   else range(len(board.ids)))
+        for i in changed:
+            if capacity[i] > 0:
+                self.cache.set_capacity(board.ids[i], int(capacity[i]))
+        self._capacity = capacity
+        if same_members:
             return
         self._membership_version = board.membership_version
         for instance_id in board.ids:
             self.cache.ensure(instance_id)  # every view exists, so tables by slot are stable
-        for i, instance_id in enumerate(board.ids):
-            if capacity[i] > 0 and self._capacity_tokens.get(instance_id) != capacity[i]:
-                self.cache.set_capacity(instance_id, int(capacity[i]))
-            self._capacity_tokens[instance_id] = int(capacity[i])
-        self._capacity = capacity
         present = set(board.ids)
         for instance_id in self.cache.instance_ids():
             if instance_id not in present:  # left the fleet: its cache is gone with it
                 self.cache.remove_instance(instance_id)
                 self.predictor.forget(instance_id)
-                self._capacity_tokens.pop(instance_id, None)
         params = [self.predictor.params(i) for i in board.ids]
         self.fixed_seconds = np.array([fixed for fixed, _ in params], dtype=np.float64)
         self.seconds_per_token = np.array([slope for _, slope in params], dtype=np.float64)

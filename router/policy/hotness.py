@@ -21,8 +21,9 @@ A prefix is *hot* when it was seen at least ``max(min_count, share * requests_in
 times and has a split. A prefix that turned hot stays hot until its count falls below half
 that threshold (hysteresis), so keys near the threshold do not flip back and forth.
 Whether a prefix is hot is decided each time a request through it is recorded (and when its
-count falls to zero), and kept in a set: a key lookup on the routing path is then one set
-probe (``hot_split``), not a recomputation of the threshold.
+count falls to zero), and kept in the set ``hot`` (with ``splits``): a key lookup on the
+routing path (``keys.PrefixKeyBuilder.key``, compiled) is then one set probe, not a
+recomputation of the threshold.
 """
 
 from __future__ import annotations
@@ -72,14 +73,9 @@ class HotPrefixDetector:
         """Earliest position where prompts through ``prefix_hash`` differ (None: never)."""
         return self.splits.get(prefix_hash)
 
-    def hot_split(self, prefix_hash: int) -> int | None:
-        """The split of ``prefix_hash`` if it was hot when a request through it was last
-        recorded, else None (the routing path's question: one set probe)."""
-        return self.splits[prefix_hash] if prefix_hash in self.hot else None
-
     def is_hot(self, prefix_hash: int, share: float) -> bool:
         """True if ``prefix_hash`` carries >= ``share`` of the window and its prompts split
-        (computed now from the counts; ``record`` stores the answer for ``hot_split``)."""
+        (computed now from the counts; ``record`` stores the answer in ``hot``)."""
         if prefix_hash not in self.splits:
             return False
         threshold = max(self.min_count, share * len(self._recent))
