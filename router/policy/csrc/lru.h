@@ -453,9 +453,9 @@ PrefixLru_count(PrefixLru *self, PyObject *value)
 static PyObject *
 PrefixLru_clear(PrefixLru *self, PyObject *Py_UNUSED(ignored))
 {
-    reset(self);
-    if (alloc_table(self, 6) < 0)
+    if (alloc_table(self, 6) < 0) /* the new, empty table first: on failure nothing changed */
         return NULL;
+    reset(self);
     Py_RETURN_NONE;
 }
 
