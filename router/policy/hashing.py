@@ -119,16 +119,10 @@ class PrefixHasher:
         self._salt = _constants(_SALT_LABEL, 4096)  # 64k tokens at 16 per block; grows
         self._no_hashes = np.empty(0, dtype=np.uint64)
 
-    def reserve(self, num_tokens: int) -> None:
-        """Make the salt table cover every block, partial or full, of ``num_tokens``."""
-        blocks = -(-num_tokens // self.block_size)
-        if blocks > len(self._salt):
-            self._salts(0, blocks)
-
     def constants(self, num_tokens: int) -> tuple[HashArray, HashArray]:
         """(multipliers, salts) for compiled kernels hashing a prompt of ``num_tokens``."""
         if num_tokens > len(self._salt) * self.block_size:
-            self.reserve(num_tokens)
+            self._salts(0, -(-num_tokens // self.block_size))  # grows the table
         return self._mult, self._salt
 
     def key_hash(

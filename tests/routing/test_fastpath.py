@@ -254,7 +254,7 @@ def test_ring_index_rejects_bad_input_and_handles_an_empty_ring() -> None:
     with pytest.raises(OverflowError):
         ring.first(-1, b"\x01")
     with pytest.raises(IndexError):
-        ring.owner_at(3)
+        ring.next_distinct(3)
 
 
 KEY_SEED = 0x6C6C_6D66_6C65_6574  # "llmfleet"

@@ -233,13 +233,6 @@ parse_point(const RingIndex *self, PyObject *value)
 }
 
 static PyObject *
-RingIndex_owner_at(RingIndex *self, PyObject *value)
-{
-    Py_ssize_t index = parse_point(self, value);
-    return index < 0 ? NULL : PyLong_FromLong(self->owners[index]);
-}
-
-static PyObject *
 RingIndex_next_distinct(RingIndex *self, PyObject *value)
 {
     Py_ssize_t index = parse_point(self, value);
@@ -250,8 +243,6 @@ static PyMethodDef RingIndex_methods[] = {
     {"first", (PyCFunction)RingIndex_first, METH_VARARGS, ring_first_doc},
     {"index", (PyCFunction)RingIndex_index, METH_O,
      "index(position) -> int: the first point at or after position (len past the last)."},
-    {"owner_at", (PyCFunction)RingIndex_owner_at, METH_O,
-     "owner_at(point) -> int: the owner label of a point."},
     {"next_distinct", (PyCFunction)RingIndex_next_distinct, METH_O,
      "next_distinct(point) -> int: the next point clockwise with another owner (itself\n"
      "if the ring has one owner)."},
