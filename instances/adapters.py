@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from router.state import ClusterStateStore, InstanceRecord
+from proto.registry import InstanceRecord, RegistryWriter
 
 log = logging.getLogger("llmfleet.adapters")
 
@@ -60,7 +60,7 @@ def detect_api(text: str) -> str:
 class ExternalReplicaAgent:
     """Registers one external OpenAI-compatible server and heartbeats its load."""
 
-    def __init__(self, url: str, store: ClusterStateStore, instance_id: str,
+    def __init__(self, url: str, store: RegistryWriter, instance_id: str,
                  model: str | None = None, poll_s: float = 1.0) -> None:
         self.url = url.rstrip("/")
         self.store = store

@@ -6,12 +6,14 @@ Each replica is a ``llmfleet engine`` process. Children are tied to the launcher
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +25,13 @@ import httpx
 log = logging.getLogger("llmfleet.launcher")
 
 _PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the OS says is free now (for tests and launchers; never hard-code ports)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def _die_with_parent() -> None:
@@ -161,3 +170,24 @@ class EngineSupervisor:
 def print_event(event: str, **fields: object) -> None:
     """One JSON line on stdout: launchers and tests read these."""
     print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def watch_external_backends(urls: list[str], redis_url: str, namespace: str,
+                            ttl: float) -> threading.Thread | None:
+    """Register servers llmfleet did not start (vLLM, SGLang, any OpenAI server): a thread
+    of ``ExternalReplicaAgent``s heartbeats what each one's ``/metrics`` says."""
+    if not urls:
+        return None
+    from instances.adapters import ExternalReplicaAgent
+    from proto.registry import RegistryWriter
+
+    async def main() -> None:
+        store = RegistryWriter.from_url(redis_url, namespace, ttl)
+        agents = [ExternalReplicaAgent(u, store, f"external-{i}", poll_s=ttl / 3)
+                  for i, u in enumerate(urls)]
+        await asyncio.gather(*(a.run() for a in agents))
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True,
+                              name="external-agents")
+    thread.start()
+    return thread

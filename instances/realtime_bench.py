@@ -23,8 +23,7 @@ from typing import Any
 
 import httpx
 
-from instances.launcher import EngineSpec, EngineSupervisor
-from instances.server import free_port
+from instances.launcher import EngineSpec, EngineSupervisor, free_port
 
 RESULTS = os.path.join("docs", "results", "engine-realtime.json")
 MIN_BUSY = 0.5  # device seconds per real second each replica must have had

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,17 +30,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from instances.async_engine import AsyncEngine
 from instances.engine.core import EngineCore
 from instances.engine.types import SamplingParams, TokenEvent
-from instances.openai_protocol import (
-    CACHED_TOKENS_HEADER,
-    INSTANCE_HEADER,
-    REQUEST_ID_HEADER,
-    ChatCompletionRequest,
-    CompletionRequest,
-    OpenAIError,
-    install_error_handlers,
-    parse_body,
-)
-from instances.tokenizer import EOS_TOKEN_ID
+from instances.launcher import free_port
+from instances.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from proto.byte_tokenizer import EOS_TOKEN_ID
+from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_NAMESPACE
+from proto.headers import CACHED_TOKENS_HEADER, INSTANCE_HEADER, REQUEST_ID_HEADER
+from proto.openai import OpenAIError, install_error_handlers
 
 log = logging.getLogger("llmfleet.engine")
 
@@ -61,8 +55,8 @@ class EngineServerConfig:
     instance_id: str = field(default_factory=lambda: f"engine-{uuid.uuid4().hex[:8]}")
     advertise_url: str = ""
     redis_url: str | None = None
-    heartbeat_ttl_s: float = 3.0
-    namespace: str = "llmfleet"
+    heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_S
+    namespace: str = DEFAULT_NAMESPACE
     weight: float = 1.0
     kv_events_endpoint: str | None = None  # e.g. "tcp://127.0.0.1:*" (any free port)
 
@@ -180,7 +174,7 @@ def create_engine_app(
     """The replica's FastAPI app. The engine loop and heartbeat run while the app lives."""
     publisher = None
     if config.kv_events_endpoint:
-        from instances.kv_events import KVEventPublisher
+        from proto.kv_events import KVEventPublisher
 
         publisher = KVEventPublisher(config.instance_id, config.kv_events_endpoint)
     state: dict[str, Any] = {"draining": False,
@@ -394,10 +388,10 @@ def _full_response(chat: bool, response_id: str, created: int, model: str,
 async def _heartbeat_loop(engine: AsyncEngine, config: EngineServerConfig,
                           state: dict[str, Any]) -> None:
     """Register in Redis and refresh the registration with a load report, ~3× per TTL."""
-    from router.state import ClusterStateStore, InstanceRecord, load_report
+    from proto.registry import InstanceRecord, RegistryWriter, load_report
 
     assert config.redis_url
-    store = ClusterStateStore(config.redis_url, config.namespace, config.heartbeat_ttl_s)
+    store = RegistryWriter.from_url(config.redis_url, config.namespace, config.heartbeat_ttl_s)
     period = config.heartbeat_ttl_s / 3
     try:
         while not state.get("stopping"):
@@ -415,13 +409,6 @@ async def _heartbeat_loop(engine: AsyncEngine, config: EngineServerConfig,
         with contextlib.suppress(Exception):
             await store.deregister(config.instance_id)
         await store.close()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port the OS says is free now (for tests and launchers; never hard-code ports)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def run_engine(args: argparse.Namespace) -> int:

@@ -103,8 +103,7 @@ def live_fleet(config: RunConfig, *, heartbeat_ttl_s: float = 3.0,
                refresh_interval_s: float = 0.2, log_dir: str | None = None) -> Iterator[str]:
     """Redis + ``config.instances`` emulated replicas + one gateway (child process), all on
     free 127.0.0.1 ports; yields the gateway URL and stops everything on exit."""
-    from instances.launcher import EngineSpec, EngineSupervisor
-    from instances.server import free_port
+    from instances.launcher import EngineSpec, EngineSupervisor, free_port
     from router.embedded_redis import embedded_redis
 
     workdir = tempfile.mkdtemp(prefix="llmfleet-fidelity-")

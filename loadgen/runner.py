@@ -21,10 +21,10 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from instances.openai_protocol import INSTANCE_HEADER, REQUEST_ID_HEADER
 from loadgen.config import RunConfig, load_workload, warmup_count
 from loadgen.metrics import RequestOutcome, imbalance, summarize
 from loadgen.request import TraceRequest
+from proto.headers import INSTANCE_HEADER, REQUEST_ID_HEADER
 
 
 def completion_body(request: TraceRequest, model: str, ignore_eos: bool) -> dict[str, Any]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from proto.defaults import DEFAULT_PROFILE
+from proto.profiles import profile_fields
 from router.policy.interfaces import RoutingPolicy
 from router.policy.registry import accepted_params, build_policy
-
-DEFAULT_PROFILE = "h100-llama3-8b"
 
 
 def fleet_policy_params(
@@ -25,13 +25,12 @@ def fleet_policy_params(
     block_size: int = 16,
 ) -> dict[str, Any]:
     """The fleet-derived parameters for replicas of hardware ``profile``."""
-    from instances.engine.factory import load_profile
-
-    hardware = load_profile(profile or DEFAULT_PROFILE)
-    capacity = num_gpu_blocks * block_size if num_gpu_blocks else hardware.kv_capacity_tokens
+    hardware = profile_fields(profile or DEFAULT_PROFILE)
+    capacity = num_gpu_blocks * block_size if num_gpu_blocks else int(
+        hardware["kv_capacity_tokens"])
     return {
         "slo_ttft_s": slo_ttft_s,
-        "prefill_s_per_token": hardware.prefill_s_per_token,
+        "prefill_s_per_token": float(hardware["prefill_s_per_token"]),
         "cache_capacity_tokens": capacity,
         "cache_block_size": block_size,
     }

@@ -24,17 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from instances.openai_protocol import (
-    CACHED_TOKENS_HEADER,
-    INSTANCE_HEADER,
-    REQUEST_ID_HEADER,
-    ChatCompletionRequest,
-    CompletionRequest,
-    OpenAIError,
-    error_body,
-    install_error_handlers,
-    parse_body,
-)
+from instances.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from proto.headers import CACHED_TOKENS_HEADER, INSTANCE_HEADER, REQUEST_ID_HEADER
+from proto.openai import OpenAIError, error_body, install_error_handlers
 from router.policy.interfaces import (
     ClusterSnapshot,
     Decision,
@@ -134,7 +126,7 @@ class Gateway:
             limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
         )
         if hasattr(self.policy, "apply_kv_events"):
-            from instances.kv_events import KVEventSubscriber
+            from proto.kv_events import KVEventSubscriber
 
             self._kv_subscriber = KVEventSubscriber(self._on_kv_events)
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())

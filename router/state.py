@@ -5,10 +5,8 @@ lives here, so any replica can serve any request and replicas can come and go.
 
 Keys (``ns`` is a namespace prefix, default ``llmfleet``):
 
-- ``{ns}:instances``          set of instance ids ever registered and not yet reaped
-- ``{ns}:instance:{id}``      hash: url, model, api, weight, block_size + the last load report;
-                              expires ``ttl_s`` after the last heartbeat (so a dead replica
-                              vanishes within its TTL)
+- ``{ns}:instances``, ``{ns}:instance:{id}``: the registry (``proto.registry``: replicas
+  heartbeat their record and load there)
 - ``{ns}:ring``               hash: epoch, members (JSON list of [id, weight], sorted)
 - ``{ns}:leader``             the control-loop leader's id, with a lease (SET NX PX)
 - ``{ns}:req:{request_id}``   the instance serving a request (for migration and debugging)
@@ -18,57 +16,45 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, cast
 
 import redis.asyncio as aioredis
 
+from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_NAMESPACE
+from proto.registry import InstanceRecord, RegistryWriter, instance_key, instances_key
 from router.policy.interfaces import ClusterSnapshot, InstanceView
 
-DEFAULT_NAMESPACE = "llmfleet"
-DEFAULT_HEARTBEAT_TTL_S = 3.0
 REQUEST_TABLE_TTL_S = 600
 
 
-@dataclass(frozen=True)
-class InstanceRecord:
-    """A registered instance: static facts plus its last load report."""
-
-    instance_id: str
-    url: str
-    model: str
-    api: str = "vllm"
-    weight: float = 1.0
-    block_size: int = 16
-    load: Mapping[str, float] | None = None
-    kv_events: str = ""  # ZMQ endpoint of its vLLM-format KV events, if it publishes them
-
-    def to_view(self, healthy: bool = True, draining: bool = False) -> InstanceView:
-        load = self.load or {}
-        return InstanceView(
-            instance_id=self.instance_id,
-            url=self.url,
-            healthy=healthy,
-            draining=draining or bool(load.get("draining", 0)),
-            weight=self.weight,
-            num_running=int(load.get("num_running", 0)),
-            num_waiting=int(load.get("num_waiting", 0)),
-            waiting_prefill_tokens=int(load.get("waiting_prefill_tokens", 0)),
-            kv_usage=float(load.get("kv_usage", 0.0)),
-            free_blocks=int(load.get("free_blocks", 0)),
-            total_blocks=int(load.get("total_blocks", 0)),
-            block_size=self.block_size,
-            report_time=float(load.get("report_time", 0.0)),
-        )
+def view_of(record: InstanceRecord, healthy: bool = True, draining: bool = False) -> InstanceView:
+    """The routing view of a registered instance, from its record and last load report."""
+    load = record.load or {}
+    return InstanceView(
+        instance_id=record.instance_id,
+        url=record.url,
+        healthy=healthy,
+        draining=draining or bool(load.get("draining", 0)),
+        weight=record.weight,
+        num_running=int(load.get("num_running", 0)),
+        num_waiting=int(load.get("num_waiting", 0)),
+        waiting_prefill_tokens=int(load.get("waiting_prefill_tokens", 0)),
+        kv_usage=float(load.get("kv_usage", 0.0)),
+        free_blocks=int(load.get("free_blocks", 0)),
+        total_blocks=int(load.get("total_blocks", 0)),
+        block_size=record.block_size,
+        report_time=float(load.get("report_time", 0.0)),
+    )
 
 
 def redis_url_from_env(default: str | None = None) -> str | None:
     return os.environ.get("REDIS_URL", default)
 
 
-class ClusterStateStore:
-    """Async access to the cluster state. One per process; safe to share between tasks."""
+class ClusterStateStore(RegistryWriter):
+    """Async access to the cluster state. One per process; safe to share between tasks.
+
+    It can also write the registry (``heartbeat``, ``deregister``), as tests and agents do.
+    """
 
     def __init__(
         self,
@@ -76,53 +62,25 @@ class ClusterStateStore:
         namespace: str = DEFAULT_NAMESPACE,
         heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_S,
     ) -> None:
+        super().__init__(aioredis.Redis.from_url(redis_url, decode_responses=True), namespace,
+                         heartbeat_ttl_s)
         self.redis_url = redis_url
-        self.namespace = namespace
-        self.heartbeat_ttl_s = heartbeat_ttl_s
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.namespace, *parts))
 
-    async def close(self) -> None:
-        await self._redis.aclose()
-
     async def ping(self) -> bool:
         return bool(await self._redis.ping())
 
-    # -- registry -----------------------------------------------------------------------
-    async def heartbeat(self, record: InstanceRecord) -> None:
-        """Register or refresh an instance with its current load; expires after the TTL."""
-        fields: dict[str, str] = {
-            "url": record.url,
-            "model": record.model,
-            "api": record.api,
-            "weight": repr(record.weight),
-            "block_size": str(record.block_size),
-            "load": json.dumps(dict(record.load or {})),
-            "kv_events": record.kv_events,
-        }
-        key = self._key("instance", record.instance_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(self._key("instances"), record.instance_id)
-            pipe.hset(key, mapping=cast(Any, fields))
-            pipe.pexpire(key, int(self.heartbeat_ttl_s * 1000))
-            await pipe.execute()
-
-    async def deregister(self, instance_id: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.srem(self._key("instances"), instance_id)
-            pipe.delete(self._key("instance", instance_id))
-            await pipe.execute()
-
+    # -- registry (read side; the write side is proto.registry.RegistryWriter) ---------
     async def live_instances(self) -> list[InstanceRecord]:
         """Instances whose heartbeat has not expired, sorted by id. Reaps expired ids."""
-        ids = sorted(str(i) for i in await self._redis.smembers(self._key("instances")))
+        ids = sorted(str(i) for i in await self._redis.smembers(instances_key(self.namespace)))
         if not ids:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for instance_id in ids:
-                pipe.hgetall(self._key("instance", instance_id))
+                pipe.hgetall(instance_key(self.namespace, instance_id))
             rows: list[dict[str, str]] = await pipe.execute()
         live: list[InstanceRecord] = []
         dead: list[str] = []
@@ -130,20 +88,9 @@ class ClusterStateStore:
             if not row:
                 dead.append(instance_id)
                 continue
-            live.append(
-                InstanceRecord(
-                    instance_id=instance_id,
-                    url=row["url"],
-                    model=row.get("model", ""),
-                    api=row.get("api", "vllm"),
-                    weight=float(row.get("weight", "1.0")),
-                    block_size=int(row.get("block_size", "16")),
-                    load=json.loads(row.get("load") or "{}"),
-                    kv_events=row.get("kv_events", ""),
-                )
-            )
+            live.append(InstanceRecord.from_fields(instance_id, row))
         if dead:
-            await self._redis.srem(self._key("instances"), *dead)
+            await self._redis.srem(instances_key(self.namespace), *dead)
         return live
 
     # -- ring epoch ---------------------------------------------------------------------
@@ -222,21 +169,8 @@ def snapshot_from_records(
         if record is None:
             views.append(InstanceView(instance_id=instance_id, healthy=False, weight=weight))
         else:
-            views.append(record.to_view())
-    views.extend(r.to_view() for r in by_id.values())
+            views.append(view_of(record))
+    views.extend(view_of(r) for r in by_id.values())
     views.sort(key=lambda v: v.instance_id)
     return ClusterSnapshot(epoch=epoch, instances=tuple(views))
 
-
-def load_report(stats: Any, report_time: float, draining: bool = False) -> dict[str, float]:
-    """The load fields an instance heartbeats, from an ``EngineStats``-like object."""
-    return {
-        "num_running": float(stats.num_running),
-        "num_waiting": float(stats.num_waiting),
-        "waiting_prefill_tokens": float(stats.waiting_prefill_tokens),
-        "kv_usage": float(stats.kv_usage),
-        "free_blocks": float(stats.free_blocks),
-        "total_blocks": float(stats.total_blocks),
-        "report_time": report_time,
-        "draining": 1.0 if draining else 0.0,
-    }

@@ -9,7 +9,6 @@ printed URL. It runs until Ctrl-C (or SIGTERM) and then stops everything it star
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -22,8 +21,13 @@ from typing import Any
 
 import httpx
 
-from instances.launcher import EngineSpec, EngineSupervisor, print_event
-from instances.server import free_port
+from instances.launcher import (
+    EngineSpec,
+    EngineSupervisor,
+    free_port,
+    print_event,
+    watch_external_backends,
+)
 from router.embedded_redis import embedded_redis
 
 log = logging.getLogger("llmfleet.up")
@@ -67,25 +71,6 @@ def _gateway_config(args: argparse.Namespace, redis_url: str) -> Any:
                          heartbeat_ttl_s=args.heartbeat_ttl)
 
 
-def _start_external_agents(urls: list[str], redis_url: str, namespace: str,
-                           ttl: float) -> threading.Thread | None:
-    if not urls:
-        return None
-    from instances.adapters import ExternalReplicaAgent
-    from router.state import ClusterStateStore
-
-    async def main() -> None:
-        store = ClusterStateStore(redis_url, namespace, ttl)
-        agents = [ExternalReplicaAgent(u, store, f"external-{i}", poll_s=ttl / 3)
-                  for i, u in enumerate(urls)]
-        await asyncio.gather(*(a.run() for a in agents))
-
-    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True,
-                              name="external-agents")
-    thread.start()
-    return thread
-
-
 def _wait_gateway(url: str, engines: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     last = ""
@@ -122,7 +107,7 @@ def run_up(args: argparse.Namespace) -> int:
         stack.callback(supervisor.stop)
         supervisor.start()
         print_event("engines_ready", engines=supervisor.describe())
-        _start_external_agents(args.backend or [], redis_url, "llmfleet", args.heartbeat_ttl)
+        watch_external_backends(args.backend or [], redis_url, "llmfleet", args.heartbeat_ttl)
 
         host = args.host
         port = _pick_port(host, args.port)

@@ -24,8 +24,6 @@ and machines, so the router can compute the very same hashes (``compute_block_ha
 
 from __future__ import annotations
 
-import sys
-from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -33,26 +31,12 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from instances.engine.types import KVEvent
+from proto.kv_events import KVEvent
+from proto.tokens import as_token_array
 
 # Seed of the first block of every sequence (the "parent" of block 0). An arbitrary odd
 # 64-bit constant; changing it changes every hash the router and engines agree on.
 ROOT_BLOCK_HASH = 0x9E3779B97F4A7C15
-
-TokenArray = npt.NDArray[np.int32]
-
-_NATIVE_INT32_LE = array("i").itemsize == 4 and sys.byteorder == "little"
-
-
-def as_token_array(token_ids: Sequence[int] | npt.NDArray[np.integer]) -> TokenArray:
-    """``token_ids`` as a contiguous little-endian int32 array (no copy if it already is).
-
-    Raises OverflowError for a value outside int32 and TypeError for a non-integer.
-    """
-    if isinstance(token_ids, list) and _NATIVE_INT32_LE:
-        # array('i') converts a list about 3x faster than numpy does.
-        return np.frombuffer(array("i", token_ids), dtype="<i4")
-    return np.ascontiguousarray(token_ids, dtype="<i4")
 
 
 def hash_block_tokens(

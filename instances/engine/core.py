@@ -37,11 +37,11 @@ from instances.engine.types import (
     EngineRequest,
     EngineStats,
     KVBlockCopy,
-    KVEvent,
     RequestStatus,
     StepResult,
     TokenEvent,
 )
+from proto.kv_events import KVEvent
 
 
 class InsufficientKVBlocks(RuntimeError):

@@ -32,7 +32,7 @@ from instances.engine.executor import (
     sampling_seed,
 )
 from instances.engine.profile import HardwareProfile
-from instances.tokenizer import VOCAB_SIZE
+from proto.byte_tokenizer import VOCAB_SIZE
 
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 _ROLL_MULTIPLIER = 0x100000001B3  # FNV-64 prime: odd, so the fold is a bijection per step

@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
-import json
-from functools import cache
-from importlib import resources
 from typing import Any
 
 from instances.engine.config import EngineConfig
 from instances.engine.core import EngineCore
 from instances.engine.executor import Executor
 from instances.engine.profile import HardwareProfile
+from proto.defaults import DEFAULT_PROFILE
+from proto.profiles import profile_fields
 
 EXECUTORS = ("emulated", "tiny")
-DEFAULT_PROFILES = {"emulated": "h100-llama3-8b", "tiny": "tiny-cpu"}
-
-
-@cache
-def _profile_table() -> dict[str, dict[str, Any]]:
-    text = resources.files("instances.engine").joinpath("profiles.json").read_text("utf-8")
-    table: dict[str, dict[str, Any]] = json.loads(text)["profiles"]
-    return table
-
-
-def list_profiles() -> list[str]:
-    """Names of the profiles in ``profiles.json``."""
-    return sorted(_profile_table())
+DEFAULT_PROFILES = {"emulated": DEFAULT_PROFILE, "tiny": "tiny-cpu"}
 
 
 def load_profile(name: str) -> HardwareProfile:
     """The named profile from ``profiles.json``; ValueError listing the names if unknown."""
-    table = _profile_table()
-    if name not in table:
-        raise ValueError(f"unknown profile {name!r}; known: {', '.join(sorted(table))}")
-    return HardwareProfile(name=name, **table[name])
+    return HardwareProfile(name=name, **profile_fields(name))
 
 
 def build_executor(executor: str, profile: HardwareProfile, seed: int = 0) -> Executor:

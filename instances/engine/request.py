@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from instances.engine.block_manager import TokenArray, as_token_array, compute_block_hashes
+from instances.engine.block_manager import compute_block_hashes
 from instances.engine.types import EngineRequest, RequestStatus, SamplingParams
-from instances.tokenizer import EOS_TOKEN_ID
+from proto.byte_tokenizer import EOS_TOKEN_ID
+from proto.tokens import TokenArray, as_token_array
 
 
 class Request:

@@ -36,7 +36,7 @@ from instances.engine.executor import (
     uniform_for_position,
 )
 from instances.engine.profile import HardwareProfile
-from instances.tokenizer import VOCAB_SIZE
+from proto.byte_tokenizer import VOCAB_SIZE
 
 Float64Array = npt.NDArray[np.float64]
 

@@ -79,17 +79,6 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
-class KVEvent:
-    """vLLM-format KV cache event (BlockStored / BlockRemoved / AllBlocksCleared)."""
-
-    kind: str  # "BlockStored" | "BlockRemoved" | "AllBlocksCleared"
-    block_hashes: tuple[int, ...] = ()
-    parent_block_hash: int | None = None
-    token_ids: tuple[int, ...] = ()
-    block_size: int = 0
-
-
-@dataclass(frozen=True)
 class KVBlockCopy:
     """One full, computed KV block as it travels between engines (live migration).
 

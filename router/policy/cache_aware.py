@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from proto.defaults import DEFAULT_CACHE_CAPACITY_TOKENS
 from router.policy.base import PreparedPrompt, TrackedPolicy
 from router.policy.interfaces import ClusterSnapshot, Decision, RoutingRequest
 from router.policy.load_board import FloatArray
@@ -45,7 +46,7 @@ class CacheAwarePolicy(TrackedPolicy):
         balance_rel_threshold: float = 1.1,
         eviction_interval_s: float = 30.0,
         max_tree_size: int | None = None,
-        default_capacity_tokens: int = 440_000,
+        default_capacity_tokens: int = DEFAULT_CACHE_CAPACITY_TOKENS,
     ) -> None:
         super().__init__()
         self.cache_threshold = cache_threshold

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from instances.engine.types import KVEvent
+from proto.defaults import DEFAULT_CACHE_CAPACITY_TOKENS, DEFAULT_PREFILL_S_PER_TOKEN
+from proto.kv_events import KVEvent
 from router.policy.base import PreparedPrompt, TrackedPolicy
 from router.policy.cache_view import PrefixCacheView
 from router.policy.hashing import PrefixHashes
@@ -35,8 +36,8 @@ class CacheTrackingPolicy(TrackedPolicy):
     def __init__(
         self,
         cache_block_size: int = 16,
-        cache_capacity_tokens: int = 440_000,
-        prefill_s_per_token: float = 2.1e-5,
+        cache_capacity_tokens: int = DEFAULT_CACHE_CAPACITY_TOKENS,
+        prefill_s_per_token: float = DEFAULT_PREFILL_S_PER_TOKEN,
         learning_decay: float = 0.95,
     ) -> None:
         super().__init__()

@@ -28,8 +28,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from instances.engine.types import KVEvent
-from router.policy._fastpath import PrefixLru
+from proto.defaults import DEFAULT_CACHE_CAPACITY_TOKENS
+from proto.kv_events import KVEvent
+from router.policy.fastpath import PrefixLru
 from router.policy.hashing import HashArray, PrefixHasher, PrefixHashes
 
 _UNBOUNDED = 2**62  # a precise view holds whatever its engine reports
@@ -62,7 +63,8 @@ class PrefixCacheView:
     ``set_capacity`` tells its real KV capacity.
     """
 
-    def __init__(self, block_size: int = 16, default_capacity_tokens: int = 440_000) -> None:
+    def __init__(self, block_size: int = 16,
+                 default_capacity_tokens: int = DEFAULT_CACHE_CAPACITY_TOKENS) -> None:
         self.hasher = PrefixHasher(block_size)
         self.block_size = block_size
         self.default_capacity_blocks = max(1, default_capacity_tokens // block_size)

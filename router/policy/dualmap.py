@@ -35,9 +35,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from router.policy._fastpath import affinity_pick
+from proto.defaults import (
+    DEFAULT_CACHE_CAPACITY_TOKENS,
+    DEFAULT_PREFILL_S_PER_TOKEN,
+    DEFAULT_SLO_TTFT_S,
+)
 from router.policy.base import PreparedPrompt
 from router.policy.cache_tracking import CacheTrackingPolicy
+from router.policy.fastpath import affinity_pick
 from router.policy.interfaces import ClusterSnapshot, Decision, RoutingRequest
 from router.policy.keys import PrefixKeyBuilder
 from router.policy.rebalance import Move, QueuedRequest, plan_rebalance
@@ -51,7 +56,7 @@ class DualMapPolicy(CacheTrackingPolicy):
 
     def __init__(
         self,
-        slo_ttft_s: float = 5.0,
+        slo_ttft_s: float = DEFAULT_SLO_TTFT_S,
         slo_factor: float = 0.5,
         slo_aware: bool = True,
         key_blocks: int = 2,
@@ -64,8 +69,8 @@ class DualMapPolicy(CacheTrackingPolicy):
         hot_min_count: int = 16,
         vnodes_per_weight: int = 160,
         cache_block_size: int = 16,
-        cache_capacity_tokens: int = 440_000,
-        prefill_s_per_token: float = 2.1e-5,
+        cache_capacity_tokens: int = DEFAULT_CACHE_CAPACITY_TOKENS,
+        prefill_s_per_token: float = DEFAULT_PREFILL_S_PER_TOKEN,
         learning_decay: float = 0.95,
         rebalance_max_wait_s: float = 3.0,
         fallback_probes: int = 4,
@@ -182,7 +187,9 @@ class DualMapPolicy(CacheTrackingPolicy):
         self, queued: Sequence[QueuedRequest], snapshot: ClusterSnapshot, now: float
     ) -> list[Move]:
         """Moves of router-queued requests off hotspots (``rebalance.plan_rebalance``) using
-        this policy's cache view and learned TTFT model; changes no state."""
+        this policy's cache view and learned TTFT model; changes no state. The board already
+        counts the queued requests (they were ``on_dispatched`` when queued), so a target's
+        prediction is its board load plus the planned change."""
         self.sync(snapshot)
 
         def own_tokens(q: QueuedRequest, instance_id: str) -> int:

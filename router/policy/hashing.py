@@ -40,9 +40,9 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from instances.engine.block_manager import as_token_array
-from router.policy._fastpath import PromptKey, key_hash, prefix_hashes, prompt_key
-from router.policy._fastpath import mix64 as mix64  # re-exported: the key finaliser
+from proto.tokens import as_token_array
+from router.policy.fastpath import PromptKey, key_hash, prefix_hashes, prompt_key
+from router.policy.fastpath import mix64 as mix64  # re-exported: the key finaliser
 
 if sys.byteorder != "little":  # the compiled kernels read int32 pairs as little-endian words
     raise ImportError("llmfleet's routing kernels need a little-endian machine")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from proto.defaults import DEFAULT_CACHE_CAPACITY_TOKENS, DEFAULT_PREFILL_S_PER_TOKEN
 from router.policy.cache_tracking import CacheTrackingPolicy
 from router.policy.interfaces import (
     ClusterSnapshot,
@@ -37,8 +38,8 @@ class PipelinePolicy(CacheTrackingPolicy):
         self,
         name: str = "pipeline",
         cache_block_size: int = 16,
-        cache_capacity_tokens: int = 440_000,
-        prefill_s_per_token: float = 2.1e-5,
+        cache_capacity_tokens: int = DEFAULT_CACHE_CAPACITY_TOKENS,
+        prefill_s_per_token: float = DEFAULT_PREFILL_S_PER_TOKEN,
         learning_decay: float = 0.95,
     ) -> None:
         super().__init__(cache_block_size, cache_capacity_tokens, prefill_s_per_token,

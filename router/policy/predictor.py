@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proto.defaults import DEFAULT_PREFILL_S_PER_TOKEN
+
 
 @dataclass
 class _Fit:
@@ -45,7 +47,7 @@ class PrefillTimeModel:
 
     def __init__(
         self,
-        default_s_per_token: float = 2.1e-5,
+        default_s_per_token: float = DEFAULT_PREFILL_S_PER_TOKEN,
         decay: float = 0.95,
         prior_tokens: int = 2048,
         min_tokens: int = 1,

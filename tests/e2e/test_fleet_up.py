@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from instances.server import free_port
+from instances.launcher import free_port
 from tests.fleet import FleetProcess, engine_requests_served
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,7 @@ from instances.engine.emulated import (
     verify_block_payload,
 )
 from instances.engine.factory import build_engine_core
-from instances.tokenizer import decode, encode
+from proto.byte_tokenizer import decode, encode
 from tests.engine.drive import make_request, run_until_idle
 
 

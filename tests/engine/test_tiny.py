@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from instances.engine.factory import build_engine_core
-from instances.tokenizer import encode
+from proto.byte_tokenizer import encode
 from tests.engine.drive import make_request, run_until_idle
 
 PROMPTS = {

@@ -11,8 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from instances.launcher import EngineSpec, EngineSupervisor
-from instances.server import free_port
+from instances.launcher import EngineSpec, EngineSupervisor, free_port
 from router.gateway import Gateway, GatewayConfig, create_gateway_app
 from tests.fleet import engine_requests_served, serve_in_thread, wait_until
 

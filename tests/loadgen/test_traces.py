@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from instances.tokenizer import EOS_TOKEN_ID
 from loadgen.config import RunConfig, load_workload
 from loadgen.traces import (
     ReadStats,
@@ -18,6 +17,7 @@ from loadgen.traces import (
     read_mooncake,
     read_servegen,
 )
+from proto.byte_tokenizer import EOS_TOKEN_ID
 
 TRACES = Path("/work/shared/traces")
 if not TRACES.exists():  # CI clones put shared/ beside the repo

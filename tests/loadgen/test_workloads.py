@@ -6,7 +6,6 @@ import itertools
 
 import pytest
 
-from instances.tokenizer import EOS_TOKEN_ID
 from loadgen.arrivals import mean_rate
 from loadgen.request import shared_prefix_tokens
 from loadgen.workloads import (
@@ -19,6 +18,7 @@ from loadgen.workloads import (
     multi_turn,
     zipf_prefixes,
 )
+from proto.byte_tokenizer import EOS_TOKEN_ID
 
 
 def test_multi_turn_history_grows_and_is_a_prefix() -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from instances.engine.block_manager import BlockManager, compute_block_hashes
-from instances.engine.types import KVEvent
+from proto.kv_events import KVEvent
 from router.policy.cache_view import PrefixCacheView
 from tests.routing.util import tokens
 

@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from instances.engine.factory import build_engine_core
-from instances.server import EngineServerConfig, create_engine_app, free_port
+from instances.launcher import free_port
+from instances.server import EngineServerConfig, create_engine_app
 from router.state import ClusterStateStore
 from tests.fleet import serve_in_thread, wait_until
 

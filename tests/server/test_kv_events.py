@@ -11,10 +11,9 @@ import httpx
 
 from instances.engine.block_manager import compute_block_hashes
 from instances.engine.factory import build_engine_core
-from instances.engine.types import KVEvent
-from instances.kv_events import KVEventSubscriber, decode_batch, encode_batch
-from instances.launcher import EngineSpec, EngineSupervisor
-from instances.server import EngineServerConfig, create_engine_app, free_port
+from instances.launcher import EngineSpec, EngineSupervisor, free_port
+from instances.server import EngineServerConfig, create_engine_app
+from proto.kv_events import KVEvent, KVEventSubscriber, decode_batch, encode_batch
 from router.gateway import Gateway, GatewayConfig, create_gateway_app
 from router.policy.base import PreparedPrompt
 from tests.fleet import serve_in_thread, wait_until

@@ -6,7 +6,7 @@ data-parallel rank) where each event is a tagged array:
 ``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium]``,
 ``["BlockRemoved", block_hashes, medium]`` or ``["AllBlocksCleared"]``.
 
-Our engine publishes with its instance id as topic; a vLLM replica can be told the same
+The reference engine publishes with its instance id as topic; a vLLM replica can be told the same
 topic. The gateway's subscriber decodes batches into ``KVEvent`` and feeds the policy's
 precise cache view.
 """
@@ -17,15 +17,25 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import zmq
 import zmq.asyncio
 
-from instances.engine.types import KVEvent
-
 log = logging.getLogger("llmfleet.kv_events")
+
+
+@dataclass(frozen=True)
+class KVEvent:
+    """vLLM-format KV cache event (BlockStored / BlockRemoved / AllBlocksCleared)."""
+
+    kind: str  # "BlockStored" | "BlockRemoved" | "AllBlocksCleared"
+    block_hashes: tuple[int, ...] = ()
+    parent_block_hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+    block_size: int = 0
 
 MEDIUM = "GPU"
 
