@@ -14,8 +14,15 @@ def _queued(rid: str, instance: str, at: float, size: int = 100) -> QueuedReques
 
 def _plan(queued: list[QueuedRequest], engine_backlog: dict[str, int], now: float = 10.0,
           slo: float = 1.0) -> list[tuple[str, str, str]]:
+    # The caller's prediction counts the router-queued requests too (the policy's board
+    # has them), plus the planned change ``tokens``.
+    queued_tokens: dict[str, int] = {}
+    for q in queued:
+        queued_tokens[q.instance_id] = queued_tokens.get(q.instance_id, 0) + len(
+            q.request.token_ids)
+
     def predict(instance: str, tokens: float) -> float:
-        return (engine_backlog.get(instance, 0) + tokens) * S
+        return (engine_backlog.get(instance, 0) + queued_tokens.get(instance, 0) + tokens) * S
 
     moves = plan_rebalance(queued, ["a", "b", "c"], predict, lambda q, i: len(q.request.token_ids),
                            slo_ttft_s=slo, now=now, max_wait_s=3.0)

@@ -1,0 +1,297 @@
+"""LAPS admission (temporal mode): per-instance short/long queues released as room allows.
+
+A routed request is queued at its instance in the ``short`` or ``long`` class by its
+uncached prefill tokens (``AdaptiveBoundary``). An instance *has room* while the uncached
+prefill tokens released to it and not yet past their first token are below
+``budget_tokens`` (an idle instance always has room, so one prompt larger than the budget
+still goes). While it has room, releases go in this order:
+
+1. a long request queued for ``long_age_s`` or more (aging: shorts cannot starve it);
+2. shorts, oldest first, up to ``batch_size`` at a time, once the batch is full, or the
+   oldest waited the adaptive window (``AdaptiveWindow``), or nothing is in flight there;
+3. longs, oldest first, when no short is waiting.
+
+Independently of room, any request queued ``max_wait_s`` is released (``aged``): the wait
+in the router is bounded for every request, long or short. Until released, a request can be
+re-decided (``move``) to another instance, keeping its place in time; after release it
+cannot (``NotQueued``), so it is sent exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from router.admission.classes import AdaptiveBoundary
+from router.admission.interfaces import LONG, SHORT, Admission, NotQueued, Release
+from router.admission.queues import CLASSES, Entry, InstanceQueue
+from router.admission.window import AdaptiveWindow
+from router.policy.interfaces import Decision, RoutingRequest
+from router.policy.rebalance import QueuedRequest
+
+# Float slack when comparing an age with a deadline computed as enqueued_at + bound.
+_EPS = 1e-9
+
+
+class LapsAdmission(Admission):
+    """Temporal LAPS (see the module docstring); ``laps`` on the command line."""
+
+    mode = "laps"
+
+    def __init__(
+        self,
+        *,
+        budget_tokens: int = 16384,
+        long_age_s: float = 1.0,
+        max_wait_s: float = 3.0,
+        boundary: AdaptiveBoundary | None = None,
+        window: AdaptiveWindow | None = None,
+        boundary_tokens: int = 256,
+        short_quantile: float = 0.5,
+        adaptive_boundary: bool = True,
+        batch_size: int = 4,
+        max_window_s: float = 0.02,
+    ) -> None:
+        if budget_tokens <= 0:
+            raise ValueError("budget_tokens must be positive")
+        if long_age_s < 0 or max_wait_s <= 0:
+            raise ValueError("long_age_s must be >= 0 and max_wait_s > 0")
+        self.budget_tokens = budget_tokens
+        self.long_age_s = long_age_s
+        self.max_wait_s = max_wait_s
+        self.boundary = boundary or AdaptiveBoundary(
+            boundary_tokens, short_quantile=short_quantile, adaptive=adaptive_boundary)
+        self.window = window or AdaptiveWindow(batch_size, max_window_s)
+        self._queues: dict[str, InstanceQueue] = {}
+        self._where: dict[str, str] = {}  # queued or in-flight request -> instance
+        self._seq = 0
+        self._now = float("-inf")
+        self._deadline: float | None = None
+        self._deadline_dirty = False
+        # counters
+        self.submitted = 0
+        self.released: dict[str, int] = {"room": 0, "aged": 0}
+        self.released_by_class: dict[str, int] = {SHORT: 0, LONG: 0}
+        self.wait_sum: dict[str, float] = {SHORT: 0.0, LONG: 0.0}
+        self.wait_max: dict[str, float] = {SHORT: 0.0, LONG: 0.0}
+        self.moves: dict[str, int] = {}
+        self.cancelled = 0
+
+    # ---- classification ---------------------------------------------------------------
+
+    def classify(self, uncached_tokens: int) -> str:
+        return self.boundary.classify(uncached_tokens)
+
+    @staticmethod
+    def uncached(request: RoutingRequest, decision: Decision) -> int:
+        """The decision's estimate of the prompt tokens the instance will prefill."""
+        return max(1, len(request.token_ids) - decision.cached_tokens_estimate)
+
+    # ---- events -----------------------------------------------------------------------
+
+    def _queue(self, instance_id: str) -> InstanceQueue:
+        queue = self._queues.get(instance_id)
+        if queue is None:
+            queue = self._queues[instance_id] = InstanceQueue(instance_id)
+        return queue
+
+    def submit(self, request: RoutingRequest, decision: Decision, now: float) -> list[Release]:
+        rid = request.request_id
+        if rid in self._where:
+            raise ValueError(f"request {rid!r} was already submitted")
+        self._now = max(self._now, now)
+        uncached = self.uncached(request, decision)
+        klass = self.classify(uncached)
+        self.boundary.observe(uncached)
+        self.on_submitted(klass, uncached)
+        self._seq += 1
+        entry = Entry(request, decision, klass, now, uncached, self._seq)
+        queue = self._queue(decision.instance_id)
+        if klass == SHORT:
+            self.window.observe(queue.instance_id, now)
+        queue.add(entry)
+        self._where[rid] = queue.instance_id
+        self.submitted += 1
+        self._deadline_dirty = True
+        return self._drain(queue, now)
+
+    def on_submitted(self, klass: str, uncached_tokens: int) -> None:
+        """Subclass hook: a request of ``klass`` was queued (spatial mode adapts pools)."""
+
+    def on_first_token(self, request_id: str, now: float) -> list[Release]:
+        return self._prefilled(request_id, now)
+
+    def on_finished(self, request_id: str, now: float) -> list[Release]:
+        releases = self._prefilled(request_id, now)
+        instance_id = self._where.get(request_id)
+        if instance_id is not None:
+            queue = self._queues[instance_id]
+            if queue.remove(request_id) is None:  # finished after release: forget it
+                del self._where[request_id]
+            else:  # "finished" while still queued (an error upstream): drop it
+                del self._where[request_id]
+                self._deadline_dirty = True
+        return releases
+
+    def _prefilled(self, request_id: str, now: float) -> list[Release]:
+        self._now = max(self._now, now)
+        instance_id = self._where.get(request_id)
+        if instance_id is None:
+            return []
+        queue = self._queues[instance_id]
+        if not queue.prefilled(request_id):
+            return []
+        self._deadline_dirty = True
+        return self._drain(queue, now)
+
+    def tick(self, now: float) -> list[Release]:
+        self._now = max(self._now, now)
+        self._deadline_dirty = True
+        releases: list[Release] = []
+        for instance_id in sorted(self._queues):
+            queue = self._queues[instance_id]
+            if len(queue):
+                releases.extend(self._drain(queue, now))
+        return releases
+
+    def move(self, request_id: str, decision: Decision, now: float,
+             reason: str = "rebalance") -> list[Release]:
+        instance_id = self._where.get(request_id)
+        entry = None if instance_id is None else self._queues[instance_id].remove(request_id)
+        if entry is None:
+            raise NotQueued(request_id)
+        self._now = max(self._now, now)
+        entry.decision = decision
+        entry.moves += 1
+        entry.uncached_tokens = self.uncached(entry.request, decision)
+        entry.klass = self.classify(entry.uncached_tokens)
+        target = self._queue(decision.instance_id)
+        target.add(entry)
+        self._where[request_id] = target.instance_id
+        self.moves[reason] = self.moves.get(reason, 0) + 1
+        self._deadline_dirty = True
+        return self._drain(target, now)
+
+    def cancel(self, request_id: str) -> bool:
+        instance_id = self._where.get(request_id)
+        if instance_id is None or self._queues[instance_id].remove(request_id) is None:
+            return False
+        del self._where[request_id]
+        self.cancelled += 1
+        self._deadline_dirty = True
+        return True
+
+    # ---- releasing --------------------------------------------------------------------
+
+    def has_room(self, queue: InstanceQueue) -> bool:
+        return queue.inflight_tokens < self.budget_tokens
+
+    def _release(self, queue: InstanceQueue, entry: Entry, now: float, reason: str,
+                 out: list[Release]) -> None:
+        queue.of(entry.klass).pop(entry.request.request_id)
+        queue.start(entry.request.request_id, entry.uncached_tokens)
+        waited = now - entry.enqueued_at
+        self.released[reason] += 1
+        self.released_by_class[entry.klass] += 1
+        self.wait_sum[entry.klass] += waited
+        if waited > self.wait_max[entry.klass]:
+            self.wait_max[entry.klass] = waited
+        self._deadline_dirty = True
+        out.append(Release(entry.request, entry.decision, entry.klass, entry.enqueued_at, now,
+                           reason, entry.uncached_tokens, entry.moves))
+
+    def _drain(self, queue: InstanceQueue, now: float) -> list[Release]:
+        out: list[Release] = []
+        if not len(queue):
+            return out
+        # Bounded wait: whatever waited max_wait_s goes now, room or not.
+        limit = now - self.max_wait_s + _EPS
+        for klass in CLASSES:
+            while True:
+                entry = queue.oldest(klass)
+                if entry is None or entry.enqueued_at > limit:
+                    break
+                self._release(queue, entry, now, "aged", out)
+        while len(queue) and self.has_room(queue):
+            long = queue.oldest(LONG)
+            if long is not None and now - long.enqueued_at + _EPS >= self.long_age_s:
+                self._release(queue, long, now, "room", out)
+                continue
+            short = queue.oldest(SHORT)
+            if short is not None:
+                window = self.window.window_s(queue.instance_id)
+                ready = (len(queue.short) >= self.window.batch_size
+                         or now - short.enqueued_at + _EPS >= window
+                         or queue.inflight_tokens == 0)
+                if not ready:
+                    break  # hold the shorts (and, behind them, the longs) for the batch
+                for _ in range(self.window.batch_size):
+                    short = queue.oldest(SHORT)
+                    if short is None or not self.has_room(queue):
+                        break
+                    self._release(queue, short, now, "room", out)
+                continue
+            assert long is not None
+            self._release(queue, long, now, "room", out)
+        return out
+
+    def next_deadline(self) -> float | None:
+        if self._deadline_dirty:
+            self._deadline = self._compute_deadline()
+            self._deadline_dirty = False
+        return self._deadline
+
+    def _compute_deadline(self) -> float | None:
+        best: float | None = None
+        now = self._now
+        for queue in self._queues.values():
+            if not len(queue):
+                continue
+            times: list[float] = []
+            short = queue.oldest(SHORT)
+            if short is not None:
+                times.append(short.enqueued_at + self.max_wait_s)
+                window = self.window.window_s(queue.instance_id)
+                if window > 0 and self.has_room(queue):
+                    times.append(short.enqueued_at + window)
+            long = queue.oldest(LONG)
+            if long is not None:
+                times.append(long.enqueued_at + self.max_wait_s)
+                times.append(long.enqueued_at + self.long_age_s)
+            for t in times:
+                if t > now and (best is None or t < best):
+                    best = t
+        return best
+
+    # ---- inspection -------------------------------------------------------------------
+
+    def queued(self, instance_id: str | None = None) -> list[QueuedRequest]:
+        queues = ([self._queues[instance_id]] if instance_id in self._queues else []
+                  ) if instance_id is not None else list(self._queues.values())
+        entries = [e for q in queues for e in (*q.short.values(), *q.long.values())]
+        entries.sort(key=Entry.key)
+        return [QueuedRequest(e.request, e.decision.instance_id, e.enqueued_at,
+                              e.decision.candidates, e.klass) for e in entries]
+
+    def queued_count(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def inflight_tokens(self, instance_id: str) -> int:
+        queue = self._queues.get(instance_id)
+        return 0 if queue is None else queue.inflight_tokens
+
+    def counters(self) -> dict[str, Any]:
+        queued = {klass: sum(len(q.of(klass)) for q in self._queues.values())
+                  for klass in CLASSES}
+        return {
+            "mode": self.mode,
+            "submitted": self.submitted,
+            "queued": queued,
+            "released": dict(self.released),
+            "released_by_class": dict(self.released_by_class),
+            "wait_s_mean": {k: (self.wait_sum[k] / n if (n := self.released_by_class[k])
+                                else 0.0) for k in CLASSES},
+            "wait_s_max": dict(self.wait_max),
+            "moves": dict(sorted(self.moves.items())),
+            "cancelled": self.cancelled,
+            "boundary_tokens": self.boundary.tokens,
+        }
