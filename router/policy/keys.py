@@ -26,10 +26,10 @@ the request's chain of key prefixes and prompt.
 
 from __future__ import annotations
 
-from router.policy._fastpath import PromptKey
+from router.policy.fastpath import PromptKey
 from router.policy.hashing import PrefixHasher, PrefixHashes, TokenArray
 
-__all__ = ["PrefixKeyBuilder", "PromptKey"]  # PromptKey: (hash, length, chain), made in C
+__all__ = ["PrefixKeyBuilder", "PromptKey"]  # PromptKey: (hash, length, chain), a kernel type
 from router.policy.hotness import HotPrefixDetector
 
 _NOTHING_HOT: set[int] = set()  # the hot set of a builder that never lengthens keys

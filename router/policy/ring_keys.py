@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from router.policy._fastpath import PrefixLru, locate
 from router.policy.base import PreparedPrompt
+from router.policy.fastpath import PrefixLru, locate
 from router.policy.keys import PrefixKeyBuilder, PromptKey
 from router.policy.load_board import LoadBoard
 from router.policy.rings import HashRing, members_from

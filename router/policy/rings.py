@@ -25,7 +25,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Container, Iterator, Mapping
 
-from router.policy._fastpath import RingIndex
+from router.policy.fastpath import RingIndex
 from router.policy.hashing import ring_point_hash
 
 
