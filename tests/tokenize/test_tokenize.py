@@ -133,5 +133,5 @@ def test_a_template_can_refuse_a_conversation(tmp_path: Path) -> None:
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json"):
         load_tokenizer(str(tmp_path))
