@@ -14,6 +14,7 @@ _COMMAND_MODULES = (
     "instances.server",
     "loadgen.cli",
     "router.bench",
+    "router.keys_cli",
 )
 
 
