@@ -22,11 +22,13 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 
 from instances.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from proto.headers import CACHED_TOKENS_HEADER, INSTANCE_HEADER, REQUEST_ID_HEADER
 from proto.openai import OpenAIError, error_body, install_error_handlers
+from router.dashboard import FleetObserver, install_dashboard
+from router.metrics import GatewayMetrics
 from router.policy.interfaces import (
     ClusterSnapshot,
     Decision,
@@ -63,32 +65,6 @@ class GatewayConfig:
     read_timeout_s: float = 600.0
 
 
-class GatewayMetrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.decisions = Counter("llmfleet_routing_decisions", "Routing decisions by reason",
-                                 ["policy", "reason"], registry=self.registry)
-        self.requests = Counter("llmfleet_requests", "Requests by endpoint and status code",
-                                ["endpoint", "status"], registry=self.registry)
-        self.stream_errors = Counter("llmfleet_stream_errors",
-                                     "Streams whose replica failed mid-stream",
-                                     registry=self.registry)
-        self.retries = Counter("llmfleet_upstream_retries", "Requests re-sent to another replica",
-                               registry=self.registry)
-        self.latency = Histogram("llmfleet_request_duration_seconds",
-                                 "Gateway request duration", ["endpoint"],
-                                 registry=self.registry)
-        self.ttft = Histogram("llmfleet_time_to_first_token_seconds",
-                              "TTFT seen by the gateway (streaming)", registry=self.registry)
-        self.instances = Gauge("llmfleet_instances", "Instances by health",
-                               ["state"], registry=self.registry)
-        self.kv_batches = Counter("llmfleet_kv_event_batches", "KV event batches applied",
-                                  registry=self.registry)
-        self.decision_us = Histogram("llmfleet_routing_decision_seconds",
-                                     "Time spent in the routing policy", registry=self.registry,
-                                     buckets=(1e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 1e-3, 1e-2))
-
-
 class Gateway:
     """One gateway replica's state and request path."""
 
@@ -105,6 +81,8 @@ class Gateway:
         self.snapshot = ClusterSnapshot(epoch=0, instances=())
         self.records: dict[str, InstanceRecord] = {}
         self.is_leader = False
+        # The dashboard's observer (router.dashboard), told of every routing decision.
+        self.observer: FleetObserver | None = None
         self._suspect_until: dict[str, float] = {}
         self._masked: tuple[ClusterSnapshot, frozenset[str], ClusterSnapshot] | None = None
         self._client: httpx.AsyncClient | None = None
@@ -215,6 +193,8 @@ class Gateway:
         decision = self.policy.route(request, snapshot, now)
         self.metrics.decision_us.observe(time.perf_counter() - t0)
         self.metrics.decisions.labels(policy=self.policy.name, reason=decision.reason).inc()
+        if self.observer is not None:
+            self.observer.on_decision(request.request_id, decision)
         return decision
 
     def _spawn(self, coro: Any) -> None:
@@ -380,6 +360,7 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
 
     app = FastAPI(title="llmfleet gateway", lifespan=lifespan)
     _add_routes(app, gateway)
+    install_dashboard(app, gateway)
     return app
 
 

@@ -9,6 +9,7 @@ Keys (``ns`` is a namespace prefix, default ``llmfleet``):
   heartbeat their record and load there)
 - ``{ns}:ring``               hash: epoch, members (JSON list of [id, weight], sorted)
 - ``{ns}:leader``             the control-loop leader's id, with a lease (SET NX PX)
+- ``{ns}:draining``           set of instance ids an operator drained (admin API, dashboard)
 - ``{ns}:req:{request_id}``   the instance serving a request (for migration and debugging)
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import redis.asyncio as aioredis
 
@@ -81,14 +83,18 @@ class ClusterStateStore(RegistryWriter):
         async with self._redis.pipeline(transaction=False) as pipe:
             for instance_id in ids:
                 pipe.hgetall(instance_key(self.namespace, instance_id))
-            rows: list[dict[str, str]] = await pipe.execute()
+            pipe.smembers(self._key("draining"))
+            *rows, drained = await pipe.execute()
         live: list[InstanceRecord] = []
         dead: list[str] = []
         for instance_id, row in zip(ids, rows, strict=True):
             if not row:
                 dead.append(instance_id)
                 continue
-            live.append(InstanceRecord.from_fields(instance_id, row))
+            record = InstanceRecord.from_fields(instance_id, row)
+            if instance_id in drained:  # an operator's drain: the flag a replica sets itself
+                record = replace(record, load={**(record.load or {}), "draining": 1.0})
+            live.append(record)
         if dead:
             await self._redis.srem(instances_key(self.namespace), *dead)
         return live
@@ -141,9 +147,30 @@ class ClusterStateStore(RegistryWriter):
         )
         return bool(renewed)
 
+    async def leader(self) -> str | None:
+        """The id of the gateway holding the leader lease now (None if nobody does)."""
+        value = await self._redis.get(self._key("leader"))
+        return None if value is None else str(value)
+
+    # -- operator drain -----------------------------------------------------------------
+    async def set_draining(self, instance_id: str, draining: bool) -> None:
+        """Drain ``instance_id`` (it gets no new requests from any gateway, finishes what it
+        has) or take it back; kept until undone, across the instance's restarts."""
+        if draining:
+            await self._redis.sadd(self._key("draining"), instance_id)
+        else:
+            await self._redis.srem(self._key("draining"), instance_id)
+
     # -- request table ------------------------------------------------------------------
     async def record_request(self, request_id: str, instance_id: str) -> None:
         await self._redis.set(self._key("req", request_id), instance_id, ex=REQUEST_TABLE_TTL_S)
+
+    async def record_requests(self, entries: list[tuple[str, str]]) -> None:
+        """Write many request-table entries in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id, instance_id in entries:
+                pipe.set(self._key("req", request_id), instance_id, ex=REQUEST_TABLE_TTL_S)
+            await pipe.execute()
 
     async def request_instance(self, request_id: str) -> str | None:
         value = await self._redis.get(self._key("req", request_id))
