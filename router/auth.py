@@ -46,6 +46,7 @@ from redis.exceptions import RedisError, WatchError
 from starlette.responses import Response
 
 from proto.defaults import DEFAULT_MAX_BODY_BYTES, DEFAULT_NAMESPACE
+from proto.openai import error_body
 
 log = logging.getLogger("llmfleet.auth")
 
@@ -87,8 +88,7 @@ def _iso(ts: float | None) -> str | None:
 def openai_error_body(message: str, error_type: str, code: str | None = None,
                       param: str | None = None) -> bytes:
     """The JSON body OpenAI's API answers errors with, encoded."""
-    return json.dumps({"error": {"message": message, "type": error_type, "param": param,
-                                 "code": code}}).encode()
+    return json.dumps(error_body(message, error_type, param, code)).encode()
 
 
 @dataclass(frozen=True)
