@@ -72,7 +72,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         "gateway's policies. 'sim capacity' bisects the highest rate with >= 90%% of "
         "requests meeting the TTFT SLO for each policy.",
     )
-    sim.add_argument("mode", nargs="?", default="run", choices=("run", "capacity"))
+    sim.add_argument("mode", nargs="?", default="run",
+                     choices=("run", "capacity", "laps", "rebalance"),
+                     help="run: one simulation; capacity: capacity search; laps / "
+                     "rebalance: the admission experiments (docs/admission.md)")
     _add_workload_args(sim)
     fleet = sim.add_argument_group("fleet")
     fleet.add_argument("--instances", type=int, default=4)
@@ -87,6 +90,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
                        help="load-report period seen by the router (s); 0 = always fresh")
     fleet.add_argument("--dispatch-delay", type=float, default=0.0,
                        help="router-to-engine delay (s)")
+    fleet.add_argument("--admission", default="none", choices=("none", "laps", "laps-spatial"),
+                       help="router-side admission queues (docs/admission.md)")
+    fleet.add_argument("--admission-param", action="append", metavar="KEY=VALUE",
+                       help="admission parameter override (e.g. budget_tokens=16384)")
+    fleet.add_argument("--rebalance", default="auto", choices=("auto", "on", "off"),
+                       help="hotspot rebalancing of router-queued requests (auto: on with "
+                       "admission queues and a policy that plans moves, i.e. dualmap)")
     cap = sim.add_argument_group("capacity search")
     cap.add_argument("--target", type=float, default=0.9, help="SLO attainment to sustain")
     cap.add_argument("--initial-rate", type=float, default=None,
@@ -137,6 +147,8 @@ def _config_from_args(args: argparse.Namespace, warmup_default: float) -> RunCon
             policy_params=_key_values(args.policy_param), profile=args.profile,
             engine_params=_key_values(args.engine_param),
             report_interval_s=args.report_interval, dispatch_delay_s=args.dispatch_delay,
+            admission=args.admission, admission_params=_key_values(args.admission_param),
+            rebalance={"auto": None, "on": True, "off": False}[args.rebalance],
         )
     if hasattr(args, "url"):
         config = replace(config, url=args.url, model=args.model,
@@ -167,6 +179,8 @@ def _run_sim_command(args: argparse.Namespace) -> int:
 
     if args.mode == "capacity":
         return _run_capacity_command(args)
+    if args.mode in ("laps", "rebalance"):
+        return _run_admission_experiment(args)
     config = _config_from_args(args, warmup_default=0.0)
     summary = run_sim(config)
     if args.plot:
@@ -174,6 +188,35 @@ def _run_sim_command(args: argparse.Namespace) -> int:
 
         plot_run(summary, args.plot)
     _emit(summary, args, _RUN_KEYS)
+    return 0
+
+
+def _run_admission_experiment(args: argparse.Namespace) -> int:
+    """``sim laps`` / ``sim rebalance``: the experiments of ``loadgen.laps_experiment``
+    (their own workloads and fleets; ``--max-requests`` sizes them, ``--out``/``--plot``
+    write the results)."""
+    from loadgen import laps_experiment as lx
+
+    progress = not args.no_progress
+    if args.mode == "laps":
+        def save_partial(partial: dict[str, Any]) -> None:
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(partial, indent=2) + "\n")
+
+        result = lx.run_laps_experiment(
+            requests_per_workload=args.max_requests or 600, instances=args.instances,
+            profile=args.profile, slo_ttft_s=args.slo_ttft, target=args.target,
+            rel_tol=args.rel_tol, max_probes=args.max_probes, seed=args.seed,
+            progress=progress, on_workload_done=save_partial)
+        if args.plot:
+            lx.plot_laps(result, args.plot)
+    else:
+        result = lx.run_rebalance_experiment(
+            requests=args.max_requests or 1500, instances=args.instances, profile=args.profile,
+            slo_ttft_s=args.slo_ttft, target=args.target, rel_tol=args.rel_tol,
+            max_probes=args.max_probes, seed=args.seed, progress=progress)
+    _emit(result, args, ())
     return 0
 
 

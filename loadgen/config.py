@@ -56,6 +56,12 @@ class RunConfig:
     engine_params: dict[str, Any] = field(default_factory=dict)
     report_interval_s: float = 0.0
     dispatch_delay_s: float = 0.0
+    # Router-side admission (router.admission): none | laps | laps-spatial, its parameters
+    # over admission_defaults, and hotspot rebalancing of queued requests (None: on when the
+    # admission queues and the policy can plan moves).
+    admission: str = "none"
+    admission_params: dict[str, Any] = field(default_factory=dict)
+    rebalance: bool | None = None
     # A replica rejects prompt + max_tokens above this (HTTP 400, as ``llmfleet engine``'s
     # default --max-model-len); the simulator counts such requests as errors too.
     max_model_len: int | None = 131072

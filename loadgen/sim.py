@@ -37,8 +37,11 @@ from tqdm import tqdm
 
 from instances.engine.types import EngineRequest, EngineStats, SamplingParams, StepResult
 from loadgen.config import RunConfig, load_workload, warmup_count
-from loadgen.metrics import RequestOutcome, imbalance, summarize
+from loadgen.metrics import RequestOutcome, imbalance, percentile, summarize
 from loadgen.request import TraceRequest
+from router.admission import Admission, Release, admission_defaults, build_admission
+from router.admission.decide import route as route_admitted
+from router.admission.rebalancer import HotspotRebalancer, apply_moves, supports_rebalancing
 from router.policy.interfaces import (
     ClusterSnapshot,
     InstanceView,
@@ -51,6 +54,11 @@ _STEP_DONE = 0
 _WAKE = 1
 _DISPATCH = 2
 _ARRIVAL = 3
+_TICK = 4  # an admission deadline (batching window, aging, bounded wait)
+_CONTROL = 5  # a period of the control loop (hotspot rebalancing of queued requests)
+
+# Control-loop period of the simulated gateway (rebalancing of router-queued requests).
+CONTROL_INTERVAL_S = 0.1
 
 # A core with unfinished requests may return an empty step (e.g. holding short prefills for
 # a batching window); it is stepped again after this much virtual time.
@@ -105,6 +113,19 @@ def default_policy_factory(config: RunConfig) -> RoutingPolicy:
     from router.fleet_params import build_fleet_policy
 
     return build_fleet_policy(config.policy, fleet_policy_params(config), config.policy_params)
+
+
+def default_admission_factory(config: RunConfig) -> Admission:
+    """The admission object of ``config.admission``: ``admission_defaults`` for the run's
+    SLO and the engine's iteration size, overridden by ``config.admission_params``."""
+    if config.admission == "none":
+        return build_admission("none", **config.admission_params)
+    from instances.engine.config import EngineConfig
+
+    engine = EngineConfig(**config.engine_params)
+    params = admission_defaults(config.slo_ttft_s, engine.max_num_batched_tokens)
+    params.update(config.admission_params)
+    return build_admission(config.admission, **params)
 
 
 def view_from_stats(instance_id: str, stats: EngineStats, now: float) -> InstanceView:
@@ -164,6 +185,8 @@ class SimResult:
     early_stopped: bool
     wall_seconds: float
     decisions: dict[str, int] = field(default_factory=dict)
+    admission: dict[str, Any] = field(default_factory=dict)
+    rebalance: bool = False
 
 
 class Simulator:
@@ -177,12 +200,29 @@ class Simulator:
         engine_factory: EngineFactory = default_engine_factory,
         policy_factory: PolicyFactory = default_policy_factory,
         early_stop_attainment: float | None = None,
+        admission_factory: Callable[[RunConfig], Admission] = default_admission_factory,
+        control_interval_s: float = CONTROL_INTERVAL_S,
     ) -> None:
         if config.instances <= 0:
             raise ValueError("need at least one instance")
         self.config = config
         self.requests = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
         self.policy = policy_factory(config)
+        self.admission = admission_factory(config)
+        self.queueing = config.admission != "none"
+        rebalance = config.rebalance
+        if rebalance is None:
+            rebalance = self.queueing and supports_rebalancing(self.policy)
+        if rebalance and not (self.queueing and supports_rebalancing(self.policy)):
+            raise ValueError(f"rebalancing needs admission queues and a policy that plans "
+                             f"moves (dualmap); got admission {config.admission!r}, "
+                             f"policy {config.policy!r}")
+        self.rebalancer = (HotspotRebalancer(self.admission, self.policy)  # type: ignore[arg-type]
+                           if rebalance else None)
+        self.control_interval_s = control_interval_s
+        self._tick_at: float | None = None
+        self._control_at: float | None = None
+        self._released: set[str] = set()
         width = max(2, len(str(config.instances - 1)))
         self.accounts = [
             InstanceAccount(instance_id=f"i{idx:0{width}d}",
@@ -208,6 +248,7 @@ class Simulator:
         self._heap: list[tuple[float, int, int, Any]] = []
         self._seq = 0
         self._routing: dict[str, RoutingRequest] = {}
+        self._trace = {r.request_id: r for r in self.requests}
 
     # -- event plumbing -------------------------------------------------------------------
     def _push(self, when: float, kind: int, payload: Any) -> None:
@@ -251,7 +292,11 @@ class Simulator:
             return
         routing = RoutingRequest(request.request_id, request.token_ids(), request.output_len)
         try:
-            decision = self.policy.route(routing, self._snapshot(now), now)
+            if self.queueing:
+                decision = route_admitted(self.policy, self.admission, routing,
+                                          self._snapshot(now), now)
+            else:
+                decision = self.policy.route(routing, self._snapshot(now), now)
         except NoInstanceAvailable as exc:
             outcome.error = f"no instance: {exc}"
             self._count_miss(request.request_id)
@@ -260,9 +305,41 @@ class Simulator:
             raise RuntimeError(f"policy chose unknown instance {decision.instance_id!r}")
         self.policy.on_dispatched(routing, decision, now)
         self.decisions[decision.reason] = self.decisions.get(decision.reason, 0) + 1
-        outcome.instance_id = decision.instance_id
         self._routing[request.request_id] = routing
-        self._push(now + self.config.dispatch_delay_s, _DISPATCH, request)
+        self._forward(self.admission.submit(routing, decision, now), now)
+
+    def _forward(self, releases: list[Release], now: float) -> None:
+        """Send released requests to their instances; keep the admission's timer and the
+        control loop scheduled while anything is queued."""
+        for release in releases:
+            rid = release.request_id
+            if rid in self._released:
+                raise RuntimeError(f"request {rid!r} released twice")
+            self._released.add(rid)
+            self.outcomes[rid].instance_id = release.instance_id
+            self._push(now + self.config.dispatch_delay_s, _DISPATCH, self._trace[rid])
+        if not self.queueing:
+            return
+        deadline = self.admission.next_deadline()
+        if deadline is not None and (self._tick_at is None or deadline < self._tick_at):
+            self._tick_at = deadline
+            self._push(deadline, _TICK, deadline)
+        if (self.rebalancer is not None and self._control_at is None
+                and len(self._routing) > len(self._released)):
+            self._control_at = now + self.control_interval_s
+            self._push(self._control_at, _CONTROL, self._control_at)
+
+    def _on_tick(self, when: float, now: float) -> None:
+        if when != self._tick_at:
+            return  # superseded by an earlier deadline
+        self._tick_at = None
+        self._forward(self.admission.tick(now), now)
+
+    def _on_control(self, now: float) -> None:
+        self._control_at = None
+        assert self.rebalancer is not None
+        moves = self.rebalancer.plan_moves(now, self._snapshot(now))
+        self._forward(apply_moves(self.admission, self.policy, moves, now), now)
 
     def _on_dispatch(self, request: TraceRequest, now: float) -> None:
         routing = self._routing[request.request_id]
@@ -293,6 +370,9 @@ class Simulator:
                     outcome.cached_tokens = event.num_cached_tokens
                     self.policy.on_first_token(event.request_id, account.instance_id,
                                                outcome.ttft_s, event.num_cached_tokens, now)
+                    if self.queueing:
+                        self._forward(self.admission.on_first_token(event.request_id, now),
+                                      now)
                     if outcome.ttft_s > self.config.slo_ttft_s:
                         self._count_miss(event.request_id)
                 outcome.output_tokens += len(event.new_token_ids)
@@ -301,7 +381,10 @@ class Simulator:
                 if event.finish_reason == "abort":
                     outcome.error = "aborted"
                 self._routing.pop(event.request_id, None)
+                self._released.discard(event.request_id)
                 self.policy.on_finished(event.request_id, account.instance_id, now)
+                if self.queueing:
+                    self._forward(self.admission.on_finished(event.request_id, now), now)
         if account.core.has_unfinished_requests():
             self._start_step(account, now)
         else:
@@ -331,6 +414,10 @@ class Simulator:
                         self._start_step(account, now)
                 elif kind == _DISPATCH:
                     self._on_dispatch(payload, now)
+                elif kind == _TICK:
+                    self._on_tick(payload, now)
+                elif kind == _CONTROL:
+                    self._on_control(now)
                 else:
                     self._on_arrival(payload, now)
                     bar.update(1)
@@ -344,7 +431,38 @@ class Simulator:
             early_stopped=early_stopped,
             wall_seconds=time.perf_counter() - wall_start,
             decisions=dict(sorted(self.decisions.items())),
+            admission=self.admission.counters(),
+            rebalance=self.rebalancer is not None,
         )
+
+
+# Requests with at most this many uncached prompt tokens (as the engine prefilled them) are
+# "short" in the summary's per-class TTFTs, whatever the admission mode (a fixed line, so
+# runs with and without admission are compared on the same requests).
+SHORT_UNCACHED_TOKENS = 2048
+
+
+def class_ttfts(
+    outcomes: Sequence[RequestOutcome], warmup: int, short_tokens: int = SHORT_UNCACHED_TOKENS
+) -> dict[str, Any]:
+    """TTFT p50/p99 of measured short and long requests (by uncached prompt tokens at the
+    engine; requests without a first token are left out)."""
+    measured = sorted(outcomes, key=lambda o: (o.arrival_s, o.request_id))[warmup:]
+    short: list[float] = []
+    long: list[float] = []
+    for outcome in measured:
+        if outcome.ttft_s is None:
+            continue
+        uncached = outcome.prompt_len - (outcome.cached_tokens or 0)
+        (short if uncached <= short_tokens else long).append(outcome.ttft_s)
+    return {
+        "short_uncached_tokens": short_tokens,
+        "short_requests": len(short),
+        "ttft_p50_short": _round(percentile(short, 50)),
+        "ttft_p99_short": _round(percentile(short, 99)),
+        "ttft_p50_long": _round(percentile(long, 50)),
+        "ttft_p99_long": _round(percentile(long, 99)),
+    }
 
 
 def summarize_sim(config: RunConfig, result: SimResult) -> dict[str, Any]:
@@ -363,6 +481,7 @@ def summarize_sim(config: RunConfig, result: SimResult) -> dict[str, Any]:
         wall_seconds=result.wall_seconds,
     )
     accounts = result.instances
+    summary.update(class_ttfts(result.outcomes, warmup_count(config, len(result.outcomes))))
     summary.update({
         "mode": "sim",
         "policy": config.policy,
@@ -379,6 +498,9 @@ def summarize_sim(config: RunConfig, result: SimResult) -> dict[str, Any]:
         "early_stopped": result.early_stopped,
         "virtual_end_s": round(result.end_time_s, 6),
         "decisions": result.decisions,
+        "admission": config.admission,
+        "rebalance": result.rebalance,
+        "admission_counters": result.admission,
         "per_instance": [a.as_dict() for a in accounts],
     })
     return summary

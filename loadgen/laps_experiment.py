@@ -1,0 +1,409 @@
+"""``llmfleet sim laps`` and ``llmfleet sim rebalance``: the admission experiments.
+
+``sim laps`` measures, in one command, the effective capacity (>= ``target`` of TTFTs within
+the SLO) of each policy x admission mode on each workload, with the ideal bound of each
+workload, the short-request TTFT p99 at 80 % of each policy's no-admission capacity, and the
+attainment past capacity (the cliff). ``sim rebalance`` compares DualMap with rebalancing of
+queued requests on and off on a skewed (Zipf) prefix workload.
+
+Workloads:
+
+* ``long_tailed`` — multi-turn chat built with ``loadgen.workloads.multi_turn``: 95 % of the
+  traffic chat sessions (1-12 turns, user messages lognormal mean 2,000 tokens), 5 %
+  document sessions (1-4 turns, mean 40,000-token messages); prompt tokens p50 ≈ 8.7k,
+  p90 ≈ 28k, p99 ≈ 96k (the shape of the long-tailed conversation trace in issue 10).
+* ``mooncake`` — ``shared/traces/synthetic_trace.jsonl``.
+* ``azure_conv`` — ``shared/traces/AzureLLMInferenceTrace_conv.csv``.
+
+Every capacity search re-times one fixed request list per workload (``capacity_for_policy``);
+runs are sized for a shared 2-core machine: a few hundred requests per probe, a coarse
+bracket from a quarter of the ideal bound, bisection to ``rel_tol``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from loadgen.capacity import capacity_for_policy, ideal_bound_rps, retime
+from loadgen.config import RunConfig, load_workload
+from loadgen.request import TraceRequest
+from loadgen.sim import run_sim
+from loadgen.workloads import build_synthetic
+
+ADMISSIONS = ("none", "laps", "laps-spatial")
+LAPS_POLICIES = ("dualmap", "least_loaded", "cache_aware")
+_REPO = Path(__file__).resolve().parent.parent
+# The shared traces live next to the checkout (``../shared/traces``) or inside it.
+TRACES = next((p for p in (_REPO / "shared" / "traces", _REPO.parent / "shared" / "traces")
+               if p.is_dir()), _REPO / "shared" / "traces")
+
+# The long-tailed workload: chat sessions plus a small share of document sessions.
+CHAT_PARAMS: dict[str, Any] = {
+    "user_len_mean": 2000, "user_len_sigma": 1.3, "turns_min": 1, "turns_max": 12,
+    "max_prompt_len": 120_000, "output_len_mean": 300, "system_prompt_len": 1024,
+}
+DOC_PARAMS: dict[str, Any] = {
+    "user_len_mean": 40_000, "user_len_sigma": 0.5, "turns_min": 1, "turns_max": 4,
+    "max_prompt_len": 120_000, "output_len_mean": 300, "system_prompt_len": 1024,
+    "think_time_mean_s": 30.0,
+}
+DOC_SHARE = 0.05
+# Generated at this rate (req/s) so sessions (~90 s) are short next to the span, then
+# re-timed to each probed rate.
+BUILD_RATE = 4.0
+
+
+def long_tailed_workload(count: int, seed: int = 0) -> list[TraceRequest]:
+    """``count`` requests of the long-tailed multi-turn workload (see the module docstring),
+    sorted by arrival, cut to the span both parts cover."""
+    docs = max(1, round(count * DOC_SHARE))
+    chat = build_synthetic("multiturn", count - docs, BUILD_RATE * (1 - DOC_SHARE), seed,
+                           params=CHAT_PARAMS)
+    # Twice the documents' share, cut to the chat span: the few document sessions' span
+    # varies a lot, and they must cover the whole run.
+    doc = build_synthetic("multiturn", 2 * docs, BUILD_RATE * DOC_SHARE, seed + 1,
+                          params=DOC_PARAMS)
+    end = chat[-1].arrival_s
+    doc = [r.with_arrival(r.arrival_s, f"doc-{r.request_id}") for r in doc
+           if r.arrival_s <= end]
+    return sorted(chat + doc, key=lambda r: (r.arrival_s, r.request_id))
+
+
+def workload_requests(name: str, count: int, seed: int = 0,
+                      traces: Path = TRACES) -> tuple[list[TraceRequest], dict[str, Any]]:
+    """The requests of workload ``name`` and how they were made (for the JSON)."""
+    if name == "long_tailed":
+        requests = long_tailed_workload(count, seed)
+        return requests, {"workload": name, "chat": CHAT_PARAMS, "docs": DOC_PARAMS,
+                          "doc_share": DOC_SHARE, "build_rate": BUILD_RATE}
+    files = {"mooncake": ("synthetic_trace.jsonl", "mooncake"),
+             "azure_conv": ("AzureLLMInferenceTrace_conv.csv", "azure")}
+    if name not in files:
+        raise ValueError(f"unknown workload {name!r}")
+    file, fmt = files[name]
+    path = traces / file
+    config = RunConfig(trace=str(path), trace_format=fmt, max_requests=count, seed=seed)
+    return load_workload(config), {"workload": name, "trace": str(path), "format": fmt}
+
+
+def prompt_shape(requests: Sequence[TraceRequest]) -> dict[str, float]:
+    import numpy as np
+
+    lengths = np.array([r.prompt_len for r in requests], dtype=float)
+    p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
+    return {"prompt_p50": float(p50), "prompt_p90": float(p90), "prompt_p99": float(p99),
+            "prompt_mean": float(lengths.mean()),
+            "output_mean": float(np.mean([r.output_len for r in requests]))}
+
+
+_KEEP = ("slo_attainment", "ttft_p50", "ttft_p90", "ttft_p99", "ttft_p99_short",
+         "ttft_p99_long", "short_requests", "cache_hit_rate", "load_imbalance",
+         "throughput_rps", "decisions", "admission_counters")
+
+
+def _row(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: summary.get(k) for k in _KEEP}
+
+
+def measure_workload(
+    name: str,
+    base: RunConfig,
+    requests: list[TraceRequest],
+    policies: Sequence[str],
+    admissions: Sequence[str],
+    *,
+    target: float,
+    rel_tol: float,
+    max_probes: int,
+    cliff_factors: Sequence[float],
+    bar: tqdm | None = None,
+) -> dict[str, Any]:
+    """Capacity of every policy x admission on ``requests``, then the short-request TTFT at
+    80 % of each policy's no-admission capacity and attainment at ``cliff_factors`` x that
+    capacity, for every admission mode."""
+    from instances.engine.config import EngineConfig
+
+    engine = EngineConfig(**base.engine_params)
+    bound = ideal_bound_rps(requests, base.instances, base.profile, block_size=engine.block_size,
+                            max_num_seqs=engine.max_num_seqs,
+                            max_num_batched_tokens=engine.max_num_batched_tokens)
+    ideal = bound["ideal_bound_rps"]
+    out: dict[str, Any] = {
+        "requests": len(requests), **prompt_shape(requests),
+        "ideal_bound_rps": round(ideal, 4),
+        "ideal_cache_hit_rate": round(bound["ideal_cache_hit_rate"], 4),
+        "policies": {},
+    }
+    for policy in policies:
+        entry: dict[str, Any] = {}
+        for admission in admissions:
+            config = replace(base, policy=policy, admission=admission)
+            probes: list[dict[str, Any]] = []
+
+            def on_probe(rate: float, summary: dict[str, Any],
+                         probes: list[dict[str, Any]] = probes,
+                         label: str = f"{name} {policy} {admission}") -> None:
+                probes.append({"rate": round(rate, 4),
+                               "slo_attainment": summary.get("slo_attainment"),
+                               "early_stopped": summary.get("early_stopped")})
+                if bar is not None:
+                    bar.set_postfix_str(f"{label} {rate:.2f} rps")
+
+            search, at_capacity = capacity_for_policy(
+                config, requests=requests, initial_rate=ideal / 2.0, target=target,
+                rel_tol=rel_tol, max_probes=max_probes, on_probe=on_probe)
+            entry[admission] = {
+                "effective_capacity_rps": round(search.capacity_rps, 4),
+                "failed_at_rps": None if search.upper_rps == float("inf")
+                else round(search.upper_rps, 4),
+                "fraction_of_ideal": round(search.capacity_rps / ideal, 4) if ideal else None,
+                **({} if at_capacity is None else _row(at_capacity)),
+                "probes": probes,
+            }
+            if bar is not None:
+                bar.update(1)
+        reference = entry.get("none", {}).get("effective_capacity_rps") or 0.0
+        entry["reference_rps"] = reference
+        entry["at_80pct"] = {}
+        entry["cliff"] = {}
+        for admission in admissions:
+            if reference <= 0:
+                break
+            config = replace(base, policy=policy, admission=admission)
+            rate = 0.8 * reference
+            summary = run_sim(replace(config, rate=rate), requests=retime(requests, rate))
+            entry["at_80pct"][admission] = {"rate": round(rate, 4), **_row(summary)}
+            cliff = []
+            for factor in cliff_factors:
+                rate = factor * reference
+                summary = run_sim(replace(config, rate=rate), requests=retime(requests, rate))
+                cliff.append({"factor": factor, "rate": round(rate, 4),
+                              "slo_attainment": summary.get("slo_attainment"),
+                              "ttft_p50": summary.get("ttft_p50"),
+                              "ttft_p99_short": summary.get("ttft_p99_short")})
+            entry["cliff"][admission] = cliff
+            if bar is not None:
+                bar.update(1)
+        out["policies"][policy] = entry
+    return out
+
+
+def goal_check(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's goal on the long-tailed workload: DualMap with admission >= 0.9 x the
+    ideal bound and >= 1.2 x the best baseline policy without admission."""
+    workload = result["workloads"].get("long_tailed")
+    if not workload:
+        return {}
+    ideal = workload["ideal_bound_rps"]
+    dualmap = workload["policies"].get("dualmap", {})
+    best_admitted = max((dualmap.get(a, {}).get("effective_capacity_rps") or 0.0)
+                        for a in ADMISSIONS if a != "none") if dualmap else 0.0
+    baselines = [workload["policies"][p]["none"]["effective_capacity_rps"] or 0.0
+                 for p in workload["policies"] if "none" in workload["policies"][p]]
+    best_baseline = max(baselines) if baselines else 0.0
+    return {
+        "dualmap_best_admission_rps": best_admitted,
+        "fraction_of_ideal": round(best_admitted / ideal, 4) if ideal else None,
+        "best_policy_without_admission_rps": best_baseline,
+        "ratio_to_best_without_admission": round(best_admitted / best_baseline, 4)
+        if best_baseline else None,
+        "meets_0_9_ideal": bool(ideal and best_admitted >= 0.9 * ideal),
+        "meets_1_2_baseline": bool(best_baseline and best_admitted >= 1.2 * best_baseline),
+    }
+
+
+def run_laps_experiment(
+    *,
+    workloads: Sequence[str] = ("long_tailed", "mooncake", "azure_conv"),
+    policies: Sequence[str] = LAPS_POLICIES,
+    admissions: Sequence[str] = ADMISSIONS,
+    requests_per_workload: int = 600,
+    instances: int = 16,
+    profile: str = "h100-llama3-8b",
+    slo_ttft_s: float = 3.0,
+    target: float = 0.9,
+    rel_tol: float = 0.06,
+    max_probes: int = 7,
+    cliff_factors: Sequence[float] = (1.1, 1.25, 1.4),
+    seed: int = 0,
+    progress: bool = True,
+    traces: Path = TRACES,
+    on_workload_done: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """The ``docs/results/laps.json`` result (see the module docstring)."""
+    wall = time.perf_counter()
+    base = RunConfig(instances=instances, profile=profile, slo_ttft_s=slo_ttft_s, seed=seed,
+                     warmup_fraction=0.1, progress=False)
+    result: dict[str, Any] = {
+        "instances": instances, "profile": profile, "slo_ttft_s": slo_ttft_s,
+        "target": target, "requests_per_workload": requests_per_workload,
+        "rel_tol": rel_tol, "seed": seed, "workloads": {},
+    }
+    steps = len(workloads) * len(policies) * 2 * len(admissions)
+    with tqdm(total=steps, desc="laps", unit="search", file=sys.stderr,
+              disable=not progress) as bar:
+        for name in workloads:
+            requests, source = workload_requests(name, requests_per_workload, seed, traces)
+            entry = measure_workload(name, base, requests, policies, admissions,
+                                     target=target, rel_tol=rel_tol, max_probes=max_probes,
+                                     cliff_factors=cliff_factors, bar=bar)
+            result["workloads"][name] = {"source": source, **entry}
+            if on_workload_done is not None:
+                on_workload_done(result)
+    result["goal"] = goal_check(result)
+    result["wall_seconds"] = round(time.perf_counter() - wall, 1)
+    return result
+
+
+def plot_laps(result: dict[str, Any], path: str | Path) -> Path:
+    """Capacity per policy x admission for each workload (bars, the ideal bound as a line),
+    and the long-tailed workload's attainment past capacity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["workloads"])
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(5 * (len(names) + 1), 4))
+    for ax, name in zip(axes, names, strict=False):
+        workload = result["workloads"][name]
+        policies = list(workload["policies"])
+        width = 0.8 / len(ADMISSIONS)
+        for k, admission in enumerate(ADMISSIONS):
+            values = [workload["policies"][p].get(admission, {}).get("effective_capacity_rps")
+                      or 0.0 for p in policies]
+            ax.bar([i + k * width for i in range(len(policies))], values, width,
+                   label=admission)
+        ax.axhline(workload["ideal_bound_rps"], color="k", ls="--", label="ideal bound")
+        ax.set_xticks([i + width for i in range(len(policies))], policies)
+        ax.set_title(f"{name}: capacity (req/s)")
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    focus = result["workloads"].get("long_tailed") or result["workloads"][names[0]]
+    for policy, entry in focus["policies"].items():
+        for admission, cliff in entry.get("cliff", {}).items():
+            ax.plot([c["factor"] for c in cliff], [c["slo_attainment"] or 0 for c in cliff],
+                    marker="o", label=f"{policy}/{admission}")
+    ax.axhline(result["target"], color="k", ls=":")
+    ax.set_xlabel("rate / no-admission capacity")
+    ax.set_ylabel("SLO attainment")
+    ax.set_title("past capacity (long_tailed)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+ZIPF_PARAMS: dict[str, Any] = {"zipf_exponent": 1.2, "num_prefixes": 200, "prefix_len": 4096}
+
+
+def _capacity_entry(config: RunConfig, requests: list[TraceRequest], initial_rate: float,
+                    *, target: float, rel_tol: float, max_probes: int) -> dict[str, Any]:
+    search, at_capacity = capacity_for_policy(config, requests=requests,
+                                              initial_rate=initial_rate, target=target,
+                                              rel_tol=rel_tol, max_probes=max_probes)
+    return {"effective_capacity_rps": round(search.capacity_rps, 4),
+            "failed_at_rps": None if search.upper_rps == float("inf")
+            else round(search.upper_rps, 4),
+            **({} if at_capacity is None else _row(at_capacity)),
+            "load_imbalance_tokens": None if at_capacity is None
+            else at_capacity.get("load_imbalance_tokens"),
+            "request_imbalance": None if at_capacity is None
+            else at_capacity.get("request_imbalance")}
+
+
+def run_rebalance_experiment(
+    *,
+    requests: int = 1500,
+    instances: int = 16,
+    profile: str = "h100-llama3-8b",
+    slo_ttft_s: float = 3.0,
+    dualmap_setting_requests: int = 600,
+    target: float = 0.9,
+    rel_tol: float = 0.06,
+    max_probes: int = 7,
+    seed: int = 0,
+    progress: bool = True,
+    traces: Path = TRACES,
+) -> dict[str, Any]:
+    """The ``docs/results/rebalance.json`` result.
+
+    ``zipf``: DualMap on the Zipf-prefix workload (s = 1.2), admission ``laps`` with
+    rebalancing off and on (and no admission for reference): capacity, and at one common
+    rate (80 % of the rebalancing-off capacity) the load imbalance (busy time max/mean) and
+    attainment. ``dualmap_setting``: the 910B4 x Qwen2.5-7B profile on the Mooncake trace at
+    SLO 5 s, DualMap with admission and rebalancing against cache_aware without."""
+    wall = time.perf_counter()
+    zipf = build_synthetic("zipf", requests, 8.0, seed, params=ZIPF_PARAMS)
+    base = RunConfig(instances=instances, profile=profile, slo_ttft_s=slo_ttft_s, seed=seed,
+                     warmup_fraction=0.1, policy="dualmap")
+    bound = ideal_bound_rps(zipf, instances, profile)["ideal_bound_rps"]
+    variants = {
+        "none": replace(base, admission="none"),
+        "laps_rebalance_off": replace(base, admission="laps", rebalance=False),
+        "laps_rebalance_on": replace(base, admission="laps", rebalance=True),
+    }
+    setting_variants = {
+        "cache_aware": "none", "dualmap": "none", "dualmap+laps": "laps",
+        "dualmap+laps-spatial": "laps-spatial",
+    }
+    total = 2 * len(variants) + len(setting_variants)
+    result: dict[str, Any] = {"instances": instances, "target": target, "seed": seed}
+    with tqdm(total=total, desc="rebalance", unit="run", file=sys.stderr,
+              disable=not progress) as bar:
+        zipf_out: dict[str, Any] = {
+            "workload": {"name": "zipf", **ZIPF_PARAMS, "requests": len(zipf)},
+            "profile": profile, "slo_ttft_s": slo_ttft_s,
+            "ideal_bound_rps": round(bound, 4), "variants": {},
+        }
+        for name, config in variants.items():
+            zipf_out["variants"][name] = _capacity_entry(
+                config, zipf, bound / 2.0, target=target, rel_tol=rel_tol,
+                max_probes=max_probes)
+            bar.update(1)
+        common = 0.8 * (zipf_out["variants"]["laps_rebalance_off"]["effective_capacity_rps"]
+                        or bound / 2.0)
+        zipf_out["common_rate_rps"] = round(common, 4)
+        for name, config in variants.items():
+            summary = run_sim(replace(config, rate=common), requests=retime(zipf, common))
+            zipf_out["variants"][name]["at_common_rate"] = {
+                k: summary.get(k) for k in ("slo_attainment", "ttft_p50", "ttft_p99",
+                                            "load_imbalance", "load_imbalance_tokens",
+                                            "request_imbalance", "cache_hit_rate",
+                                            "admission_counters")}
+            bar.update(1)
+        result["zipf"] = zipf_out
+
+        setting_profile = "dualmap-910b4-qwen2.5-7b"
+        mooncake, source = workload_requests("mooncake", dualmap_setting_requests, seed, traces)
+        setting_bound = ideal_bound_rps(mooncake, instances, setting_profile)["ideal_bound_rps"]
+        setting = RunConfig(instances=instances, profile=setting_profile, slo_ttft_s=5.0,
+                            seed=seed, warmup_fraction=0.1)
+        setting_out: dict[str, Any] = {
+            "profile": setting_profile, "slo_ttft_s": 5.0, "source": source,
+            "requests": len(mooncake), "ideal_bound_rps": round(setting_bound, 4),
+            "variants": {},
+        }
+        for name, admission in setting_variants.items():
+            policy = name.split("+")[0]
+            setting_out["variants"][name] = _capacity_entry(
+                replace(setting, policy=policy, admission=admission), mooncake,
+                setting_bound / 2.0, target=target, rel_tol=rel_tol, max_probes=max_probes)
+            bar.update(1)
+        ca = setting_out["variants"]["cache_aware"]["effective_capacity_rps"] or 0.0
+        best = max(setting_out["variants"][n]["effective_capacity_rps"] or 0.0
+                   for n in setting_variants if n.startswith("dualmap+"))
+        setting_out["dualmap_admitted_over_cache_aware"] = round(best / ca, 4) if ca else None
+        result["dualmap_setting"] = setting_out
+    result["wall_seconds"] = round(time.perf_counter() - wall, 1)
+    return result
