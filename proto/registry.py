@@ -109,8 +109,9 @@ class RegistryWriter:
 
 
 def load_report(stats: Any, report_time: float, draining: bool = False) -> dict[str, float]:
-    """The load fields an instance heartbeats, from an ``EngineStats``-like object."""
-    return {
+    """The load fields an instance heartbeats, from an ``EngineStats``-like object (with its
+    cumulative prefix-cache counts, prompt tokens looked up and found, when it has them)."""
+    report = {
         "num_running": float(stats.num_running),
         "num_waiting": float(stats.num_waiting),
         "waiting_prefill_tokens": float(stats.waiting_prefill_tokens),
@@ -120,3 +121,8 @@ def load_report(stats: Any, report_time: float, draining: bool = False) -> dict[
         "report_time": report_time,
         "draining": 1.0 if draining else 0.0,
     }
+    for name in ("prefix_cache_queries", "prefix_cache_hits"):
+        value = getattr(stats, name, None)
+        if value is not None:
+            report[name] = float(value)
+    return report
