@@ -1,70 +1,118 @@
-"""The compiled routing kernels (``router/policy/_fastpath.c``) against plain definitions."""
+"""The routing kernels on both paths.
+
+The Python kernels (``router/policy/fastpath_py.py``) are the reference: they are checked
+against the definitions written out by hand (hashes, the xxhash package, the published
+splitmix64 vector), and the compiled kernels (``router/policy/_fastpath.c``, where built)
+are held to them value for value under hypothesis: hashes, keys, LRU order and evictions,
+ring owners, ``locate`` on a warm policy, the affinity pick float for float. Contract tests
+(errors, edge cases) run on every implementation present.
+"""
 
 from __future__ import annotations
 
 import platform
 import sys
-from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.policy._fastpath import PrefixLru
+from router.policy import fastpath_py as py
 from router.policy.hashing import PrefixHasher
 
+try:
+    from router.policy import _fastpath
 
-def reference_prefix_hashes(
-    hasher: PrefixHasher, tokens: np.ndarray, start_block: int = 0, start_prefix: int = 0
-) -> np.ndarray:
-    """The hash as hashing.py defines it, in numpy: multilinear per block over little-endian
-    uint64 words, XOR a per-position salt, running sum mod 2^64."""
-    blocks = len(tokens) // hasher.block_size
-    words = np.ascontiguousarray(tokens[: blocks * hasher.block_size], dtype="<i4")
-    words = words.view(np.uint64).reshape(blocks, hasher.block_size // 2)
-    salt = hasher._salts(start_block, blocks)
-    with np.errstate(over="ignore"):
-        block_hashes = (words @ hasher._mult) ^ salt
-        return np.add.accumulate(block_hashes) + np.uint64(start_prefix)
+    C: Any = _fastpath
+except ImportError:  # built without a C compiler: only the Python kernels exist
+    C = None
+
+needs_compiled = pytest.mark.skipif(
+    C is None, reason="the C extension is not built here (installed without a C compiler)")
+IMPLEMENTATIONS: list[ModuleType] = [py] if C is None else [py, C]
+MASK = (1 << 64) - 1
+
+
+@pytest.fixture(params=IMPLEMENTATIONS, ids=lambda m: "compiled" if m is C else "python")
+def impl(request: pytest.FixtureRequest) -> ModuleType:
+    """Each implementation of the kernels present here."""
+    return request.param  # type: ignore[no-any-return]
 
 
 @pytest.fixture(params=[True, False], ids=["vector", "scalar"])
 def kernels(request: pytest.FixtureRequest) -> Iterator[bool]:
-    """Run a test with the SIMD hashing kernel (where this CPU has it) and without."""
-    from router.policy._fastpath import set_vector_kernels, vector_kernels
-
-    previous = set_vector_kernels(request.param)
-    yield vector_kernels()
-    set_vector_kernels(previous)
+    """The compiled kernels with the SIMD hashing kernel (where this CPU has it) and without."""
+    previous = C.set_vector_kernels(request.param)
+    yield C.vector_kernels()
+    C.set_vector_kernels(previous)
 
 
-@pytest.mark.parametrize("block_size", [2, 16, 32])
-@pytest.mark.parametrize("num_tokens", [0, 1, 15, 16, 17, 127, 128, 1000, 8192])
-def test_prefix_hashes_match_the_numpy_definition(
-    block_size: int, num_tokens: int, kernels: bool
-) -> None:
-    rng = np.random.default_rng(num_tokens + block_size)
-    hasher = PrefixHasher(block_size)
-    tokens = rng.integers(-(2**31), 2**31 - 1, num_tokens, dtype=np.int64).astype(np.int32)
-    expected = reference_prefix_hashes(hasher, tokens)
-    assert np.array_equal(hasher.hashes(tokens), expected)
-    # A continued chain: the hashes of blocks d+1... after a known prefix of d blocks.
-    if len(expected) > 3:
-        start = 3 * block_size
-        continued = hasher.hashes(tokens[start:], start_block=3, start_prefix=int(expected[2]))
-        assert np.array_equal(continued, expected[3:])
+# ---- The reference against the definitions ---------------------------------------------
 
 
-def test_the_vector_kernel_is_used_where_the_cpu_has_it() -> None:
-    from router.policy._fastpath import vector_kernels
+def test_prefix_hashes_are_the_definition_written_out(impl: ModuleType) -> None:
+    """Block j: int32 tokens in pairs as little-endian uint64 words, times odd multipliers,
+    summed mod 2^64, XOR salt[j]; prefix k: the running sum from start_prefix."""
+    rng = np.random.default_rng(5)
+    mult = (rng.integers(0, 2**64, 3, dtype=np.uint64) | np.uint64(1))  # 6-token blocks
+    salt = rng.integers(0, 2**64, 10, dtype=np.uint64)
+    tokens = rng.integers(-(2**31), 2**31, 6 * 4 + 5, dtype=np.int64).astype(np.int32)
+    start_prefix, salt_start = 2**64 - 12345, 2
+    expected, running = [], start_prefix
+    for block in range(4):
+        value = 0
+        for w in range(3):
+            first = 6 * block + 2 * w
+            low, high = (int(t) & 0xFFFFFFFF for t in tokens[first: first + 2])
+            value += (low | high << 32) * int(mult[w])
+        running = (running + ((value & MASK) ^ int(salt[salt_start + block]))) & MASK
+        expected.append(running)
+    out = np.empty(4, dtype=np.uint64)
+    impl.prefix_hashes(tokens, mult, salt, salt_start, out, start_prefix)
+    assert out.tolist() == expected
 
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if sys.platform == "linux" and cpuinfo.exists() else ""
-    if platform.machine() == "x86_64" and " avx512dq" in flags and " avx512f" in flags:
-        assert vector_kernels()
+
+def test_mix64_is_splitmix64s_finaliser(impl: ModuleType) -> None:
+    # splitmix64's first output from seed 0 (the published test vector).
+    assert impl.mix64(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF
+    values = np.random.default_rng(6).integers(0, 2**64, 200, dtype=np.uint64).tolist()
+    assert [impl.mix64(v) for v in values] == [py.mix64(v) for v in values]
+    assert impl.mix64(-1) == impl.mix64(MASK)  # taken mod 2^64
+
+
+def test_xxh64_is_the_xxhash_packages(impl: ModuleType) -> None:
+    data = np.random.default_rng(12).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    for size in range(0, 300):  # every tail path: 32-byte stripes, 8, 4 and 1-byte steps
+        for seed in (0, py.KEY_SEED):
+            assert impl.xxh64(data[:size], seed) == xxhash.xxh64_intdigest(data[:size], seed)
+
+
+@pytest.mark.parametrize("length", [0, 1, 7, 15, 16, 31, 300, 1024, 1500, 2048])
+def test_key_hash_matches_its_definition(length: int, impl: ModuleType) -> None:
+    """mix64 of the prefix hash for a whole number of blocks, else xxh64 of the tokens'
+    int32 bytes with the key seed; the prefix hashes given or not, in part or in full."""
+    hasher = PrefixHasher(16)
+    prompt = np.random.default_rng(length).integers(0, 128_000, 2048).astype(np.int32)
+    mult, salt = hasher.constants(len(prompt))
+    hashes = np.empty(len(prompt) // 16, dtype=np.uint64)
+    py.prefix_hashes(prompt, mult, salt, 0, hashes, 0)
+    blocks, rest = divmod(length, 16)
+    expected = (py.mix64(int(hashes[blocks - 1])) if blocks and not rest
+                else xxhash.xxh64_intdigest(prompt[:length].tobytes(), py.KEY_SEED))
+    for given_hashes in (hashes[:0], hashes[:3], hashes):
+        assert impl.key_hash(prompt, mult, salt, given_hashes, length) == expected
+    with pytest.raises(ValueError):
+        impl.key_hash(prompt, mult, salt, hashes, 2049)
+
+
+# ---- The active path through its callers -------------------------------------------------
 
 
 def test_prefix_hashes_accept_any_integer_array_and_views() -> None:
@@ -77,220 +125,15 @@ def test_prefix_hashes_accept_any_integer_array_and_views() -> None:
     spaced = np.empty(8192, dtype=np.int32)
     spaced[::2] = tokens
     assert np.array_equal(hasher.hashes(spaced[::2]), expected)  # not contiguous
+    # A continued chain: the hashes of blocks d+1... after a known prefix of d blocks.
+    assert np.array_equal(hasher.hashes(tokens[48:], start_block=3,
+                                        start_prefix=int(expected[2])), expected[3:])
     # Past the precomputed salt table (64k tokens): the table grows, values continue.
     long_prompt = rng.integers(0, 128_000, 70_000).astype(np.int32)
-    assert np.array_equal(hasher.hashes(long_prompt),
-                          reference_prefix_hashes(hasher, long_prompt))
-
-
-def test_prefix_hashes_kernel_rejects_mismatched_buffers() -> None:
-    from router.policy._fastpath import prefix_hashes
-
-    mult = np.ones(8, dtype=np.uint64)
-    salt = np.zeros(4, np.uint64)
-    with pytest.raises(ValueError):  # fewer tokens than the blocks asked for
-        prefix_hashes(np.zeros(20, np.int32), mult, salt, 0, np.empty(2, np.uint64), 0)
-    with pytest.raises(ValueError):  # salt shorter than the blocks
-        prefix_hashes(np.zeros(64, np.int32), mult, salt, 3, np.empty(2, np.uint64), 0)
-    with pytest.raises(ValueError):
-        prefix_hashes(np.zeros(64, np.int32), mult, salt, -1, np.empty(2, np.uint64), 0)
-    with pytest.raises(TypeError):
-        prefix_hashes([1, 2], mult, salt, 0, np.empty(1, np.uint64), 0)
-
-
-class ModelLru:
-    """PrefixLru's contract as plain Python: an OrderedDict of counts."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.entries: OrderedDict[int, int] = OrderedDict()
-
-    def record(self, hashes: list[int]) -> None:
-        for key in reversed(hashes):
-            if key in self.entries:
-                self.entries.move_to_end(key)
-            else:
-                self.entries[key] = 1
-        self.evict()
-
-    def evict(self) -> None:
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
-
-    def add(self, key: int) -> None:
-        if key in self.entries:
-            self.entries[key] += 1
-        else:
-            self.entries[key] = 1
-
-    def discard(self, key: int) -> None:
-        if key in self.entries:
-            self.entries[key] -= 1
-            if not self.entries[key]:
-                del self.entries[key]
-
-    def cached_blocks(self, hashes: list[int]) -> int:
-        """Longest held prefix, by a linear scan (the view is closed under prefixes)."""
-        count = 0
-        while count < len(hashes) and hashes[count] in self.entries:
-            count += 1
-        return count
-
-
-# Keys from a small pool collide in the table often; some share their home slot by design.
-_keys = st.one_of(st.integers(0, 40), st.integers(0, 2**64 - 1),
-                  st.sampled_from([0, 2**63, 2**64 - 1, 2**32]))
-_ops = st.lists(st.one_of(
-    st.tuples(st.just("record"), st.lists(_keys, max_size=30, unique=True)),
-    st.tuples(st.just("add"), _keys),
-    st.tuples(st.just("discard"), _keys),
-    st.tuples(st.just("capacity"), st.integers(0, 60)),
-    st.tuples(st.just("clear"), st.none()),
-), max_size=60)
-
-
-@settings(max_examples=300, deadline=None)
-@given(capacity=st.integers(0, 50), ops=_ops)
-def test_prefix_lru_behaves_like_an_ordered_dict(capacity: int, ops: list) -> None:
-    lru, model = PrefixLru(capacity), ModelLru(capacity)
-    for op, arg in ops:
-        if op == "record":
-            hashes = np.array(arg, dtype=np.uint64)
-            lru.record(hashes)
-            model.record(arg)
-            assert lru.cached_blocks(hashes) == model.cached_blocks(arg)
-        elif op == "add":
-            lru.add(arg)
-            model.add(arg)
-        elif op == "discard":
-            lru.discard(arg)
-            model.discard(arg)
-        elif op == "capacity":
-            lru.capacity = model.capacity = arg
-            model.evict()
-        else:
-            lru.clear()
-            model.entries.clear()
-        assert lru.keys() == list(model.entries)
-        assert len(lru) == len(model.entries)
-        for key in list(model.entries)[:5]:
-            assert key in lru and lru.count(key) == model.entries[key]
-
-
-def test_prefix_lru_search_is_the_longest_held_prefix_whatever_the_hint() -> None:
-    rng = np.random.default_rng(3)
-    hasher = PrefixHasher(16)
-    lru = PrefixLru()
-    family = rng.integers(0, 128_000, 4000).astype(np.int32)
-    lru.record(hasher.hashes(family[:2400]))
-    prompt = np.concatenate([family[:3000], rng.integers(0, 128_000, 500).astype(np.int32)])
-    hashes = hasher.hashes(prompt)
-    assert all(lru.cached_blocks(hashes, hint) == 150 for hint in range(-2, len(hashes) + 3))
-    assert lru.cached_blocks(hashes[:0]) == 0
-    assert lru.cached_blocks(hasher.hashes(family[16:2000])) == 0
-
-
-def test_prefix_lru_survives_growth_and_heavy_eviction() -> None:
-    """Many keys through a small capacity: the table grows, and backward-shift deletion
-    must keep every held key findable."""
-    rng = np.random.default_rng(4)
-    lru, model = PrefixLru(1000), ModelLru(1000)
-    for _ in range(200):
-        keys = rng.integers(0, 2**63, int(rng.integers(1, 200)), dtype=np.uint64)
-        lru.record(keys)
-        model.record(keys.tolist())
-    assert lru.keys() == list(model.entries)
-    held = np.array(list(model.entries), dtype=np.uint64)
-    assert all(int(key) in lru for key in held)
-    assert sum(int(key) in lru for key in rng.integers(0, 2**63, 1000, dtype=np.uint64)) == 0
-
-
-def test_prefix_lru_rejects_what_is_not_a_key() -> None:
-    lru = PrefixLru(10)
-    assert -1 not in lru and 2**70 not in lru
-    with pytest.raises(TypeError):
-        "x" in lru  # noqa: B015
-    with pytest.raises(OverflowError):
-        lru.add(-5)
-    with pytest.raises(ValueError):
-        PrefixLru(-1)
-    with pytest.raises(ValueError):
-        lru.record(b"abc")  # not a whole number of uint64
-    lru.discard(-5)
-    lru.discard(12345)
-    assert len(lru) == 0 and lru.count(7) == 0
-
-
-def test_mix64_is_splitmix64s_finaliser() -> None:
-    from router.policy._fastpath import mix64
-
-    def reference(value: int) -> int:
-        mask = (1 << 64) - 1
-        value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & mask
-        return value ^ (value >> 31)
-
-    # splitmix64's first output from seed 0 (the published test vector).
-    assert mix64(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF
-    values = np.random.default_rng(6).integers(0, 2**64, 200, dtype=np.uint64)
-    assert [mix64(int(v)) for v in values] == [reference(int(v)) for v in values]
-
-
-def test_ring_index_rejects_bad_input_and_handles_an_empty_ring() -> None:
-    from array import array
-
-    from router.policy._fastpath import RingIndex
-
-    empty = RingIndex(array("Q"), array("i"))
-    assert len(empty) == 0 and empty.first(123, b"\x01") == -1 and empty.index(5) == 0
-    with pytest.raises(ValueError):
-        RingIndex(array("Q", [5, 3]), array("i", [0, 1]))  # not sorted
-    with pytest.raises(ValueError):
-        RingIndex(array("Q", [3, 5]), array("i", [0]))  # owners do not pair up
-    ring = RingIndex(array("Q", [10, 20, 30]), array("i", [0, 1, 0]))
-    assert ring.first(15, b"\x01\x01") == 1 and ring.first(31, b"\x01\x01") == 0  # wraps
-    assert ring.first(15, b"\x01\x00") == 0 and ring.first(15, b"\x00\x00") == -1
-    assert ring.first(15, b"\x01") == 0  # labels past the mask are not eligible
-    with pytest.raises(OverflowError):
-        ring.first(-1, b"\x01")
-    with pytest.raises(IndexError):
-        ring.next_distinct(3)
-
-
-KEY_SEED = 0x6C6C_6D66_6C65_6574  # "llmfleet"
-
-
-def reference_key_hash(hasher: PrefixHasher, tokens: np.ndarray, length: int) -> int:
-    """The key hash as csrc/hashing.h defines it: mix64 of the prefix hash for a whole
-    number of blocks, else xxh64 of the tokens' int32 bytes (the xxhash package)."""
-    import xxhash
-
-    from router.policy._fastpath import mix64
-
-    blocks, rest = divmod(length, hasher.block_size)
-    if blocks and not rest:
-        return mix64(int(reference_prefix_hashes(hasher, tokens[:length])[-1]))
-    return xxhash.xxh64_intdigest(tokens[:length].astype("<i4").tobytes(), KEY_SEED)
-
-
-def test_xxh64_is_the_xxhash_packages() -> None:
-    import xxhash
-
-    from router.policy._fastpath import xxh64
-
-    data = np.random.default_rng(12).integers(0, 256, 300, dtype=np.uint8).tobytes()
-    for size in range(0, 300):  # every tail path: 32-byte stripes, 8, 4 and 1-byte steps
-        for seed in (0, KEY_SEED):
-            assert xxh64(data[:size], seed) == xxhash.xxh64_intdigest(data[:size], seed)
-
-
-@pytest.mark.parametrize("length", [0, 1, 7, 15, 16, 31, 300, 1024, 1500, 2048])
-def test_key_hash_matches_its_definition(length: int) -> None:
-    hasher = PrefixHasher(16)
-    prompt = np.random.default_rng(length).integers(0, 128_000, 2048).astype(np.int32)
-    assert hasher.key_hash(prompt, length) == reference_key_hash(hasher, prompt, length)
-    with pytest.raises(ValueError):
-        hasher.key_hash(prompt, 2049)
+    mult, salt = hasher.constants(len(long_prompt))
+    reference = np.empty(len(long_prompt) // 16, dtype=np.uint64)
+    py.prefix_hashes(long_prompt, mult, salt, 0, reference, 0)
+    assert np.array_equal(hasher.hashes(long_prompt), reference)
 
 
 def test_prompt_key_follows_hot_splits_on_the_step_grid() -> None:
@@ -316,29 +159,231 @@ def test_prompt_key_follows_hot_splits_on_the_step_grid() -> None:
     assert hasher.prompt_key(prompt, None, 1024, 128, 4096, {base}, {base: 10})[1] == 1024
 
 
-def reference_affinity_pick(
-    homes: tuple[str, ...], blocks: tuple[int, ...], index: dict[str, int], fixed: np.ndarray,
-    queued: np.ndarray, slope: np.ndarray, block_size: int, num_tokens: int, key_length: int,
-) -> tuple[int, tuple[tuple[int, float], ...]]:
-    """DualMap's pick as plain Python (the rule dualmap.py states)."""
-    estimates, scores = [], []
-    for home, held in zip(homes, blocks, strict=True):
-        i = index[home]
-        base, ahead, per_token = fixed.item(i), queued.item(i), slope.item(i)
-        cached = min(held * block_size, max(0, num_tokens - 1))
-        ttft = base + (ahead + (num_tokens - cached)) * per_token
-        estimates.append((cached, ttft))
-        cold = base + (ahead + num_tokens) * per_token
-        scores.append((-cached, ttft) if cached >= key_length else (0, cold))
-    best = 0 if len(homes) == 1 or scores[0] <= scores[1] else 1
-    return best, tuple(estimates)
+# ---- The compiled kernels against the reference -----------------------------------------
 
 
+@needs_compiled
+def test_the_vector_kernel_is_used_where_the_cpu_has_it() -> None:
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if sys.platform == "linux" and cpuinfo.exists() else ""
+    if platform.machine() == "x86_64" and " avx512dq" in flags and " avx512f" in flags:
+        assert C.vector_kernels()
+    assert not py.vector_kernels() and not py.set_vector_kernels(True)
+
+
+def _hashes(module: ModuleType, tokens: np.ndarray, mult: np.ndarray, salt: np.ndarray,
+            salt_start: int = 0, start_prefix: int = 0) -> np.ndarray:
+    out = np.empty(len(tokens) // (2 * len(mult)), dtype=np.uint64)
+    module.prefix_hashes(tokens, mult, salt, salt_start, out, start_prefix)
+    return out
+
+
+@needs_compiled
+@pytest.mark.parametrize("block_size", [2, 16, 32])
+@pytest.mark.parametrize("num_tokens", [0, 1, 15, 16, 17, 127, 128, 1000, 8192])
+def test_prefix_hashes_compiled_equal_python(
+    block_size: int, num_tokens: int, kernels: bool
+) -> None:
+    rng = np.random.default_rng(num_tokens + block_size)
+    hasher = PrefixHasher(block_size)
+    tokens = rng.integers(-(2**31), 2**31 - 1, num_tokens, dtype=np.int64).astype(np.int32)
+    mult, salt = hasher.constants(num_tokens + 7 * block_size)
+    for salt_start, start_prefix in ((0, 0), (3, 2**64 - 1), (7, 12345)):
+        assert np.array_equal(_hashes(C, tokens, mult, salt, salt_start, start_prefix),
+                              _hashes(py, tokens, mult, salt, salt_start, start_prefix))
+
+
+_block_sizes = st.sampled_from([2, 4, 16])
+
+
+@needs_compiled
+@settings(max_examples=200, deadline=None)
+@given(block_size=_block_sizes, data=st.data())
+def test_keys_compiled_equal_python(block_size: int, data: st.DataObject) -> None:
+    """key_hash at every kind of length, with the prefix hashes given in part or not at
+    all, and prompt_key along hot keys whose splits lengthen, cap or stop the chain."""
+    hasher = PrefixHasher(block_size)
+    tokens = np.array(data.draw(st.lists(st.integers(-(2**31), 2**31 - 1), max_size=200)),
+                      dtype=np.int32)
+    mult, salt = hasher.constants(len(tokens))
+    full = _hashes(py, tokens, mult, salt)
+    given_hashes = full[: data.draw(st.integers(0, len(full)))]
+    length = data.draw(st.integers(0, len(tokens)))
+    assert (C.key_hash(tokens, mult, salt, given_hashes, length)
+            == py.key_hash(tokens, mult, salt, given_hashes, length))
+    hot_step = data.draw(st.sampled_from([1, 4, 16, 50]))
+    max_length = data.draw(st.integers(0, 250))
+    # Hot keys: the keys at some lengths of this prompt (so chains really lengthen).
+    lengths = data.draw(st.lists(st.integers(0, len(tokens)), max_size=6))
+    hot = {py.key_hash(tokens, mult, salt, full, n) for n in lengths}
+    splits = {key: data.draw(st.integers(-3, 220)) for key in hot}
+    args = (tokens, mult, salt, given_hashes, length, hot_step, max_length, hot, splits)
+    compiled, python = C.prompt_key(*args), py.prompt_key(*args)
+    assert tuple(compiled) == tuple(python)
+    assert (compiled.hash, compiled.length, compiled.chain) == (
+        python.hash, python.length, python.chain)
+
+
+# Keys from a small pool collide in the table often; some share their home slot by design.
+_keys = st.one_of(st.integers(0, 40), st.integers(0, 2**64 - 1),
+                  st.sampled_from([0, 2**63, 2**64 - 1, 2**32]))
+_lru_ops = st.lists(st.one_of(
+    st.tuples(st.just("record"), st.lists(_keys, max_size=30)),
+    st.tuples(st.just("add"), _keys),
+    st.tuples(st.just("discard"), _keys),
+    st.tuples(st.just("capacity"), st.integers(0, 60)),
+    st.tuples(st.just("search"), st.tuples(st.lists(_keys, max_size=20), st.integers(-2, 25))),
+    st.tuples(st.just("clear"), st.none()),
+), max_size=60)
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None)
+@given(capacity=st.integers(0, 50), ops=_lru_ops)
+def test_prefix_lru_compiled_equals_python(capacity: int, ops: list) -> None:
+    """Same keys in the same LRU order, same counts, same evictions, and the same search
+    answers (with any hint, also where add/discard left a set not closed under prefixes)."""
+    compiled, python = C.PrefixLru(capacity), py.PrefixLru(capacity)
+    for op, arg in ops:
+        if op == "record":
+            hashes = np.array(arg, dtype=np.uint64)
+            compiled.record(hashes)
+            python.record(hashes)
+        elif op == "search":
+            hashes = np.array(arg[0], dtype=np.uint64)
+            assert (compiled.cached_blocks(hashes, arg[1])
+                    == python.cached_blocks(hashes.tobytes(), arg[1]))
+        elif op == "capacity":
+            compiled.capacity = python.capacity = arg
+        elif op == "clear":
+            compiled.clear()
+            python.clear()
+        else:
+            getattr(compiled, op)(arg)
+            getattr(python, op)(arg)
+        assert compiled.keys() == python.keys()
+        assert len(compiled) == len(python) and compiled.capacity == python.capacity
+        for key in python.keys()[:5]:
+            assert key in compiled and compiled.count(key) == python.count(key)
+
+
+@needs_compiled
+def test_prefix_lru_growth_and_heavy_eviction_compiled_equal_python() -> None:
+    """Many keys through a small capacity: the compiled table grows, and backward-shift
+    deletion must keep every held key findable."""
+    rng = np.random.default_rng(4)
+    compiled, python = C.PrefixLru(1000), py.PrefixLru(1000)
+    for _ in range(200):
+        keys = rng.integers(0, 2**63, int(rng.integers(1, 200)), dtype=np.uint64)
+        compiled.record(keys)
+        python.record(keys)
+    assert compiled.keys() == python.keys() and len(python) == 1000
+    assert all(key in compiled for key in python.keys())  # noqa: SIM118
+    strangers = rng.integers(0, 2**63, 1000, dtype=np.uint64).tolist()
+    assert sum(key in compiled for key in strangers) == sum(key in python for key in strangers)
+
+
+_positions = st.lists(st.one_of(st.integers(0, 50), st.integers(0, 2**64 - 1),
+                                st.sampled_from([0, 2**64 - 1])), max_size=40)
+
+
+@needs_compiled
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), positions=_positions)
+def test_ring_index_compiled_equals_python(data: st.DataObject, positions: list[int]) -> None:
+    """Same first owner for any eligibility mask (shorter or longer than the labels) and
+    exclusion, same point index and next distinct owner, repeated positions and
+    runs of one owner included."""
+    positions.sort()
+    owners = data.draw(st.lists(st.integers(0, 5), min_size=len(positions),
+                                max_size=len(positions)))
+    arrays = (np.array(positions, dtype=np.uint64), np.array(owners, dtype=np.int32))
+    compiled, python = C.RingIndex(*arrays), py.RingIndex(*arrays)
+    assert len(compiled) == len(python) == len(positions)
+    assert ([compiled.next_distinct(k) for k in range(len(positions))]
+            == [python.next_distinct(k) for k in range(len(positions))])
+    for _ in range(10):
+        position = data.draw(st.one_of(st.integers(0, 60), st.integers(0, 2**64 - 1)))
+        mask = bytes(data.draw(st.lists(st.integers(0, 1), max_size=7)))
+        exclude = data.draw(st.integers(-1, 6))
+        assert compiled.index(position) == python.index(position)
+        assert compiled.first(position, mask, exclude) == python.first(position, mask, exclude)
+
+
+def _warm_dualmap() -> tuple[Any, Any, Any, Any]:
+    """A DualMap policy (on the active path) after 300 decisions with a shared system
+    prompt: hot (lengthened) keys and cached prefixes; its snapshot, one with an
+    unroutable instance, and a prompt maker."""
+    from router.policy.dualmap import DualMapPolicy
+    from router.policy.interfaces import ClusterSnapshot, InstanceView, RoutingRequest
+
+    rng = np.random.default_rng(11)
+    views = tuple(InstanceView(f"i{k}", total_blocks=4000) for k in range(8))
+    policy = DualMapPolicy(hot_min_count=4)
+    system = rng.integers(0, 50_000, 1100).astype(np.int32)
+    documents = [rng.integers(0, 50_000, 1500).astype(np.int32) for _ in range(6)]
+
+    def prompt(k: int) -> np.ndarray:
+        tail = rng.integers(0, 50_000, int(rng.integers(1, 300))).astype(np.int32)
+        return np.concatenate([system, documents[k % 6], tail])
+
+    snapshot = ClusterSnapshot(1, views)
+    for seq in range(300):
+        request = RoutingRequest(f"r{seq}", prompt(seq), 8)
+        policy.on_dispatched(request, policy.route(request, snapshot, 0.0), 0.0)
+    masked = ClusterSnapshot(2, tuple(sorted(
+        (replace(views[3], healthy=False), *views[:3], *views[4:]),
+        key=lambda v: v.instance_id)))
+    return policy, snapshot, masked, prompt
+
+
+def _copy_lru(lru: Any, module: ModuleType) -> Any:
+    """The same keys, counts and LRU order in ``module``'s PrefixLru."""
+    copy = module.PrefixLru(lru.capacity)
+    for key in lru.keys():  # noqa: SIM118  (LRU order)
+        for _ in range(lru.count(key)):
+            copy.add(key)
+    return copy
+
+
+@needs_compiled
+def test_locate_on_a_warm_policy_compiled_equals_python() -> None:
+    """Key (lengthened or not), homes on two rings or one, cached blocks per home and the
+    prefix hashes: the same from both, with and without an unroutable instance and tables."""
+    policy, snapshot, masked, prompt = _warm_dualmap()
+    rings = policy.rings
+    assert rings.keys.hot_prefixes  # some keys are lengthened
+    tables = {module: [None if t is None else _copy_lru(t, module) for t in rings._tables]
+              for module in (C, py)}
+    lookups = {module: tuple(module.RingIndex(ring._positions, ring._owner_slots)
+                             for ring in rings.rings) for module in (C, py)}
+    keys = rings.keys
+    seen_cached = seen_lengthened = 0
+    for snap in (snapshot, masked):
+        policy.adopt(snap)
+        for seq in range(60):
+            tokens = prompt(seq)
+            for two_rings, with_tables in ((True, True), (False, True), (True, False)):
+                results = []
+                for module in (C, py):
+                    mult, salt = keys.hasher.constants(len(tokens))
+                    results.append(module.locate(
+                        tokens, mult, salt, keys.base_length(len(tokens)), keys.hot_step,
+                        keys.max_key_tokens, keys.hot_prefixes, keys.detector.splits,
+                        lookups[module] if two_rings else lookups[module][:1],
+                        rings._eligible_mask, tables[module] if with_tables else None,
+                        rings._names))
+                (c_key, *c_rest), (p_key, *p_rest) = results
+                assert tuple(c_key) == tuple(p_key) and c_rest == p_rest
+                seen_cached += any(p_rest[1])
+                seen_lengthened += len(p_key.chain) > 1
+    assert seen_cached > 60 and seen_lengthened > 60  # the cases that matter were there
+
+
+@needs_compiled
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
-def test_affinity_pick_is_the_plain_rule(data: st.DataObject) -> None:
-    from router.policy._fastpath import affinity_pick
-
+def test_affinity_pick_compiled_equals_python(data: st.DataObject) -> None:
     size = data.draw(st.integers(2, 6))
     index = {f"i{k}": k for k in range(size)}
     floats = st.floats(0.0, 5.0, allow_nan=False)
@@ -347,24 +392,149 @@ def test_affinity_pick_is_the_plain_rule(data: st.DataObject) -> None:
                                          max_size=size)), dtype=np.float64)
     slope = np.array(data.draw(st.lists(st.sampled_from([1e-5, 2.1e-5, 3e-5]),
                                         min_size=size, max_size=size)))
+    if data.draw(st.booleans()):  # equal loads everywhere: ties in TTFT
+        fixed[:], queued[:], slope[:] = fixed[0], queued[0], slope[0]
     homes = tuple(data.draw(st.lists(st.sampled_from(sorted(index)), min_size=1, max_size=2,
                                      unique=True)))
-    # Small block counts and equal loads make ties (in cache and in TTFT) common.
+    # Small block counts make ties in the cached prefix common.
     blocks = tuple(data.draw(st.lists(st.integers(0, 70), min_size=len(homes),
                                       max_size=len(homes))))
     num_tokens = data.draw(st.integers(0, 1200))
     key_length = data.draw(st.sampled_from([0, 16, 512, 1024]))
     args = (homes, blocks, index, fixed, queued, slope, 16, num_tokens, key_length)
-    assert affinity_pick(*args) == reference_affinity_pick(*args)
+    assert C.affinity_pick(*args) == py.affinity_pick(*args)
 
 
-def test_affinity_pick_rejects_what_it_cannot_read() -> None:
-    from router.policy._fastpath import affinity_pick
+# ---- Contracts on every implementation -------------------------------------------------
 
+
+def test_affinity_pick_applies_the_rule(impl: ModuleType) -> None:
+    index = {"a": 0, "b": 1}
+    fixed, queued, slope = np.array([0.1, 0.1]), np.array([0.0, 5000.0]), np.array([1e-5] * 2)
+    # b holds more of the prompt (and covers the key): b, despite its queue.
+    best, estimates = impl.affinity_pick(("a", "b"), (10, 40), index, fixed, queued, slope,
+                                         16, 1000, 512)
+    assert best == 1
+    assert estimates == ((160, 0.1 + 840 * 1e-5), (640, 0.1 + (5000 + 360) * 1e-5))
+    # Neither covers a 1024-token key: both score cold, the lower TTFT wins (a).
+    assert impl.affinity_pick(("a", "b"), (10, 40), index, fixed, queued, slope,
+                              16, 1000, 1024)[0] == 0
+    # A full tie goes to c1; the cached prefix never counts the prompt's last token.
+    best, estimates = impl.affinity_pick(("b", "a"), (99, 99), index, np.zeros(2),
+                                         np.zeros(2), slope, 16, 1000, 0)
+    assert best == 0 and estimates[0][0] == estimates[1][0] == 999
+
+
+def test_prefix_hashes_kernel_rejects_mismatched_buffers(impl: ModuleType) -> None:
+    mult = np.ones(8, dtype=np.uint64)
+    salt = np.zeros(4, np.uint64)
+    with pytest.raises(ValueError):  # fewer tokens than the blocks asked for
+        impl.prefix_hashes(np.zeros(20, np.int32), mult, salt, 0, np.empty(2, np.uint64), 0)
+    with pytest.raises(ValueError):  # salt shorter than the blocks
+        impl.prefix_hashes(np.zeros(64, np.int32), mult, salt, 3, np.empty(2, np.uint64), 0)
+    with pytest.raises(ValueError):
+        impl.prefix_hashes(np.zeros(64, np.int32), mult, salt, -1, np.empty(2, np.uint64), 0)
+    with pytest.raises(TypeError):
+        impl.prefix_hashes([1, 2], mult, salt, 0, np.empty(1, np.uint64), 0)
+    with pytest.raises(TypeError):  # out is not writable
+        impl.prefix_hashes(np.zeros(64, np.int32), mult, salt, 0, bytes(16), 0)
+    with pytest.raises(ValueError):  # not contiguous
+        impl.xxh64(np.arange(10, dtype=np.int32)[::2])
+
+
+def test_prefix_lru_search_is_the_longest_held_prefix_whatever_the_hint(
+    impl: ModuleType,
+) -> None:
+    rng = np.random.default_rng(3)
+    hasher = PrefixHasher(16)
+    lru = impl.PrefixLru()
+    family = rng.integers(0, 128_000, 4000).astype(np.int32)
+    lru.record(hasher.hashes(family[:2400]))
+    prompt = np.concatenate([family[:3000], rng.integers(0, 128_000, 500).astype(np.int32)])
+    hashes = hasher.hashes(prompt)
+    assert all(lru.cached_blocks(hashes, hint) == 150 for hint in range(-2, len(hashes) + 3))
+    assert lru.cached_blocks(hashes[:0]) == 0
+    assert lru.cached_blocks(hasher.hashes(family[16:2000])) == 0
+
+
+def test_prefix_lru_records_tail_first_and_evicts_deep_blocks(impl: ModuleType) -> None:
+    lru = impl.PrefixLru(4)
+    lru.record(np.array([1, 2, 3], dtype=np.uint64))
+    assert lru.keys() == [3, 2, 1]  # the prompt's head ends most recently used
+    lru.add(2)  # a held key keeps its place, counted twice
+    assert lru.keys() == [3, 2, 1] and lru.count(2) == 2
+    lru.record(np.array([1, 7, 8], dtype=np.uint64))  # over capacity: the deepest go first
+    assert lru.keys() == [2, 8, 7, 1]
+    lru.capacity = 2
+    assert lru.keys() == [7, 1]
+    lru.discard(7)
+    assert lru.keys() == [1] and 7 not in lru
+
+
+def test_prefix_lru_rejects_what_is_not_a_key(impl: ModuleType) -> None:
+    lru = impl.PrefixLru(10)
+    assert -1 not in lru and 2**70 not in lru
+    with pytest.raises(TypeError):
+        "x" in lru  # noqa: B015
+    with pytest.raises(OverflowError):
+        lru.add(-5)
+    with pytest.raises(ValueError):
+        impl.PrefixLru(-1)
+    with pytest.raises(ValueError):
+        lru.capacity = -1
+    with pytest.raises(ValueError):
+        lru.record(b"abc")  # not a whole number of uint64
+    lru.discard(-5)
+    lru.discard(12345)
+    assert len(lru) == 0 and lru.count(7) == 0 and lru.count(-7) == 0
+
+
+def test_ring_index_rejects_bad_input_and_handles_an_empty_ring(impl: ModuleType) -> None:
+    from array import array
+
+    empty = impl.RingIndex(array("Q"), array("i"))
+    assert len(empty) == 0 and empty.first(123, b"\x01") == -1 and empty.index(5) == 0
+    with pytest.raises(ValueError):
+        impl.RingIndex(array("Q", [5, 3]), array("i", [0, 1]))  # not sorted
+    with pytest.raises(ValueError):
+        impl.RingIndex(array("Q", [3, 5]), array("i", [0]))  # owners do not pair up
+    ring = impl.RingIndex(array("Q", [10, 20, 30]), array("i", [0, 1, 0]))
+    assert ring.first(15, b"\x01\x01") == 1 and ring.first(31, b"\x01\x01") == 0  # wraps
+    assert ring.first(15, b"\x01\x00") == 0 and ring.first(15, b"\x00\x00") == -1
+    assert ring.first(15, b"\x01") == 0  # labels past the mask are not eligible
+    assert ring.first(15, b"\x01\x01", 1) == 0  # excluded: the next distinct owner
+    assert [ring.next_distinct(k) for k in range(3)] == [1, 2, 1]
+    with pytest.raises(OverflowError):
+        ring.first(-1, b"\x01")
+    with pytest.raises(IndexError):
+        ring.next_distinct(3)
+    with pytest.raises(RuntimeError):  # immutable
+        ring.__init__(array("Q"), array("i"))
+
+
+def test_affinity_pick_rejects_what_it_cannot_read(impl: ModuleType) -> None:
     arrays = (np.zeros(2), np.zeros(2), np.ones(2))
     with pytest.raises(KeyError):
-        affinity_pick(("nope",), (0,), {"a": 0}, *arrays, 16, 100, 16)
+        impl.affinity_pick(("nope",), (0,), {"a": 0}, *arrays, 16, 100, 16)
     with pytest.raises(IndexError):
-        affinity_pick(("a",), (0,), {"a": 5}, *arrays, 16, 100, 16)
+        impl.affinity_pick(("a",), (0,), {"a": 5}, *arrays, 16, 100, 16)
     with pytest.raises(ValueError):
-        affinity_pick((), (), {"a": 0}, *arrays, 16, 100, 16)
+        impl.affinity_pick((), (), {"a": 0}, *arrays, 16, 100, 16)
+    with pytest.raises(TypeError):
+        impl.affinity_pick(["a"], (0,), {"a": 0}, *arrays, 16, 100, 16)
+
+
+def test_locate_rejects_what_it_cannot_use(impl: ModuleType) -> None:
+    from array import array
+
+    ring = impl.RingIndex(array("Q", [10]), array("i", [0]))
+    tokens, mult, salt = np.zeros(64, np.int32), np.ones(8, np.uint64), np.zeros(8, np.uint64)
+    args: list[Any] = [tokens, mult, salt, 32, 16, 64, set(), {}, (ring,), b"\x01", None, ["a"]]
+    key, homes, blocks, hashes = impl.locate(*args)
+    assert homes == ("a",) and blocks == (0,) and len(hashes) == 4 * 8 and key.length == 32
+    for position, bad, error in ((8, (), ValueError), (8, (ring, ring, ring), ValueError),
+                                 (8, ("ring",), TypeError), (4, 0, ValueError),
+                                 (10, [object()], TypeError), (11, [], IndexError),
+                                 (2, np.zeros(2, np.uint64), ValueError)):
+        with pytest.raises(error):
+            impl.locate(*[bad if k == position else a for k, a in enumerate(args)])
