@@ -34,10 +34,11 @@ function esc(s) {
 }
 function fmtSeconds(s) {
   if (s === null || s === undefined) return "—";
+  if (s === 0) return "0";
   if (s < 1) return (s * 1000).toFixed(s < 0.1 ? 1 : 0) + " ms";
   return s.toFixed(2) + " s";
 }
-function fmtRate(x) { return x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2); }
+function fmtRate(x) { return x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2).replace(/\.?0+$/, "") || "0"; }
 function fmtTime(t) { return new Date(t * 1000).toLocaleTimeString([], { hour12: false }); }
 // Distinct colours for up to hundreds of instances: golden-angle hues, two lightness bands.
 function colorOf(id) {
@@ -266,7 +267,7 @@ function lineChart(svg, times, series, opts) {
   const W = 640, H = 200, left = 44, right = 8, top = 8, bottom = 20;
   const values = series.flatMap((s) => s.values.filter((v) => v !== null));
   if (opts.reference !== undefined) values.push(opts.reference);
-  let max = Math.max(opts.minMax || 1, ...values) * 1.1;
+  const max = niceMax(Math.max(opts.minMax || 1, ...values) * 1.05);
   const t1 = times.length ? times[times.length - 1] : 0;
   const t0 = t1 - (opts.span || 120);
   const x = (t) => left + ((t - t0) / (t1 - t0 || 1)) * (W - left - right);
@@ -277,7 +278,7 @@ function lineChart(svg, times, series, opts) {
     svg.appendChild(el("text", { x: left - 4, y: y(v) + 3, "text-anchor": "end", class: "axis-label" }, opts.fmt(v)));
   }
   for (let s = 0; s <= 120; s += 30) {
-    svg.appendChild(el("text", { x: x(t1 - s), y: H - 5, "text-anchor": s === 0 ? "end" : "middle", class: "axis-label" }, s === 0 ? "now" : `-${s}s`));
+    svg.appendChild(el("text", { x: s === 120 ? left + 2 : x(t1 - s), y: H - 5, "text-anchor": s === 0 ? "end" : s === 120 ? "start" : "middle", class: "axis-label" }, s === 0 ? "now" : `-${s}s`));
   }
   if (opts.reference !== undefined) {
     svg.appendChild(el("path", { d: `M${left} ${y(opts.reference)}H${W - right}`, class: "slo" }));
@@ -289,14 +290,26 @@ function lineChart(svg, times, series, opts) {
       d += `${pen ? "L" : "M"}${x(times[i]).toFixed(1)} ${y(v).toFixed(1)}`;
       pen = true;
     });
+    if (s.area && d) {
+      const xs = [...d.matchAll(/[ML]([\d.]+) /g)].map((m) => m[1]);
+      svg.appendChild(el("path", { d: `${d}L${xs[xs.length - 1]} ${y(0)}L${xs[0]} ${y(0)}Z`, fill: s.color, "fill-opacity": 0.18, stroke: "none" }));
+    }
     const path = el("path", { d: d || `M${left} ${y(0)}`, class: "series", stroke: s.color, "data-series": s.name });
     svg.appendChild(path);
   }
 }
 
+// The smallest "round" axis top (1, 2, 2.5 or 5 times a power of ten, times 4 steps) >= v.
+function niceMax(v) {
+  const raw = v / 4;
+  const p = Math.pow(10, Math.floor(Math.log10(raw)));
+  const m = raw / p;
+  return (m <= 1 ? 1 : m <= 2 ? 2 : m <= 2.5 ? 2.5 : m <= 5 ? 5 : 10) * p * 4;
+}
+
 function renderReasons(series) {
   const names = Object.keys(series.reasons);
-  const lines = [{ name: "all requests", values: series.rps, color: "#9aa4b5" }]
+  const lines = [{ name: "all requests", values: series.rps, color: "#9aa4b5", area: true }]
     .concat(names.map((n, i) => ({ name: n, values: series.reasons[n], color: reasonColor(n, i) })));
   lineChart($("chart-reasons"), series.t, lines, { fmt: (v) => fmtRate(v), minMax: 1 });
   $("legend-reasons").innerHTML = lines.map((l) =>

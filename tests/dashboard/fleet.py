@@ -1,0 +1,102 @@
+"""A small live fleet for the dashboard tests: real Redis, emulated engine processes, the
+gateway in-process (uvicorn in a thread), and a background client sending requests."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from instances.launcher import EngineSpec, EngineSupervisor, free_port
+from router.gateway import Gateway, GatewayConfig, create_gateway_app
+from tests.fleet import serve_in_thread, wait_until
+
+TTL_S = 1.5
+MODEL = "llmfleet-emulated"
+
+
+@dataclass
+class LiveFleet:
+    url: str
+    gateway: Gateway
+    supervisor: EngineSupervisor
+    sent: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def engine_url(self, instance_id: str) -> str:
+        return next(e.spec.url for e in self.supervisor.engines
+                    if e.spec.instance_id == instance_id)
+
+
+def send(url: str, i: int, stream: bool) -> httpx.Response:
+    """One request of a multi-turn workload: 6 conversations, growing prompts."""
+    conversation = i % 6
+    prompt = (f"system: you are assistant {conversation}. " * 30
+              + " ".join(f"turn {t}" for t in range(i // 6 + 1)))
+    return httpx.post(url + "/v1/completions", timeout=30,
+                      json={"model": MODEL, "prompt": prompt, "max_tokens": 6, "stream": stream})
+
+
+@contextlib.contextmanager
+def live_fleet(redis_url: str, namespace: str, engines: int = 3, policy: str = "dualmap",
+               wrap_app: Callable[[Any], Any] | None = None) -> Iterator[LiveFleet]:
+    """``engines`` emulated replicas and a gateway; ``wrap_app`` may wrap its ASGI app."""
+    specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), speedup=20.0,
+                        redis_url=redis_url, namespace=namespace, heartbeat_ttl_s=TTL_S)
+             for i in range(engines)]
+    supervisor = EngineSupervisor(specs, restart=False)
+    supervisor.start()
+    gateway = Gateway(GatewayConfig(redis_url=redis_url, namespace=namespace, policy=policy,
+                                    heartbeat_ttl_s=TTL_S, refresh_interval_s=0.1))
+    try:
+        app = create_gateway_app(gateway)
+        if wrap_app is not None:
+            app = wrap_app(app)
+        with serve_in_thread(app, free_port()) as url:
+            wait_until(lambda: httpx.get(url + "/health").json().get("healthy_instances")
+                       == engines, timeout_s=15)
+            yield LiveFleet(url, gateway, supervisor)
+    finally:
+        supervisor.stop()
+
+
+@contextlib.contextmanager
+def background_load(fleet: LiveFleet, interval_s: float = 0.05) -> Iterator[None]:
+    """Requests one after another (every other one streamed) until the block ends."""
+    stop = threading.Event()
+
+    def run() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                response = send(fleet.url, i, stream=i % 2 == 0)
+                if response.status_code != 200:
+                    fleet.failed.append(response.text)
+            except httpx.HTTPError as exc:
+                fleet.failed.append(repr(exc))
+            fleet.sent += 1
+            i += 1
+            stop.wait(interval_s)
+
+    thread = threading.Thread(target=run, daemon=True, name="dashboard-load")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def chromium_paths() -> tuple[str, str]:
+    """The system Chromium and its driver (Debian packages chromium, chromium-driver)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        raise RuntimeError("the browser test needs Chromium and its driver: "
+                           "apt-get install -y chromium chromium-driver (make install does)")
+    return browser, driver

@@ -1,0 +1,158 @@
+"""The dashboard in a real browser (headless Chromium) in front of a live fleet.
+
+Screenshots go to ``$LLMFLEET_SCREENSHOT_DIR`` when set (``docs/images`` regenerates the
+README's), else to the test's temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.responses import JSONResponse
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from router.gateway import Gateway
+from tests.dashboard.fleet import LiveFleet, background_load, chromium_paths, live_fleet
+from tests.fleet import engine_requests_served, wait_until
+
+pytestmark = pytest.mark.e2e
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+class _AdminGuard:
+    """Stand-in for the gateway's auth as the dashboard needs it: the page and its scripts
+    open (a browser cannot send a header when it navigates), everything under ``/admin``
+    behind ``Bearer ADMIN_TOKEN``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/admin"):
+            headers = dict(scope.get("headers", ()))
+            if headers.get(b"authorization") != f"Bearer {ADMIN_TOKEN}".encode():
+                response = JSONResponse({"error": {
+                    "message": "admin token required", "type": "authentication_error",
+                    "param": None, "code": "missing_admin_token"}}, status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture
+def fleet(redis_url: str, namespace: str) -> Iterator[LiveFleet]:
+    with live_fleet(redis_url, namespace, engines=3, wrap_app=_AdminGuard) as f:
+        yield f
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    binary, driver_path = chromium_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1600,1400", "--hide-scrollbars"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    target = Path(os.environ.get("LLMFLEET_SCREENSHOT_DIR", tmp_path))
+    target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def _js(driver: webdriver.Chrome, script: str) -> Any:
+    return driver.execute_script(script)
+
+
+def _row_states(driver: webdriver.Chrome) -> dict[str, str]:
+    # Read in one script: the page re-renders the table every second, so elements found
+    # by one call may be gone by the next.
+    return dict(_js(driver, "return [...document.querySelectorAll('#instances tbody tr')]"
+                            ".map(r => [r.dataset.instance, r.dataset.state])"))
+
+
+def _ring_owners(driver: webdriver.Chrome) -> set[str]:
+    return set(_js(driver, "return [...document.querySelectorAll('#ring-arcs path')]"
+                           ".map(p => p.dataset.owner)"))
+
+
+def test_dashboard_shows_the_fleet_live_and_drains_from_the_page(
+        fleet: LiveFleet, browser: webdriver.Chrome, shots: Path) -> None:
+    ids = {"engine-0", "engine-1", "engine-2"}
+    with background_load(fleet):
+        # Without the token the page says so instead of showing stale or empty data.
+        browser.get(fleet.url + "/dashboard")
+        wait_until(lambda: "admin token needed" in
+                   browser.find_element(By.ID, "live-text").text, timeout_s=10)
+        # The login field: the token goes into the Authorization header from then on.
+        browser.find_element(By.ID, "token").send_keys(ADMIN_TOKEN)
+        browser.find_element(By.CSS_SELECTOR, "#login button").click()
+        wait_until(lambda: browser.find_element(By.ID, "live-text").text == "live",
+                   timeout_s=10)
+
+        # The instances and both rings appear.
+        wait_until(lambda: set(_row_states(browser)) == ids, timeout_s=10)
+        assert set(_row_states(browser).values()) == {"healthy"}
+        wait_until(lambda: int(browser.find_element(By.ID, "rings")
+                               .get_attribute("data-arcs") or 0) > 0, timeout_s=10)
+        assert _ring_owners(browser) == ids
+        legend = _js(browser, "return [...document.querySelectorAll("
+                              "'#rings-legend tr[data-member]')].map(r => r.dataset.member)")
+        assert set(legend) == ids
+
+        # A live-updating chart: the request-rate line is redrawn with new points, and
+        # updates arrive about once a second.
+        wait_until(lambda: float(browser.find_element(By.ID, "kpi-rps").text or 0) > 0,
+                   timeout_s=15)
+        chart = "#chart-reasons path[data-series='all requests']"
+        read_chart = (f"return [document.querySelector(\"{chart}\").getAttribute('d'), "
+                      "Number(document.body.dataset.messages)]")
+        first_path, first_count = _js(browser, read_chart)
+        time.sleep(3.2)
+        path, count = _js(browser, read_chart)
+        assert path != first_path
+        assert count >= first_count + 2
+        # Decisions by reason come from the gateway's own counters (DualMap: affinity).
+        assert _js(browser, "return document.querySelectorAll("
+                            "\"#chart-reasons path[data-series='affinity']\").length") == 1
+        assert _js(browser, "return document.querySelectorAll('#recent tbody tr').length") > 0
+        browser.save_screenshot(str(shots / "dashboard.png"))
+
+        # Drain engine-1 from the page.
+        browser.find_element(By.CSS_SELECTOR, "button[data-drain='engine-1']").click()
+        wait_until(lambda: _row_states(browser).get("engine-1") == "draining", timeout_s=10)
+        wait_until(lambda: "engine-1" not in _ring_owners(browser), timeout_s=5)
+        assert _ring_owners(browser) == {"engine-0", "engine-2"}
+        events = browser.find_element(By.ID, "events").text
+        assert "operator drained engine-1" in events and "engine-1 is draining" in events
+
+        # Routing stops sending it requests, while the others keep serving.
+        time.sleep(0.5)  # requests already sent to it finish
+        before = {i: engine_requests_served(fleet.engine_url(i)) for i in ids}
+        sent_before = fleet.sent
+        wait_until(lambda: fleet.sent >= sent_before + 20, timeout_s=20)
+        time.sleep(0.3)
+        after = {i: engine_requests_served(fleet.engine_url(i)) for i in ids}
+        assert after["engine-1"] == before["engine-1"]
+        assert after["engine-0"] + after["engine-2"] >= \
+            before["engine-0"] + before["engine-2"] + 20
+        browser.save_screenshot(str(shots / "dashboard-drained.png"))
+    assert fleet.failed == []
+    # The drain lives in Redis, so every gateway replica (not just this page's) applies it.
+    gateway: Gateway = fleet.gateway
+    assert {v.instance_id for v in gateway.snapshot.instances if v.draining} == {"engine-1"}
