@@ -56,19 +56,43 @@ def encode_batch(ts: float, events: Sequence[KVEvent]) -> bytes:
     return bytes(msgpack.packb([ts, wire], use_bin_type=True))
 
 
+def _block_hash(value: Any) -> int:
+    """An engine block hash as an int: vLLM sends ints, or sha256 digests as bytes (folded to
+    64 bits as vLLM's ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`` does)."""
+    if isinstance(value, bytes | bytearray):
+        return int.from_bytes(value, "big") & 0xFFFFFFFFFFFFFFFF
+    return int(value)
+
+
+def _event_fields(raw: Any) -> tuple[str, list[Any]]:
+    """An event's tag and positional fields, from either wire form vLLM has used: a tagged
+    array (``["BlockStored", hashes, ...]``) or, since vLLM's events stopped being
+    array-like, a map with a ``type`` tag (``{"type": "BlockStored", "block_hashes": ...}``).
+    """
+    if isinstance(raw, dict):
+        tag = raw.get("type", "")
+        if tag == "BlockStored":
+            return tag, [raw.get("block_hashes", []), raw.get("parent_block_hash"),
+                         raw.get("token_ids", []), raw.get("block_size", 0)]
+        if tag == "BlockRemoved":
+            return tag, [raw.get("block_hashes", [])]
+        return str(tag), []
+    return str(raw[0]), list(raw[1:])
+
+
 def decode_batch(payload: bytes) -> tuple[float, list[KVEvent]]:
     """Parse a ``KVEventBatch`` payload; unknown event tags are skipped."""
     batch = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     ts, raw_events = float(batch[0]), batch[1]
     events: list[KVEvent] = []
     for raw in raw_events:
-        tag = raw[0]
+        tag, fields = _event_fields(raw)
         if tag == "BlockStored":
-            events.append(KVEvent("BlockStored", tuple(int(h) for h in raw[1]),
-                                  None if raw[2] is None else int(raw[2]),
-                                  tuple(int(t) for t in raw[3]), int(raw[4])))
+            events.append(KVEvent("BlockStored", tuple(_block_hash(h) for h in fields[0]),
+                                  None if fields[1] is None else _block_hash(fields[1]),
+                                  tuple(int(t) for t in fields[2]), int(fields[3])))
         elif tag == "BlockRemoved":
-            events.append(KVEvent("BlockRemoved", tuple(int(h) for h in raw[1])))
+            events.append(KVEvent("BlockRemoved", tuple(_block_hash(h) for h in fields[0])))
         elif tag == "AllBlocksCleared":
             events.append(KVEvent("AllBlocksCleared"))
     return ts, events
