@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml router/policy/_fastpath.c $(wildcard router/policy/csrc
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# proto-plus (pulled in by ray -> opencensus -> google-api-core, used only by Google's
+	# gapic REST clients) installs a top-level package named `proto` that would shadow ours.
+	$(BIN)/python -m pip uninstall -q -y proto-plus
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,33 +1,64 @@
-"""The gateway: OpenAI API in, routing decision, forwarding to a replica, stream back.
+"""The gateway: OpenAI API in, routing decision, admission, forwarding, answer back.
 
-``Gateway`` holds everything one gateway replica needs (cluster view refreshed from Redis,
-the routing policy, one shared httpx client, metrics); ``create_gateway_app`` wraps it in a
-FastAPI app. The same app runs under Ray Serve (``router.serve_app``) or plain uvicorn.
-Gateway replicas are stateless: the registry and ring live in Redis, and every replica builds
-the same rings from the same ring epoch.
+A request passes four seams, one job each:
+
+1. **parse** (``proto.openai.parse_route_view``): read what routing needs — the prompt or
+   messages, ``model``, ``stream``, the output budget — and nothing else; the client's body
+   is forwarded unchanged, so the backend judges the rest (``n``, ``tools``, ``logprobs``,
+   its vocabulary) and its answer, 4xx included, comes back as it came;
+2. **decide** (the routing policy, ``router.policy``): pick a replica from the snapshot
+   the control loop last built — no Redis round trip, no I/O;
+3. **admit** (``router.admit``): the admission queues (``--admission``: pass-through,
+   LAPS) release the request to its replica when it has room; 429 with ``Retry-After``
+   when every replica's in-flight budget is full;
+4. **forward** (``router.forward``, ``router.upstream``): one keep-alive pool per replica,
+   bytes relayed as they come, retry on another replica if one fails before answering, and
+   a hook that lets a stream continue from another replica.
+
+The control loop (``router.control``) keeps the snapshot fresh apart from the request path.
+The hot endpoints (``POST /v1/completions``, ``POST /v1/chat/completions``) are served by a
+plain ASGI handler; everything else (models, health, metrics, admin, dashboard) by FastAPI.
+The same app runs under Ray Serve (``router.serve_app``) or plain uvicorn. Gateway replicas
+are stateless: registry, ring and request table live in Redis, and every replica builds the
+same rings from the same ring epoch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import generate_latest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from instances.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
-from proto.headers import CACHED_TOKENS_HEADER, INSTANCE_HEADER, REQUEST_ID_HEADER
-from proto.openai import OpenAIError, error_body, install_error_handlers
+from proto.defaults import (
+    DEFAULT_HEARTBEAT_TTL_S,
+    DEFAULT_LEADER_LEASE_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_NAMESPACE,
+    DEFAULT_POLICY,
+    DEFAULT_REFRESH_INTERVAL_S,
+    DEFAULT_SLO_TTFT_S,
+)
+from proto.headers import CACHED_TOKENS_HEADER, REQUEST_ID_HEADER
+from proto.openai import OpenAIError, RouteView, install_error_handlers, parse_route_view
+from proto.registry import InstanceRecord
+from proto.tokenize import Tokenizer, load_tokenizer
+from proto.tokens import as_token_array
+from router.admission import build_admission
+from router.admit import AdmissionGate, TooBusy
+from router.auth import AuthGuard, AuthMiddleware, BodyLimitMiddleware
+from router.control import ControlLoop
 from router.dashboard import FleetObserver, install_dashboard
+from router.forward import Relay, RequestContext, send_error
 from router.metrics import GatewayMetrics
 from router.policy.interfaces import (
     ClusterSnapshot,
@@ -37,7 +68,8 @@ from router.policy.interfaces import (
     RoutingPolicy,
     RoutingRequest,
 )
-from router.state import ClusterStateStore, InstanceRecord, snapshot_from_records
+from router.state import ClusterStateStore
+from router.upstream import Header, UpstreamClient, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("llmfleet.gateway")
 
@@ -45,84 +77,104 @@ log = logging.getLogger("llmfleet.gateway")
 # going to it before its heartbeat TTL runs out.
 SUSPECT_S = 5.0
 MAX_ATTEMPTS = 3
+ENDPOINTS = {"/v1/completions": False, "/v1/chat/completions": True}
+
+_CONTENT_TYPE_JSON = (b"content-type", b"application/json")
+_CACHED_TOKENS = CACHED_TOKENS_HEADER.encode()
+_REQUEST_ID = REQUEST_ID_HEADER.encode()
 
 
 @dataclass
 class GatewayConfig:
     redis_url: str
-    policy: str = "round_robin"
+    policy: str = DEFAULT_POLICY
     policy_params: dict[str, Any] = field(default_factory=dict)
     # The fleet facts policies are told (router.fleet_params): TTFT SLO and the replicas'
     # hardware profile (prefill cost per token, KV capacity).
-    slo_ttft_s: float = 3.0
+    slo_ttft_s: float = DEFAULT_SLO_TTFT_S
     profile: str | None = None
-    namespace: str = "llmfleet"
-    refresh_interval_s: float = 0.2
-    heartbeat_ttl_s: float = 3.0
-    leader_lease_s: float = 2.0
+    namespace: str = DEFAULT_NAMESPACE
+    refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
+    heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_S
+    leader_lease_s: float = DEFAULT_LEADER_LEASE_S
     gateway_id: str = field(default_factory=lambda: f"gw-{uuid.uuid4().hex[:8]}")
     connect_timeout_s: float = 2.0
-    read_timeout_s: float = 600.0
+    # Admission between decision and forwarding (router.admission): none | laps |
+    # laps-spatial, with its parameters.
+    admission: str = "none"
+    admission_params: dict[str, Any] = field(default_factory=dict)
+    # Requests one gateway replica keeps in flight per replica before it answers 429
+    # (0: no limit).
+    max_inflight_per_instance: int = 1024
+    # A local Hugging Face tokenizer (file or directory) to count the backend's tokens;
+    # None: the byte-level tokenizer.
+    tokenizer: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # API keys on /v1/*, the admin token on /admin/* (router.auth). ``up`` and ``gateway``
+    # turn it on unless the gateway listens on loopback only (router.auth.auth_required).
+    auth: bool = False
 
 
 class Gateway:
     """One gateway replica's state and request path."""
 
-    def __init__(self, config: GatewayConfig, policy: RoutingPolicy | None = None) -> None:
+    def __init__(self, config: GatewayConfig, policy: RoutingPolicy | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         from router.fleet_params import build_fleet_policy, fleet_policy_params
 
         self.config = config
+        self.clock = clock
         self.policy = policy or build_fleet_policy(
             config.policy, fleet_policy_params(config.slo_ttft_s, config.profile),
             config.policy_params)
         self.store = ClusterStateStore(config.redis_url, config.namespace,
                                        config.heartbeat_ttl_s)
         self.metrics = GatewayMetrics()
+        self.tokenizer: Tokenizer = load_tokenizer(config.tokenizer)
         self.snapshot = ClusterSnapshot(epoch=0, instances=())
         self.records: dict[str, InstanceRecord] = {}
-        self.is_leader = False
+        self._models: frozenset[str] = frozenset()
+        self.control = ControlLoop(self.store, config.gateway_id, clock, self._adopt,
+                                   config.refresh_interval_s, config.leader_lease_s)
+        self.gate = AdmissionGate(build_admission(config.admission, **config.admission_params),
+                                  clock, config.max_inflight_per_instance)
+        self.relay = Relay(self._first_token, clock)
+        self.upstream = UpstreamClient(config.connect_timeout_s)
         # The dashboard's observer (router.dashboard), told of every routing decision.
         self.observer: FleetObserver | None = None
         self._suspect_until: dict[str, float] = {}
         self._masked: tuple[ClusterSnapshot, frozenset[str], ClusterSnapshot] | None = None
-        self._client: httpx.AsyncClient | None = None
-        self._refresher: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
-        self._first_refresh = asyncio.Event()
-        self._stopping = False
+        self._ids = itertools.count()
+        self._started = False
         # Precise cache views: policies that can use KV events get them from every replica
         # that publishes them (vLLM format over ZMQ).
         self._kv_subscriber: Any = None
+        self._request_counters: dict[tuple[str, int], Any] = {}
+        self._decision_counters: dict[tuple[str, str], Any] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
+    @property
+    def is_leader(self) -> bool:
+        return self.control.is_leader
+
     async def start(self) -> None:
-        if self._refresher is not None:
+        if self._started:
             return
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.config.read_timeout_s,
-                                  connect=self.config.connect_timeout_s),
-            limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
-        )
+        self._started = True
         if hasattr(self.policy, "apply_kv_events"):
             from proto.kv_events import KVEventSubscriber
 
             self._kv_subscriber = KVEventSubscriber(self._on_kv_events)
-        self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+        self.control.start()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._first_refresh.wait(), timeout=5.0)
+            await asyncio.wait_for(self.control.first_refresh.wait(), timeout=5.0)
 
     async def stop(self) -> None:
-        if self._refresher is not None:
-            # The flag, not only the cancel: redis-py can swallow a CancelledError that lands
-            # inside a command, and the loop would then run on forever.
-            self._stopping = True
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-            self._refresher = None
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._started:
+            self._started = False
+            await self.control.stop()
+        self.gate.close()
+        self.upstream.close()
         if self._kv_subscriber is not None:
             await self._kv_subscriber.close()
             self._kv_subscriber = None
@@ -132,36 +184,32 @@ class Gateway:
         self.policy.apply_kv_events(instance_id, events)  # type: ignore[attr-defined]
         self.metrics.kv_batches.inc()
 
-    async def _refresh_loop(self) -> None:
-        while not self._stopping:
-            try:
-                await self.refresh()
-            except Exception as exc:  # Redis away: keep routing on the last view
-                log.warning("cluster state refresh failed: %s", exc)
-            self._first_refresh.set()
-            await asyncio.sleep(self.config.refresh_interval_s)
-
     async def refresh(self) -> None:
-        """Re-read the registry; the leader also publishes ring membership (new epoch)."""
-        live = await self.store.live_instances()
-        self.is_leader = await self.store.try_lead(self.config.gateway_id,
-                                                   self.config.leader_lease_s)
-        if self.is_leader:
-            await self.store.publish_ring([(r.instance_id, r.weight) for r in live])
-        epoch, members = await self.store.ring()
-        self.records = {r.instance_id: r for r in live}
-        if self._kv_subscriber is not None:
-            self._kv_subscriber.sync({r.instance_id: r.kv_events for r in live if r.kv_events})
-        self.snapshot = snapshot_from_records(epoch, members, live)
-        # The O(instances) part of a new snapshot is done here, not in the next decision.
-        self.policy.adopt(self.snapshot)
-        healthy = sum(1 for v in self.snapshot.instances if v.healthy)
-        self.metrics.instances.labels(state="healthy").set(healthy)
-        self.metrics.instances.labels(state="unhealthy").set(len(self.snapshot.instances) - healthy)
+        """One control-loop round now (tests and tools; the loop does this periodically)."""
+        await self.control.refresh()
 
-    # -- routing ------------------------------------------------------------------------
+    def _adopt(self, snapshot: ClusterSnapshot, records: dict[str, InstanceRecord]) -> None:
+        self.records = records
+        self._models = frozenset(r.model for r in records.values() if r.model)
+        if self._kv_subscriber is not None:
+            self._kv_subscriber.sync({i: r.kv_events for i, r in records.items() if r.kv_events})
+        self.upstream.forget({r.url for r in records.values()})
+        self.snapshot = snapshot
+        # The O(instances) part of a new snapshot is done here, not in the next decision.
+        self.policy.adopt(snapshot)
+        healthy = sum(1 for v in snapshot.instances if v.healthy)
+        self.metrics.instances.labels(state="healthy").set(healthy)
+        self.metrics.instances.labels(state="unhealthy").set(len(snapshot.instances) - healthy)
+
+    def set_admission(self, mode: str, **params: Any) -> None:
+        """Switch the admission mode; requests already queued keep their old gate."""
+        self.gate = AdmissionGate(build_admission(mode, **params), self.clock,
+                                  self.config.max_inflight_per_instance)
+        self.config.admission, self.config.admission_params = mode, dict(params)
+
+    # -- decide -------------------------------------------------------------------------
     def models(self) -> list[str]:
-        return sorted({r.model for r in self.records.values() if r.model})
+        return sorted(self._models)
 
     def _routable_snapshot(self, exclude: set[str], now: float) -> ClusterSnapshot:
         """The snapshot with locally suspected or excluded replicas marked unhealthy.
@@ -171,10 +219,13 @@ class Gateway:
         masked snapshot is memoised until the snapshot or the hidden set changes (otherwise
         every decision while a replica is suspect would rebuild the policy's arrays).
         """
+        if not exclude and not self._suspect_until:
+            return self.snapshot
         hidden = frozenset(i for i, until in self._suspect_until.items() if until > now)
         if exclude:
             hidden |= exclude
         if not hidden:
+            self._suspect_until.clear()
             return self.snapshot
         memo = self._masked
         if memo is not None and memo[0] is self.snapshot and memo[1] == hidden:
@@ -192,163 +243,258 @@ class Gateway:
         t0 = time.perf_counter()
         decision = self.policy.route(request, snapshot, now)
         self.metrics.decision_us.observe(time.perf_counter() - t0)
-        self.metrics.decisions.labels(policy=self.policy.name, reason=decision.reason).inc()
+        key = (self.policy.name, decision.reason)
+        counter = self._decision_counters.get(key)
+        if counter is None:
+            counter = self._decision_counters[key] = self.metrics.decisions.labels(
+                policy=key[0], reason=key[1])
+        counter.inc()
         if self.observer is not None:
             self.observer.on_decision(request.request_id, decision)
         return decision
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _decide(self, ctx: RequestContext) -> Decision:
+        """Route ``ctx``; if its replica is at its in-flight budget, route among the others
+        (``TooBusy`` when none has room)."""
+        now = self.clock()
+        decision = self.route(ctx.routing, ctx.exclude, now)
+        if self.gate.full(decision.instance_id):
+            full = {i for i in self.gate.inflight if self.gate.full(i)}
+            try:
+                decision = self.route(ctx.routing, ctx.exclude | full, now)
+            except NoInstanceAvailable as exc:
+                raise TooBusy(self.gate.retry_after_s) from exc
+        return decision
 
-    # -- forwarding ---------------------------------------------------------------------
-    async def handle(self, request: Request, endpoint: str, chat: bool) -> Response:
-        started = time.monotonic()
+    # -- the request path ---------------------------------------------------------------
+    def _tokens(self, view: RouteView) -> Any:
+        if view.prompt_text is not None:
+            return self.tokenizer.encode_prompt(view.prompt_text)
+        if view.prompt_ids is not None:
+            return as_token_array(view.prompt_ids)
+        assert view.messages is not None
+        return self.tokenizer.encode_chat(view.messages)
+
+    def _request_id(self, client_id: bytes | None) -> str:
+        # Our own id, unique even if clients reuse theirs: it keys the policy's in-flight
+        # view, the replica's request and the request table.
+        own = f"{self.config.gateway_id}-{next(self._ids)}"
+        return f"{client_id.decode(errors='replace')}-{own}" if client_id else own
+
+    def _count(self, endpoint: str, status: int) -> None:
+        key = (endpoint, status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.metrics.requests.labels(
+                endpoint=endpoint, status=str(status))
+        counter.inc()
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send,
+                    endpoint: str) -> None:
+        """Serve one ``POST`` to a hot endpoint (raw ASGI)."""
+        started = self.clock()
         status = 500
         try:
-            response = await self._handle(request, endpoint, chat, started)
-            status = response.status_code
-            return response
+            status = await self._serve(scope, receive, send, endpoint, started)
         except OpenAIError as exc:
             status = exc.status_code
-            raise
+            await send_error(send, status, exc.message, exc.error_type, exc.code, exc.param)
+        except TooBusy as exc:
+            status = 429
+            await send_error(send, 429, "Every replica is at its in-flight limit; retry later",
+                             "rate_limit_error", "fleet_busy",
+                             headers=[(b"retry-after", str(max(1, round(exc.retry_after_s)))
+                                       .encode())])
         finally:
-            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            self._count(endpoint, status)
 
-    async def _handle(self, request: Request, endpoint: str, chat: bool,
-                      started: float) -> Response:
-        body: ChatCompletionRequest | CompletionRequest
-        if chat:
-            body = await parse_body(request, ChatCompletionRequest)
-        else:
-            body = await parse_body(request, CompletionRequest)
+    async def _read_body(self, receive: Receive) -> bytes:
+        limit = self.config.max_body_bytes
+        message = await receive()
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body"):
+            if len(body) > limit:
+                raise OpenAIError(f"Request body exceeds {limit} bytes", 413,
+                                  code="request_too_large")
+            return body
+        parts = [body]
+        size = len(body)
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise OpenAIError("The client closed the request", 499,
+                                  code="client_closed_request")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise OpenAIError(f"Request body exceeds {limit} bytes", 413,
+                                  code="request_too_large")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, endpoint: str,
+                     started: float) -> int:
+        raw = await self._read_body(receive)
+        view = parse_route_view(raw, ENDPOINTS[endpoint])
         if not self.records:
             raise OpenAIError("No healthy replica is available", 503, "service_unavailable",
                               code="no_healthy_replica")
-        if body.model is not None and body.model not in self.models():
-            raise OpenAIError(f"The model '{body.model}' does not exist", 404,
+        if view.model is not None and view.model not in self._models:
+            raise OpenAIError(f"The model '{view.model}' does not exist", 404,
                               param="model", code="model_not_found")
-        try:
-            token_ids = body.prompt_token_array()
-        except ValueError as exc:
-            raise OpenAIError(str(exc), 400, param="messages") from exc
-        max_tokens = body.output_budget()
-        # Our own id, unique even if clients reuse theirs: it keys the policy's in-flight
-        # view, the replica's request and the request table.
-        client_id = request.headers.get(REQUEST_ID_HEADER)
-        request_id = f"{client_id}-{uuid.uuid4().hex[:12]}" if client_id else uuid.uuid4().hex
-        routing_request = RoutingRequest(request_id, token_ids, max_tokens)
-        raw = await request.body()
-        exclude: set[str] = set()
+        client_id = None
+        for name, value in scope["headers"]:
+            if name == _REQUEST_ID:
+                client_id = value
+                break
+        routing = RoutingRequest(self._request_id(client_id), self._tokens(view),
+                                 view.output_budget)
+        ctx = RequestContext(endpoint, raw, view, routing, started)
         last_error = "no replica answered"
-        for attempt in range(MAX_ATTEMPTS):
-            now = time.monotonic()
-            try:
-                decision = self.route(routing_request, exclude, now)
-            except NoInstanceAvailable as exc:
-                raise OpenAIError("No healthy replica is available", 503,
-                                  "service_unavailable", code="no_healthy_replica") from exc
-            record = self.records.get(decision.instance_id)
-            if record is None:
-                exclude.add(decision.instance_id)
+        for _ in range(MAX_ATTEMPTS):
+            upstream = await self._dispatch(ctx)
+            if isinstance(upstream, str):
+                last_error = upstream
                 continue
-            self.policy.on_dispatched(routing_request, decision, now)
-            self._spawn(self.store.record_request(request_id, decision.instance_id))
+            if view.stream and upstream.status == 200:
+                await self._stream(ctx, upstream, receive, send)
+                return 200
             try:
-                upstream = await self._send(record.url + endpoint, raw, request_id)
-            except httpx.TransportError as exc:
-                # Nothing reached the client yet: try another replica.
-                self.policy.on_finished(request_id, decision.instance_id, time.monotonic())
-                self._suspect_until[decision.instance_id] = time.monotonic() + SUSPECT_S
-                exclude.add(decision.instance_id)
-                last_error = f"{decision.instance_id}: {exc!r}"
-                if attempt + 1 < MAX_ATTEMPTS:
-                    self.metrics.retries.inc()
-                continue
-            if body.stream and upstream.status_code == 200:
-                return self._stream_back(upstream, routing_request, decision, started)
-            try:
-                content = await upstream.aread()
-            except httpx.TransportError as exc:
+                body = await upstream.read()
+            except UpstreamError as exc:
                 # The replica failed before its whole answer arrived; the client has seen
                 # nothing yet, so the request can still go elsewhere.
-                self._suspect_until[decision.instance_id] = time.monotonic() + SUSPECT_S
-                exclude.add(decision.instance_id)
-                last_error = f"{decision.instance_id}: {exc!r}"
-                if attempt + 1 < MAX_ATTEMPTS:
-                    self.metrics.retries.inc()
+                last_error = self._failed(ctx, exc)
                 continue
-            finally:
-                await upstream.aclose()
-                self.policy.on_finished(request_id, decision.instance_id, time.monotonic())
-            self.metrics.latency.labels(endpoint="non_stream").observe(
-                time.monotonic() - started)
-            return Response(content, status_code=upstream.status_code,
-                            media_type=upstream.headers.get("content-type", "application/json"),
-                            headers={INSTANCE_HEADER: decision.instance_id})
+            self._done(ctx)
+            self.metrics.latency.labels(endpoint="non_stream").observe(self.clock() - started)
+            await self.relay.whole(ctx, upstream, body, send)
+            return upstream.status
         raise OpenAIError(f"All replicas failed: {last_error}", 503, "service_unavailable",
                           code="upstream_unavailable")
 
-    async def _send(self, url: str, raw: bytes, request_id: str) -> httpx.Response:
-        assert self._client is not None, "gateway not started"
-        req = self._client.build_request(
-            "POST", url, content=raw,
-            headers={"content-type": "application/json", REQUEST_ID_HEADER: request_id})
-        return await self._client.send(req, stream=True)
-
-    def _stream_back(self, upstream: httpx.Response, request: RoutingRequest,
-                     decision: Decision, started: float) -> StreamingResponse:
-        policy = self.policy
-        cached_header = upstream.headers.get(CACHED_TOKENS_HEADER)
-        cached_tokens = int(cached_header) if cached_header and cached_header.isdigit() else None
-
-        async def relay() -> AsyncIterator[bytes]:
-            first_seen = False
-            try:
-                async for chunk in upstream.aiter_raw():
-                    if not first_seen and _has_token_text(chunk):
-                        first_seen = True
-                        now = time.monotonic()
-                        self.metrics.ttft.observe(now - started)
-                        policy.on_first_token(request.request_id, decision.instance_id,
-                                              now - started, cached_tokens, now)
-                    yield chunk
-            except httpx.HTTPError as exc:
-                # The replica went away mid-stream. Say so in the stream (OpenAI-style error
-                # event, then [DONE]) rather than cutting the connection without a word.
-                self.metrics.stream_errors.inc()
-                log.warning("stream from %s broke: %r", decision.instance_id, exc)
-                error = error_body(f"The replica serving this request failed mid-stream: "
-                                   f"{exc!r}", "server_error", code="upstream_stream_broken")
-                yield f"\n\ndata: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
-            finally:
-                await upstream.aclose()
-                policy.on_finished(request.request_id, decision.instance_id, time.monotonic())
-                self.metrics.latency.labels(endpoint="stream").observe(
-                    time.monotonic() - started)
-
-        return StreamingResponse(relay(), status_code=200, media_type="text/event-stream",
-                                 headers={INSTANCE_HEADER: decision.instance_id})
-
-
-def _has_token_text(chunk: bytes) -> bool:
-    """True if an SSE chunk carries generated text (not the empty role-only first delta)."""
-    for line in chunk.split(b"\n"):
-        if not line.startswith(b"data: {"):
-            continue
+    async def _dispatch(self, ctx: RequestContext) -> UpstreamResponse | str:
+        """Decide, admit and send ``ctx`` once; the replica's answer, or why it failed."""
         try:
-            payload = json.loads(line[6:])
-        except ValueError:
-            continue
-        for choice in payload.get("choices", []):
-            if choice.get("text") or (choice.get("delta") or {}).get("content"):
-                return True
-    return False
+            decision = self._decide(ctx)
+        except NoInstanceAvailable as exc:
+            raise OpenAIError("No healthy replica is available", 503,
+                              "service_unavailable", code="no_healthy_replica") from exc
+        record = self.records.get(decision.instance_id)
+        if record is None:  # left the registry since the snapshot was built
+            ctx.exclude.add(decision.instance_id)
+            return f"{decision.instance_id} left the fleet"
+        self.policy.on_dispatched(ctx.routing, decision, self.clock())
+        try:
+            release = await self.gate.admit(ctx.routing, decision)
+        except BaseException:
+            self.policy.on_finished(ctx.request_id, decision.instance_id, self.clock())
+            raise
+        if release.decision is not decision:
+            # Re-decided while queued (rebalancing): the policy already moved its books.
+            decision = release.decision
+            record = self.records.get(decision.instance_id, record)
+        ctx.decision = decision
+        ctx.instance_id = decision.instance_id
+        ctx.attempts += 1
+        self.control.note_request(ctx.request_id, decision.instance_id)
+        headers: list[Header] = [_CONTENT_TYPE_JSON, (_REQUEST_ID, ctx.request_id.encode())]
+        try:
+            return await self.upstream.pool(record.url).request(b"POST", ctx.endpoint,
+                                                                headers, ctx.raw)
+        except UpstreamError as exc:
+            return self._failed(ctx, exc)
+
+    def _failed(self, ctx: RequestContext, exc: UpstreamError) -> str:
+        """Nothing reached the client yet: free the attempt's books, try another replica."""
+        instance_id = ctx.instance_id
+        self._done(ctx)
+        self._suspect_until[instance_id] = self.clock() + SUSPECT_S
+        ctx.exclude.add(instance_id)
+        if ctx.attempts < MAX_ATTEMPTS:
+            self.metrics.retries.inc()
+        return f"{instance_id}: {exc}"
+
+    def _done(self, ctx: RequestContext) -> None:
+        now = self.clock()
+        self.policy.on_finished(ctx.request_id, ctx.instance_id, now)
+        self.gate.finished(ctx.request_id, ctx.instance_id)
+
+    def _first_token(self, ctx: RequestContext, now: float) -> None:
+        ttft = now - ctx.started
+        self.metrics.ttft.observe(ttft)
+        self.policy.on_first_token(ctx.request_id, ctx.instance_id, ttft, ctx.cached_tokens,
+                                   now)
+        self.gate.first_token(ctx.request_id)
+
+    def _switch(self, ctx: RequestContext, instance_id: str) -> None:
+        """The stream continues on ``instance_id`` (migration or mid-stream failover)."""
+        self._done(ctx)
+        ctx.instance_id = instance_id
+        self.gate.running_on(instance_id)
+        self.control.note_request(ctx.request_id, instance_id)
+
+    async def _stream(self, ctx: RequestContext, upstream: UpstreamResponse, receive: Receive,
+                      send: Send) -> None:
+        cached = upstream.header(_CACHED_TOKENS)
+        # The replica's cached-token count, handed to the policy with the first token.
+        ctx.cached_tokens = int(cached) if cached is not None and cached.isdigit() else None
+        relay = asyncio.ensure_future(self.relay.stream(ctx, upstream, send, self._switch))
+        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait((relay, disconnect), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not relay.done():
+                # The client went away: stop the replica's work too.
+                relay.cancel()
+                upstream.close()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await relay
+            disconnect.cancel()
+            self._done(ctx)
+            end = self.clock()
+            self.metrics.latency.labels(endpoint="stream").observe(end - ctx.started)
+            if ctx.first_token_at is not None and ctx.chunks > 1:
+                # One observation per request (mean gap), not one per chunk: the relay of
+                # a long answer must stay cheap.
+                self.metrics.itl.observe((end - ctx.first_token_at) / (ctx.chunks - 1))
+            self.metrics.stream_errors.inc(self.relay.stream_errors)
+            self.relay.stream_errors = 0
+        if not relay.cancelled():
+            relay.result()
 
 
-def create_gateway_app(gateway: Gateway) -> FastAPI:
-    """FastAPI app around ``gateway``; starts it lazily on first use and on startup."""
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class GatewayApp:
+    """The gateway's ASGI app: the hot endpoints raw, everything else through FastAPI."""
+
+    def __init__(self, gateway: Gateway, fallback: ASGIApp) -> None:
+        self.gateway = gateway
+        self.fallback = fallback
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = scope["path"]
+            if endpoint in ENDPOINTS:
+                if not self.gateway._started:
+                    await self.gateway.start()
+                await self.gateway.serve(scope, receive, send, endpoint)
+                return
+        await self.fallback(scope, receive, send)
+
+
+def create_gateway_app(gateway: Gateway) -> ASGIApp:
+    """The gateway's ASGI app; starts the gateway on startup (or on first use).
+
+    With ``config.auth`` every route but ``/health`` and ``/metrics`` needs a key
+    (``router.auth``); request bodies are limited to ``config.max_body_bytes``.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -361,21 +507,16 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="llmfleet gateway", lifespan=lifespan)
     _add_routes(app, gateway)
     install_dashboard(app, gateway)
-    return app
+    config = gateway.config
+    # The hot endpoints check the body limit as they read; other routes get the middleware.
+    served: ASGIApp = GatewayApp(gateway, BodyLimitMiddleware(app, config.max_body_bytes))
+    if config.auth:
+        served = AuthMiddleware(served, AuthGuard(config.redis_url, config.namespace))
+    return served
 
 
 def _add_routes(app: FastAPI, gateway: Gateway) -> None:
     install_error_handlers(app)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        await gateway.start()
-        return await gateway.handle(request, "/v1/completions", chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        await gateway.start()
-        return await gateway.handle(request, "/v1/chat/completions", chat=True)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -395,12 +536,11 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(gateway.metrics.registry),
-                        media_type="text/plain; version=0.0.4")
+        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/admin/instances")
     async def instances() -> dict[str, Any]:
         await gateway.start()
         return {"epoch": gateway.snapshot.epoch, "leader": gateway.is_leader,
-                "policy": gateway.policy.name,
+                "policy": gateway.policy.name, "admission": gateway.config.admission,
                 "instances": [v.__dict__ for v in gateway.snapshot.instances]}

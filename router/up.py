@@ -9,6 +9,7 @@ printed URL. It runs until Ctrl-C (or SIGTERM) and then stops everything it star
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -28,6 +29,7 @@ from instances.launcher import (
     print_event,
     watch_external_backends,
 )
+from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_POLICY, DEFAULT_SLO_TTFT_S
 from router.embedded_redis import embedded_redis
 
 log = logging.getLogger("llmfleet.up")
@@ -47,6 +49,10 @@ def parse_params(pairs: list[str] | None) -> dict[str, Any]:
     return params
 
 
+# uvicorn with its C HTTP parser and the libuv event loop: the cheapest server per request.
+FAST_SERVER: dict[str, Any] = {"http": "httptools", "loop": "uvloop"}
+
+
 def _pick_port(host: str, wanted: int) -> int:
     if wanted == 0:
         return free_port(host)
@@ -63,12 +69,59 @@ def _pick_port(host: str, wanted: int) -> int:
 
 
 def _gateway_config(args: argparse.Namespace, redis_url: str) -> Any:
+    from router.auth import auth_required
     from router.gateway import GatewayConfig
 
     return GatewayConfig(redis_url=redis_url, policy=args.policy,
                          policy_params=parse_params(args.policy_param),
                          slo_ttft_s=args.slo_ttft, profile=args.profile,
-                         heartbeat_ttl_s=args.heartbeat_ttl)
+                         heartbeat_ttl_s=args.heartbeat_ttl, admission=args.admission,
+                         max_inflight_per_instance=args.max_inflight_per_instance,
+                         tokenizer=getattr(args, "tokenizer", None),
+                         max_body_bytes=args.max_body_bytes,
+                         auth=auth_required(args.host, args.auth))
+
+
+def _announce_auth(args: argparse.Namespace, config: Any) -> None:
+    """Say whether auth is on; with auth, make sure an admin token exists (printed once
+    when generated now; ``$LLMFLEET_ADMIN_TOKEN`` sets it instead)."""
+    from router.auth import KeyStore, auth_status_line
+
+    print(auth_status_line(config.auth, args.host, args.auth), flush=True)
+    if not config.auth:
+        return
+
+    async def ensure() -> str | None:
+        async with KeyStore(config.redis_url, config.namespace) as keys:
+            return await keys.ensure_admin_token(os.environ.get("LLMFLEET_ADMIN_TOKEN"))
+
+    token = asyncio.run(ensure())
+    if token:
+        print(f"admin token (shown once; keep it): {token}", flush=True)
+
+
+def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    """The gateway's options, shared by ``up`` and ``gateway``."""
+    from router.admission import ADMISSION_MODES
+    from router.auth import add_auth_arguments
+    from router.policy.registry import POLICY_NAMES
+
+    parser.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICY_NAMES,
+                        help="routing policy (docs/routing.md)")
+    parser.add_argument("--policy-param", action="append", metavar="KEY=VALUE",
+                        help="routing policy parameter (repeatable), e.g. slo_factor=0.5")
+    parser.add_argument("--slo-ttft", type=float, default=DEFAULT_SLO_TTFT_S,
+                        help="TTFT SLO in seconds the policy protects (DualMap's fallback)")
+    parser.add_argument("--profile", default=None,
+                        help="hardware profile of the replicas (prefill cost, KV capacity)")
+    parser.add_argument("--heartbeat-ttl", type=float, default=DEFAULT_HEARTBEAT_TTL_S)
+    parser.add_argument("--admission", default="none", choices=ADMISSION_MODES,
+                        help="admission queues between routing and forwarding "
+                             "(docs/admission.md)")
+    parser.add_argument("--max-inflight-per-instance", type=int, default=1024,
+                        help="requests one gateway keeps in flight per replica before it "
+                             "answers 429 with Retry-After (0: no limit)")
+    add_auth_arguments(parser)
 
 
 def _wait_gateway(url: str, engines: int, timeout_s: float) -> None:
@@ -113,6 +166,7 @@ def run_up(args: argparse.Namespace) -> int:
         port = _pick_port(host, args.port)
         url = f"http://{host}:{port}"
         config = _gateway_config(args, redis_url)
+        _announce_auth(args, config)
         if args.no_ray:
             _serve_with_uvicorn(config, host, port, stack)
         else:
@@ -160,7 +214,8 @@ def _serve_with_uvicorn(config: Any, host: str, port: int, stack: contextlib.Exi
     from router.gateway import Gateway, create_gateway_app
 
     server = uvicorn.Server(uvicorn.Config(create_gateway_app(Gateway(config)), host=host,
-                                           port=port, log_level="warning", access_log=False))
+                                           port=port, log_level="warning", access_log=False,
+                                           **FAST_SERVER))
     thread = threading.Thread(target=server.run, daemon=True, name="gateway")
     thread.start()
 
@@ -182,9 +237,10 @@ def run_gateway(args: argparse.Namespace) -> int:
         raise SystemExit("llmfleet gateway needs --redis-url or $REDIS_URL")
     port = args.port or free_port(args.host)
     config = _gateway_config(args, redis_url)
+    _announce_auth(args, config)
     print_event("gateway_ready", url=f"http://{args.host}:{port}")
     uvicorn.run(create_gateway_app(Gateway(config)), host=args.host, port=port,
-                log_level="warning", access_log=False)
+                log_level="warning", access_log=False, **FAST_SERVER)
     return 0
 
 
@@ -192,33 +248,22 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     up = subparsers.add_parser("up", help="run the whole fleet: Redis, Ray, replicas, gateway")
     up.add_argument("--engines", type=int, default=4, help="reference-engine replicas")
     up.add_argument("--executor", choices=("emulated", "tiny"), default="emulated")
-    up.add_argument("--profile", default=None, help="hardware profile of the emulated replicas")
     up.add_argument("--speedup", type=float, default=1.0)
     up.add_argument("--model", default="llmfleet-emulated")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8080, help="gateway port (0: any free port)")
-    up.add_argument("--policy", default="dualmap")
-    up.add_argument("--policy-param", action="append", metavar="KEY=VALUE",
-                    help="routing policy parameter (repeatable), e.g. slo_factor=0.5")
-    up.add_argument("--slo-ttft", type=float, default=3.0,
-                    help="TTFT SLO in seconds the policy protects (DualMap's fallback)")
     up.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
     up.add_argument("--backend", action="append", metavar="URL",
                     help="an external OpenAI-compatible replica (vLLM, SGLang); repeatable")
     up.add_argument("--gateway-replicas", type=int, default=1)
-    up.add_argument("--heartbeat-ttl", type=float, default=3.0)
     up.add_argument("--no-ray", action="store_true",
                     help="serve the gateway with uvicorn instead of Ray Serve")
+    add_gateway_arguments(up)
     up.set_defaults(func=run_up)
 
     gw = subparsers.add_parser("gateway", help="run one gateway (uvicorn, no Ray)")
     gw.add_argument("--redis-url", default=None)
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=0)
-    gw.add_argument("--policy", default="dualmap")
-    gw.add_argument("--policy-param", action="append", metavar="KEY=VALUE")
-    gw.add_argument("--slo-ttft", type=float, default=3.0)
-    gw.add_argument("--profile", default=None,
-                    help="hardware profile of the replicas (prefill cost, KV capacity)")
-    gw.add_argument("--heartbeat-ttl", type=float, default=3.0)
+    add_gateway_arguments(gw)
     gw.set_defaults(func=run_gateway)

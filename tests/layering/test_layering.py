@@ -72,3 +72,16 @@ def test_the_check_sees_a_violation(tmp_path: Path) -> None:
     assert not _allowed("router.gateway", ALLOWED["instances"])
     assert not _allowed("instances.engine.core", ALLOWED["router"])
     assert _allowed("instances.launcher", ALLOWED["router"])
+
+
+def test_proto_imports_as_ours_from_anywhere(tmp_path: Path) -> None:
+    # proto-plus (a dependency of a dependency of Ray) installs its own top-level `proto`;
+    # the Makefile removes it. From outside the repository (as Ray workers and installed
+    # commands import), `proto` must still be this project's.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import proto.registry, proto; "
+                          "print(proto.__file__)"], cwd=tmp_path, capture_output=True,
+                         text=True, check=True, env={"PATH": "/usr/bin:/bin"})
+    assert Path(out.stdout.strip()).resolve() == (ROOT / "proto" / "__init__.py").resolve()
