@@ -63,7 +63,8 @@ class MetricsPage:
                     continue
                 total += float(sample.value)
                 page.labels.setdefault(family.name, dict(sample.labels))
-            page.values[family.name] = total
+            # A family can appear twice (samples out of order): add, never overwrite.
+            page.values[family.name] = page.values.get(family.name, 0.0) + total
         return page
 
     def get(self, name: str) -> float | None:
