@@ -7,6 +7,10 @@ Who may call what, once auth is on:
 - ``/admin*`` and ``/dashboard*`` need the admin token; an API key there gets a 403.
 - ``/health`` and ``/metrics`` stay open: load balancers, Kubernetes probes and Prometheus
   scrape them without credentials, and they carry no prompts, keys or routing control.
+- The dashboard's page and static files (``/dashboard``, ``/dashboard/static/*``) stay
+  open too: a browser loads them by navigation and ``<script>`` tags, which cannot carry a
+  bearer token, and they hold no data. Everything the page shows or changes goes through
+  ``/admin/*`` with the token the user types in.
 
 Auth is off by default only when the gateway listens on a loopback address
 (:func:`auth_required`).
@@ -62,7 +66,8 @@ KEY_PREFIX = "sk-llmfleet-"
 ADMIN_TOKEN_PREFIX = "llmfleet-admin-"
 MIN_ADMIN_TOKEN_CHARS = 16
 DEFAULT_POLL_INTERVAL_S = 0.25
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/dashboard", "/dashboard/"})
+OPEN_PREFIXES = ("/dashboard/static/",)
 ADMIN_PREFIXES = ("/admin", "/dashboard")
 
 # Why a plain SHA-256 and not bcrypt/scrypt/argon2: slow hashes protect low-entropy secrets
@@ -482,6 +487,8 @@ class AuthGuard:
     def check(self, path: str, authorization_header: str | None) -> AuthFailure | None:
         """None if the request may pass, else the refusal to send."""
         if not self.enabled or path in OPEN_PATHS:
+            return None
+        if path.startswith(OPEN_PREFIXES) and ".." not in path:  # no way out of the prefix
             return None
         token = _bearer(authorization_header)
         if path.startswith(ADMIN_PREFIXES):

@@ -42,7 +42,10 @@ from tests.fleet import serve_in_thread
 T = TypeVar("T")
 V1_ROUTES = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
              ("GET", "/v1/models"), ("POST", "/v1/embeddings")]
-ADMIN_ROUTES = ["/admin/instances", "/dashboard", "/dashboard/app.js"]
+ADMIN_ROUTES = ["/admin/instances", "/admin/dashboard/state", "/dashboard/other"]
+# Open on purpose: probes and scrapers; the dashboard's page and its static files, which a
+# browser loads without a bearer token and which hold no data (the page reads /admin/*).
+OPEN_ROUTES = ["/health", "/metrics", "/dashboard", "/dashboard/static/dashboard.js"]
 BODY = {"model": "m", "prompt": "hello", "max_tokens": 4}
 LIMIT = 4096
 
@@ -166,8 +169,14 @@ def test_admin_routes_need_the_admin_token_and_refuse_api_keys(
             ok = call(client, "GET", path, keys["admin"])
             assert ok.status_code == 200 and ok.json()["path"] == path
             backend.calls.clear()
-        for path in ("/health", "/metrics"):  # open on purpose: probes and scrapers
+        for path in OPEN_ROUTES:
             assert client.get(path).status_code == 200
+        # A raw path climbing out of the open static prefix is not open (httpx would
+        # normalise the dots away, so the request target is set as sent on the wire).
+        backend.calls.clear()
+        climbing = client.get("/", extensions={"target": b"/dashboard/static/../../admin/x"})
+        assert climbing.status_code == 401
+        assert backend.calls == []
 
 
 def test_auth_off_lets_everything_through_without_redis() -> None:
