@@ -29,7 +29,7 @@ from instances.engine.block_manager import (
     hash_block_tokens,
 )
 from instances.engine.config import EngineConfig
-from instances.engine.executor import Executor
+from instances.engine.executor import Executor, sampling_seed
 from instances.engine.profile import HardwareProfile
 from instances.engine.request import Request
 from instances.engine.scheduler import Scheduler
@@ -68,6 +68,8 @@ class EngineCore:
         self._requests: dict[str, Request] = {}
         self._aborted_events: list[TokenEvent] = []
         self._pinned: dict[int, int] = {}  # imported block hash -> block id (one reference)
+        self._suspended: dict[str, Request] = {}  # stopped for a migration handoff
+        self._reservations: dict[str, list[int]] = {}  # migration key -> reserved blocks
         self.num_steps = 0
 
     # ---- properties -----------------------------------------------------------------------
@@ -108,7 +110,8 @@ class EngineCore:
         max_tokens = request.params.max_tokens
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-        needed = len(prompt) + len(request.output_token_ids) + max_tokens
+        # Tokens already generated (a migrated request) count against max_tokens.
+        needed = len(prompt) + max(max_tokens, len(request.output_token_ids) + 1)
         if needed > self.kv_capacity_tokens:
             raise ValueError(
                 f"request {request_id!r} needs {len(prompt)} prompt + {max_tokens} output "
@@ -120,24 +123,31 @@ class EngineCore:
         self._requests[request_id] = state
         self.scheduler.add_request(state)
 
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id: str, finish_reason: str = "abort") -> None:
         """Drop a request and free its blocks; the next step reports it finished with
-        ``finish_reason="abort"``. Unknown or already finished ids are ignored."""
+        ``finish_reason`` ("abort", or "migrated" once a migration committed it elsewhere).
+        Unknown or already finished ids are ignored."""
         state = self._requests.pop(request_id, None)
         if state is None:
             return
-        self.scheduler.remove_request(state)
+        if self._suspended.pop(request_id, None) is not None:
+            self.block_manager.free(state.block_table)  # not in any scheduler queue
+        else:
+            self.scheduler.remove_request(state)
         state.status = RequestStatus.FINISHED
-        state.finish_reason = "abort"
+        state.finish_reason = finish_reason
         self.executor.release(request_id)
         self._aborted_events.append(
             TokenEvent(
-                request_id, (), True, "abort", state.num_prompt_tokens, state.num_cached_tokens
+                request_id, (), True, finish_reason, state.num_prompt_tokens,
+                state.num_cached_tokens,
             )
         )
 
     def has_unfinished_requests(self) -> bool:
-        """True while any request is queued or running, or an abort is not yet reported."""
+        """True while any request is queued or running, or an abort is not yet reported.
+
+        Suspended requests (``suspend_request``) do not count: they do not step."""
         return self.scheduler.has_requests() or bool(self._aborted_events)
 
     # ---- the loop -------------------------------------------------------------------------
@@ -225,16 +235,86 @@ class EngineCore:
             copies.append(KVBlockCopy(state.block_hashes[index], parent, tuple(tokens), payload))
         return copies
 
-    def import_blocks(self, blocks: Sequence[KVBlockCopy]) -> int:
+    def is_decoding(self, request_id: str) -> bool:
+        """Whether a request is running with its whole prompt computed (migratable): every
+        token but the last sampled one has KV."""
+        state = self._requests.get(request_id)
+        return (
+            state is not None
+            and request_id not in self._suspended
+            and state.status is RequestStatus.RUNNING
+            and bool(state.output_token_ids)
+            and state.num_computed_tokens == state.num_tokens - 1
+        )
+
+    def is_suspended(self, request_id: str) -> bool:
+        return request_id in self._suspended
+
+    def suspend_request(self, request_id: str) -> Request:
+        """Stop a decoding request for a migration handoff; it keeps its blocks.
+
+        The request takes no part in steps until ``resume_request`` (the handoff failed) or
+        ``abort_request(request_id, "migrated")`` (it runs elsewhere now). Its blocks can
+        still be exported. ValueError unless ``is_decoding``.
+        """
+        if not self.is_decoding(request_id):
+            raise ValueError(f"request {request_id!r} is not decoding here")
+        state = self._requests[request_id]
+        self.scheduler.running.remove(state)
+        self._suspended[request_id] = state
+        return state
+
+    def resume_request(self, request_id: str) -> None:
+        """Put a suspended request back to decoding (it becomes the newest running one)."""
+        state = self._suspended.pop(request_id)
+        self.scheduler.running.append(state)
+
+    def resolved_sampling_seed(self, request_id: str) -> int:
+        """The seed the request's random draws use here (its own, else derived from the
+        engine seed and its id): a destination given it explicitly draws the same."""
+        state = self._requests[request_id]
+        return sampling_seed(state.params, request_id, self.executor.seed)
+
+    # ---- block reservations (migration destination) ----------------------------------------
+
+    def reserve_blocks(self, key: str, num_blocks: int) -> bool:
+        """Take ``num_blocks`` more free blocks out of circulation for the migration ``key``
+        (``import_blocks(..., reservation=key)`` fills them); False, nothing taken, when
+        there are not that many free blocks."""
+        table = self._reservations.setdefault(key, [])
+        if num_blocks <= 0:
+            return True
+        extra: list[int] = []
+        if not self.block_manager.allocate(extra, num_blocks):
+            return False
+        table.extend(extra)
+        return True
+
+    def num_reserved_blocks(self, key: str | None = None) -> int:
+        """Blocks held by one reservation, or by all of them."""
+        if key is not None:
+            return len(self._reservations.get(key, ()))
+        return sum(len(table) for table in self._reservations.values())
+
+    def release_reservation(self, key: str) -> None:
+        """Give a reservation's unused blocks back (unknown keys are ignored)."""
+        table = self._reservations.pop(key, None)
+        if table:
+            self.block_manager.free(table)
+
+    def import_blocks(
+        self, blocks: Sequence[KVBlockCopy], reservation: str | None = None
+    ) -> int:
         """Store copied blocks in this engine's prefix cache and pin them.
 
         Each block's hash is checked against its tokens and parent, its payload by the
         executor (ValueError on a mismatch). Blocks already cached here are pinned, not
         copied. Pinned blocks are never evicted until ``unpin_blocks``; a request added
         later whose tokens start with them reuses them through the ordinary prefix lookup,
-        so a migrated request recomputes only its last partial block. All or nothing:
-        raises ``InsufficientKVBlocks`` when the blocks do not fit and ValueError on a bad
-        copy, pinning nothing in either case.
+        so a migrated request recomputes only its last partial block. With ``reservation``
+        the blocks are taken from that reservation first (``reserve_blocks``). All or
+        nothing: raises ``InsufficientKVBlocks`` when the blocks do not fit and ValueError
+        on a bad copy, pinning nothing in either case.
         Returns how many blocks were copied (not already cached).
         """
         block_size = self.config.block_size
@@ -254,10 +334,18 @@ class EngineCore:
             block_id = manager.cached_block(block.block_hash)
             if block_id is None or manager.ref_count(block_id) == 0:
                 needed += 1
-        if needed > manager.num_free_blocks:
+        reserved = self._reservations.get(reservation, []) if reservation is not None else []
+        if needed > manager.num_free_blocks + len(reserved):
             raise InsufficientKVBlocks(
                 f"{needed} free KV blocks needed, {manager.num_free_blocks} available"
+                + (f" + {len(reserved)} reserved" if reserved else "")
             )
+        if reserved:
+            # Hand the reserved blocks back just before taking them: they hold no cached
+            # content, so the free queue gives them out first, and nothing runs in between.
+            give_back = reserved[-min(needed, len(reserved)):] if needed else []
+            del reserved[len(reserved) - len(give_back):]
+            self.block_manager.free(give_back)
         copied = 0
         pinned_now: list[int] = []
         for block in fresh:

@@ -74,6 +74,7 @@ class Executor(ABC):
     """Runs iterations. Subclasses own any device state (KV tensors, per-request caches)."""
 
     profile: HardwareProfile | None = None
+    seed: int = 0  # engine seed: random sampling of requests without their own seed
 
     @property
     @abstractmethod
