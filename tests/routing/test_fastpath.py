@@ -232,7 +232,11 @@ _lru_ops = st.lists(st.one_of(
     st.tuples(st.just("add"), _keys),
     st.tuples(st.just("discard"), _keys),
     st.tuples(st.just("capacity"), st.integers(0, 60)),
-    st.tuples(st.just("search"), st.tuples(st.lists(_keys, max_size=20), st.integers(-2, 25))),
+    # A search: the held keys, most recent first, as far as given, then any keys; the hint
+    # near where the held keys end (where a wrong probe would show) or anywhere.
+    st.tuples(st.just("search"), st.tuples(st.integers(0, 30), st.lists(_keys, max_size=10),
+                                           st.none() | st.integers(-3, 3),
+                                           st.integers(-2, 25))),
     st.tuples(st.just("clear"), st.none()),
 ), max_size=60)
 
@@ -250,9 +254,12 @@ def test_prefix_lru_compiled_equals_python(capacity: int, ops: list) -> None:
             compiled.record(hashes)
             python.record(hashes)
         elif op == "search":
-            hashes = np.array(arg[0], dtype=np.uint64)
-            assert (compiled.cached_blocks(hashes, arg[1])
-                    == python.cached_blocks(hashes.tobytes(), arg[1]))
+            held, extra, near, anywhere = arg
+            recent = python.keys()[::-1][:held]
+            hashes = np.array(recent + extra, dtype=np.uint64)
+            hint = anywhere if near is None else len(recent) + near
+            assert (compiled.cached_blocks(hashes, hint)
+                    == python.cached_blocks(hashes.tobytes(), hint))
         elif op == "capacity":
             compiled.capacity = python.capacity = arg
         elif op == "clear":
