@@ -10,7 +10,8 @@ UP_ARGS ?=
 
 .PHONY: up test lint typecheck pytest install clean
 
-# The install compiles router/policy/_fastpath.c in place: edit it, and the next make rebuilds.
+# The install compiles router/policy/_fastpath.c in place where a C compiler is present (else
+# routing uses the same kernels in Python): edit it, and the next make rebuilds.
 $(STAMP): pyproject.toml router/policy/_fastpath.c $(wildcard router/policy/csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -31,8 +32,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy $(PACKAGES)
 
+# Then the routing tests again on the pure-Python kernels (router/policy/fastpath.py), the
+# fallback without the extension (test_fastpath_paths runs both sides itself: once is enough).
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15
+	LLMFLEET_PURE_PYTHON=1 $(BIN)/python -m pytest -q -ra tests/routing \
+		--ignore=tests/routing/test_fastpath_paths.py
 
 test: lint typecheck pytest
 
