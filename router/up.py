@@ -85,19 +85,12 @@ def _gateway_config(args: argparse.Namespace, redis_url: str) -> Any:
 def _announce_auth(args: argparse.Namespace, config: Any) -> None:
     """Say whether auth is on; with auth, make sure an admin token exists (printed once
     when generated now; ``$LLMFLEET_ADMIN_TOKEN`` sets it instead)."""
-    from router.auth import KeyStore, auth_status_line
+    from router.auth import prepare_auth
 
-    print(auth_status_line(config.auth, args.host, args.auth), flush=True)
-    if not config.auth:
-        return
-
-    async def ensure() -> str | None:
-        async with KeyStore(config.redis_url, config.namespace) as keys:
-            return await keys.ensure_admin_token(os.environ.get("LLMFLEET_ADMIN_TOKEN"))
-
-    token = asyncio.run(ensure())
-    if token:
-        print(f"admin token (shown once; keep it): {token}", flush=True)
+    setup = asyncio.run(prepare_auth(config.redis_url, args.host, args.auth,
+                                     namespace=config.namespace))
+    for line in setup.lines():
+        print(line, flush=True)
 
 
 def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
