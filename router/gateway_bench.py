@@ -1,13 +1,35 @@
-"""``llmfleet bench gateway``: what the gateway adds to a request, against direct calls.
+"""``llmfleet bench gateway``: what a gateway adds to a request, against direct calls.
 
-Two replicas run fast (``--speedup``, so the engine's own time is small), a gateway runs as
-its own process (``llmfleet gateway``, uvicorn) or as a Ray Serve deployment (``--mode ray``),
-and one client alternates rounds of direct calls (round-robin over the replicas) with rounds
-through the gateway, at the same concurrency, so both see the same machine noise. Reported:
+One run starts an embedded Redis and two reference-engine replicas (emulated executor, fast
+``--speedup`` so the backend's own time is small), then every target in front of the SAME
+replicas, all at once:
 
-- ``added_latency_ms_p50/p99``: gateway latency percentile minus direct percentile;
-- ``cpu_ms_per_request``: CPU seconds the gateway's processes used per request routed;
-- ``requests_per_second``: throughput through the gateway at that concurrency.
+- ``direct``: the client calls the replicas itself (round-robin); the baseline;
+- ``uvicorn``: ``llmfleet gateway`` (plain uvicorn, its own process);
+- ``ray-1`` / ``ray-2``: the gateway as a Ray Serve application with 1 and 2 replicas, behind
+  Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``, as ``llmfleet up`` runs it); both
+  applications share one Ray instance and its proxy, under route prefixes ``/ray-1``, ``/ray-2``;
+- ``vllm-router`` / ``sglang-router``: the Rust routers from the package index (round robin),
+  when installed (``pip install 'llmfleet[bench]'``) and not skipped (``--skip-rust``).
+
+Each round runs every phase for every target, phase after phase, targets in a rotating
+order, so all targets see the same machine noise; numbers are medians over rounds. Phases:
+
+- ``c1`` / ``c32``: non-streamed requests at concurrency 1 and 32. Added latency p50/p99 is
+  the target's percentile minus direct's in the same round; ``requests_per_second`` at 32 is
+  the max req/s reported;
+- ``ttft``: streamed requests at concurrency 1; added time to the first body byte of the
+  stream (the engine sends its first token as the first chunk);
+- ``stream``: streamed requests with ``--stream-tokens`` (512) output tokens, for the CPU a
+  gateway spends relaying a long stream.
+
+CPU is read per thread from ``/proc/<pid>/task/*/schedstat`` (nanoseconds; the tick-based
+``utime`` is too coarse for the Rust routers' ~0.1 ms) and summed over every process of the
+target: the uvicorn process; for Ray the proxy actor, HAProxy and the application's replica
+actors; the Rust router process and its children. The load generator is a raw asyncio
+HTTP/1.1 keep-alive client (httptools' C parser, uvloop when installed, TCP_NODELAY) whose
+own CPU per request is measured and reported, next to the engines' and the whole machine's,
+so the JSON says what bounds the throughput on this machine.
 """
 
 from __future__ import annotations
@@ -15,196 +37,782 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import importlib.util
 import json
 import os
+import platform
+import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import httptools
 import httpx
 import numpy as np
 import psutil
+from tqdm import tqdm
 
-from instances.launcher import EngineSpec, EngineSupervisor
-from instances.server import free_port
+from instances.launcher import EngineSpec, EngineSupervisor, free_port
 from router.embedded_redis import embedded_redis
 
 DEFAULT_OUT = Path("docs/results/gateway.json")
+TARGETS = ("direct", "uvicorn", "ray-1", "ray-2", "vllm-router", "sglang-router")
+RAY_TARGETS = ("ray-1", "ray-2")
+# target -> (module to import, ``python -m`` entry point, log-level flag value)
+RUST_ROUTERS = {
+    "vllm-router": ("vllm_router", "vllm_router.launch_router", "warning"),
+    "sglang-router": ("sglang_router", "sglang_router.launch_router", "warn"),
+}
+MODEL = "llmfleet-emulated"
+# Goals from issue 9 ("Must show"), checked for the llmfleet targets in the JSON.
+GOALS = {"cpu_ms_per_request": 0.5, "added_latency_ms_p50_c1": 1.0, "added_ttft_ms_p50": 1.0}
+CLIENT_TIMEOUT_S = 60.0
 
 
-async def _round(client: httpx.AsyncClient, urls: list[str], requests: int,
-                 concurrency: int, prompt: list[int], max_tokens: int) -> list[float]:
-    latencies: list[float] = []
-    counter = iter(range(requests))
+@dataclass
+class BenchOptions:
+    """What one ``bench gateway`` run measures (CLI flags map one to one)."""
 
-    async def worker() -> None:
-        for i in counter:
-            url = urls[i % len(urls)]
-            t0 = time.perf_counter()
-            r = await client.post(url + "/v1/completions",
-                                  json={"prompt": prompt, "max_tokens": max_tokens})
-            r.raise_for_status()
-            latencies.append(time.perf_counter() - t0)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies
-
-
-def _gateway_processes(mode: str, gateway_proc: subprocess.Popen[bytes] | None
-                       ) -> list[psutil.Process]:
-    if mode == "uvicorn":
-        assert gateway_proc is not None
-        return [psutil.Process(gateway_proc.pid)]
-    procs = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "ServeReplica:llmfleet" in cmd or "ProxyActor" in cmd or "haproxy" in cmd:
-            procs.append(proc)
-    return procs
+    rounds: int = 5
+    requests_c1: int = 300
+    requests_c32: int = 2000
+    high_concurrency: int = 32
+    ttft_requests: int = 150
+    stream_requests: int = 24
+    stream_concurrency: int = 8
+    stream_tokens: int = 512
+    max_tokens: int = 4
+    prompt_tokens: int = 1024
+    distinct_prompts: int = 256
+    engines: int = 2
+    speedup: float = 100.0
+    policy: str = "dualmap"
+    rust_policy: str = "round_robin"
+    skip_ray: bool = False
+    skip_rust: bool = False
+    progress: bool = True
+    nice: int = 0  # niceness for the bench and every process it starts (CLI only)
 
 
-def _cpu_seconds(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    return total
+# -- load generator -------------------------------------------------------------------------
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection carrying one request at a time.
+
+    Times are taken in the protocol callbacks, as the bytes arrive: ``first`` when the first
+    body bytes of the response are parsed, ``done`` when the message is complete.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future[float] | None = None
+        self.status = 0
+        self.first = 0.0
+        self.events = 0
+        self.error_body = b""
+        self.lost: Exception | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # the client must not delay its own small writes either
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.lost = exc or ConnectionError("connection closed by the server")
+        self._fail(self.lost)
+
+    # httptools callbacks
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        if not self.first:
+            self.first = time.perf_counter()
+        # SSE events are counted (cheap C scan) to check that streams carried their tokens.
+        self.events += body.count(b"data: ")
+        if self.status != 200 and len(self.error_body) < 2048:
+            self.error_body += body
+
+    def on_message_complete(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(time.perf_counter())
+
+    def _fail(self, exc: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    async def request(self, payload: bytes) -> tuple[float, float, float]:
+        """Send ``payload`` (a whole HTTP request); (sent, first body byte, complete) times."""
+        if self.transport is None:
+            raise ConnectionError(f"connection is closed: {self.lost!r}")
+        self.status = 0
+        self.first = 0.0
+        self.events = 0
+        self.error_body = b""
+        self.waiter = asyncio.get_running_loop().create_future()
+        sent = time.perf_counter()
+        self.transport.write(payload)
+        done = await asyncio.wait_for(self.waiter, CLIENT_TIMEOUT_S)
+        if self.status != 200:
+            raise RuntimeError(f"HTTP {self.status}: {self.error_body[:500]!r}")
+        return sent, self.first, done
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def _connect(host: str, port: int) -> _Connection:
+    _, protocol = await asyncio.get_running_loop().create_connection(_Connection, host, port)
+    return protocol
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a target listens: host, port and the path prefix of its OpenAI routes."""
+
+    host: str
+    port: int
+    prefix: str = ""
+
+    def request(self, body: bytes) -> bytes:
+        head = (f"POST {self.prefix}/v1/completions HTTP/1.1\r\n"
+                f"Host: {self.host}:{self.port}\r\n"
+                "Content-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        return head + body
+
+
+@dataclass
+class BatchResult:
+    sent: np.ndarray
+    first: np.ndarray
+    done: np.ndarray
+    wall_s: float
+    events: int
+
+    @property
+    def latency_ms(self) -> np.ndarray:
+        return (self.done - self.sent) * 1e3
+
+    @property
+    def ttft_ms(self) -> np.ndarray:
+        return (self.first - self.sent) * 1e3
+
+
+async def run_batch(endpoints: Sequence[Endpoint], bodies: Sequence[bytes], requests: int,
+                    concurrency: int) -> BatchResult:
+    """``requests`` requests by ``concurrency`` workers, each with one keep-alive connection
+    per endpoint; request ``i`` goes to endpoint ``i % len(endpoints)`` with body ``i %
+    len(bodies)``. Connections are opened (and used once, untimed) before the clock starts."""
+    payloads = [[e.request(b) for b in bodies] for e in endpoints]
+    workers = [[await _connect(e.host, e.port) for e in endpoints] for _ in range(concurrency)]
+    try:
+        for conns in workers:  # one untimed request per connection: warm the whole path
+            await asyncio.gather(*(c.request(p[0]) for c, p in zip(conns, payloads,
+                                                                     strict=True)))
+        sent = np.zeros(requests)
+        first = np.zeros(requests)
+        done = np.zeros(requests)
+        counter = iter(range(requests))
+        events = 0
+        num_endpoints = len(endpoints)
+        num_bodies = len(bodies)
+
+        async def worker(conns: list[_Connection]) -> None:
+            nonlocal events
+            for i in counter:
+                e = i % num_endpoints
+                conn = conns[e]
+                sent[i], first[i], done[i] = await conn.request(payloads[e][i % num_bodies])
+                events += conn.events
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(conns) for conns in workers))
+        wall = time.perf_counter() - start
+        return BatchResult(sent, first, done, wall, events)
+    finally:
+        for conns in workers:
+            for conn in conns:
+                conn.close()
+
+
+# -- CPU accounting -------------------------------------------------------------------------
+def cpu_ns(pids: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """Per process: (ns run on a CPU, ns runnable but waiting for one) so far, summed over
+    its live threads.
+
+    ``/proc/<pid>/task/<tid>/schedstat`` counts nanoseconds; ``/proc/<pid>/stat`` counts
+    clock ticks (10 ms), too coarse for a router that spends 0.1 ms per request. The wait
+    shows when other tenants of a shared machine, not the target, set its pace.
+    """
+    out: dict[int, tuple[int, int]] = {}
+    for pid in pids:
+        run = wait = 0
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError), \
+                        open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    fields = f.read().split()
+                    run += int(fields[0])
+                    wait += int(fields[1])
+        out[pid] = (run, wait)
+    return out
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has run (all tenants), summed over cores."""
+    t = psutil.cpu_times()
+    # guest time is already inside user; steal and iowait are not this machine's work
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0)
+                 + getattr(t, "softirq", 0.0))
+
+
+@dataclass
+class Target:
+    """A system under test: where to send requests and which processes are its."""
+
+    name: str
+    endpoints: list[Endpoint]
+    pids: Callable[[], list[int]] = list
+    description: str = ""
+
+    def process_ids(self) -> list[int]:
+        return self.pids()
+
+
+@dataclass
+class PhaseSample:
+    """One phase of one target in one round (CPU figures in seconds)."""
+
+    latency_ms: np.ndarray
+    ttft_ms: np.ndarray
+    wall_s: float
+    requests: int
+    events: int
+    gateway_cpu_s: float
+    busiest_cpu_s: float  # the gateway process that ran longest
+    busiest_wait_s: float  # ... and how long it waited, runnable, for a CPU
+    engines_cpu_s: float
+    client_cpu_s: float
+    machine_busy_s: float
+
+
+async def measure_phase(target: Target, engine_pids: list[int], bodies: Sequence[bytes],
+                        requests: int, concurrency: int) -> PhaseSample:
+    pids = target.process_ids()
+    gw0, en0 = cpu_ns(pids), cpu_ns(engine_pids)
+    client0, busy0 = time.thread_time(), _machine_busy_s()
+    batch = await run_batch(target.endpoints, bodies, requests, concurrency)
+    client1, busy1 = time.thread_time(), _machine_busy_s()
+    gw1, en1 = cpu_ns(pids), cpu_ns(engine_pids)
+    used = {p: (gw1[p][0] - gw0.get(p, (0, 0))[0], gw1[p][1] - gw0.get(p, (0, 0))[1])
+            for p in pids}
+    busiest = max(used.values(), default=(0, 0))
+    return PhaseSample(
+        latency_ms=batch.latency_ms, ttft_ms=batch.ttft_ms, wall_s=batch.wall_s,
+        requests=requests, events=batch.events,
+        gateway_cpu_s=sum(run for run, _ in used.values()) / 1e9,
+        busiest_cpu_s=busiest[0] / 1e9, busiest_wait_s=busiest[1] / 1e9,
+        engines_cpu_s=sum(en1[p][0] - en0.get(p, (0, 0))[0] for p in engine_pids) / 1e9,
+        client_cpu_s=client1 - client0, machine_busy_s=busy1 - busy0)
+
+
+# -- the systems under test -----------------------------------------------------------------
+def _wait_ready(check: Callable[[], bool], what: str, timeout_s: float = 90.0,
+                proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            if check():
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not ready after {timeout_s}s")
+
+
+def _healthy(url: str, engines: int) -> bool:
+    r = httpx.get(url + "/health", timeout=2)
+    return r.status_code == 200 and r.json().get("healthy_instances") == engines
+
+
+def _completes(url: str) -> bool:
+    r = httpx.post(url + "/v1/completions", timeout=5,
+                   json={"model": MODEL, "prompt": "ready?", "max_tokens": 1})
+    return r.status_code == 200
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and all its descendants (a Rust router's launcher may fork workers)."""
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        return [pid] + [c.pid for c in proc.children(recursive=True)]
+    return [pid]
 
 
 @contextlib.contextmanager
-def _gateway(mode: str, redis_url: str, policy: str) -> Iterator[tuple[str, Any]]:
-    port = free_port()
-    if mode == "uvicorn":
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", "gateway", "--redis-url", redis_url,
-             "--port", str(port), "--policy", policy],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _subprocess(cmd: list[str], what: str, ready: Callable[[], bool]
+                ) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` in its own session until ``ready``; its stderr goes to a temp file, whose
+    tail the error shows if it does not come up."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
+                                start_new_session=True)
         try:
-            yield f"http://127.0.0.1:{port}", proc
+            try:
+                _wait_ready(ready, what, proc=proc)
+            except (RuntimeError, TimeoutError) as exc:
+                log.seek(0)
+                tail = log.read()[-3000:].decode(errors="replace")
+                raise RuntimeError(f"{exc}\n--- its stderr ---\n{tail}") from exc
+            yield proc
         finally:
-            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 15)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:  # never leave a gateway behind
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)
                 proc.wait()
-        return
+
+
+@contextlib.contextmanager
+def _uvicorn_gateway(redis_url: str, policy: str, engines: int) -> Iterator[Target]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "router.cli", "gateway", "--redis-url", redis_url,
+           "--port", str(port), "--policy", policy]
+    url = f"http://127.0.0.1:{port}"
+    with _subprocess(cmd, "llmfleet gateway", lambda: _healthy(url, engines)) as proc:
+        yield Target("uvicorn", [Endpoint("127.0.0.1", port)], lambda: _tree(proc.pid),
+                     f"llmfleet gateway (uvicorn), policy {policy}")
+
+
+@contextlib.contextmanager
+def _rust_router(name: str, engine_urls: list[str], policy: str) -> Iterator[Target]:
+    _, entry, log_level = RUST_ROUTERS[name]
+    port = free_port()
+    cmd = [sys.executable, "-m", entry, "--host", "127.0.0.1", "--port", str(port),
+           "--worker-urls", *engine_urls, "--policy", policy, "--log-level", log_level,
+           # Both default to metrics on 0.0.0.0:29000: two routers (or another tenant) clash.
+           "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+    url = f"http://127.0.0.1:{port}"
+    with _subprocess(cmd, name, lambda: _completes(url)) as proc:
+        version = _package_version(name)
+        yield Target(name, [Endpoint("127.0.0.1", port)], lambda: _tree(proc.pid),
+                     f"{name} {version}, policy {policy}")
+
+
+def _package_version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+@contextlib.contextmanager
+def _ray_gateways(redis_url: str, policy: str, engines: int) -> Iterator[list[Target]]:
+    """Ray Serve with HAProxy ingress; applications ``ray-1`` (1 replica) and ``ray-2`` (2)."""
+    # Local, single-user cluster (as llmfleet up): no token auth, no usage report.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")  # as llmfleet up runs it
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     import ray
     from ray import serve
 
     from router.gateway import GatewayConfig
     from router.serve_app import build_gateway_application
 
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = free_port()
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+             namespace="llmfleet-bench")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_gateway_application(GatewayConfig(redis_url=redis_url, policy=policy)),
-                  name="llmfleet", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", None
+        serve.start(http_options={"host": "127.0.0.1", "port": port},
+                    logging_config={"log_level": "WARNING"})
+        for name in RAY_TARGETS:
+            replicas = int(name.split("-")[1])
+            serve.run(build_gateway_application(GatewayConfig(redis_url=redis_url,
+                                                              policy=policy),
+                                                num_replicas=replicas),
+                      name=name, route_prefix=f"/{name}")
+        for name in RAY_TARGETS:
+            url = f"http://127.0.0.1:{port}/{name}"
+            _wait_ready(functools.partial(_healthy, url, engines), f"Ray Serve app {name}")
+
+        def pids_of(app: str) -> list[int]:
+            # Ray names its worker processes after the actor they host ("ray::ProxyActor",
+            # "ray::ServeReplica:<app>:<deployment>"); HAProxy is a process of its own.
+            # Only descendants of this process: other tenants may run Ray too.
+            pids = []
+            for proc in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    title = " ".join(proc.cmdline())
+                    if (f"ServeReplica:{app}:" in title or "ProxyActor" in title
+                            or "haproxy" in proc.name().lower()):
+                        pids.append(proc.pid)
+            return pids
+
+        targets = []
+        for name in RAY_TARGETS:
+            pids = pids_of(name)  # fixed for the run: no replica restarts while measuring
+            targets.append(Target(name, [Endpoint("127.0.0.1", port, f"/{name}")],
+                                  functools.partial(list, pids),
+                                  f"llmfleet under Ray Serve {ray.__version__}, HAProxy "
+                                  f"ingress, {name.split('-')[1]} gateway replica(s), "
+                                  f"policy {policy}"))
+        yield targets
     finally:
-        serve.shutdown()
+        # No serve.shutdown(): its graceful HAProxy drain takes ~30 s; ray.shutdown() ends
+        # every actor and process Serve started.
         ray.shutdown()
 
 
-def run(mode: str, requests: int, rounds: int, concurrency: int, prompt_tokens: int,
-        max_tokens: int, speedup: float, policy: str) -> dict[str, Any]:
-    prompt = [(i * 37) % 256 for i in range(prompt_tokens)]
-    with embedded_redis() as redis_url:
-        specs = [EngineSpec(instance_id=f"bench-{i}", port=free_port(), speedup=speedup,
-                            redis_url=redis_url) for i in range(2)]
+# -- the run --------------------------------------------------------------------------------
+def _bodies(options: BenchOptions, stream: bool, max_tokens: int) -> list[bytes]:
+    """``distinct_prompts`` text prompts of ``prompt_tokens`` ASCII characters (one token
+    each for the byte-level reference engine; distinct keys, so a cache-affine policy spreads
+    them), the same list for every target. Text, not token ids: sglang-router 0.3.2 refuses
+    a token-id ``prompt`` (422)."""
+    rng = np.random.default_rng(0)
+    alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     ", dtype=np.uint8)
+    bodies = []
+    for _ in range(options.distinct_prompts):
+        prompt = rng.choice(alphabet, options.prompt_tokens).tobytes().decode()
+        body: dict[str, Any] = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens}
+        if stream:
+            body["stream"] = True
+        bodies.append(json.dumps(body, separators=(",", ":")).encode())
+    return bodies
+
+
+@dataclass
+class _Phase:
+    name: str
+    concurrency: int
+    requests: int
+    bodies: list[bytes] = field(repr=False)
+
+
+def _phases(options: BenchOptions) -> list[_Phase]:
+    plain = _bodies(options, False, options.max_tokens)
+    return [
+        _Phase("c1", 1, options.requests_c1, plain),
+        _Phase(f"c{options.high_concurrency}", options.high_concurrency, options.requests_c32,
+               plain),
+        _Phase("ttft", 1, options.ttft_requests, _bodies(options, True, options.max_tokens)),
+        _Phase("stream", options.stream_concurrency, options.stream_requests,
+               _bodies(options, True, options.stream_tokens)),
+    ]
+
+
+def _available_targets(options: BenchOptions) -> tuple[list[str], dict[str, str]]:
+    wanted: list[str] = []
+    skipped: dict[str, str] = {}
+    for name in TARGETS:
+        if name in RAY_TARGETS and options.skip_ray:
+            skipped[name] = "skipped (--skip-ray)"
+        elif name in RUST_ROUTERS and options.skip_rust:
+            skipped[name] = "skipped (--skip-rust)"
+        elif name in RUST_ROUTERS and importlib.util.find_spec(RUST_ROUTERS[name][0]) is None:
+            skipped[name] = f"not installed (pip install {name}, or 'llmfleet[bench]')"
+        else:
+            wanted.append(name)
+    return wanted, skipped
+
+
+def run_bench(options: BenchOptions) -> dict[str, Any]:
+    """Start the replicas and every available target, measure (see the module docstring)."""
+    wanted, skipped = _available_targets(options)
+    load0 = os.getloadavg()[0]
+    if options.nice:
+        # Children (replicas, gateways, Ray, routers) inherit it: on a shared machine the
+        # targets then compete less with other tenants, all alike.
+        os.setpriority(os.PRIO_PROCESS, 0, options.nice)
+    with embedded_redis() as redis_url, contextlib.ExitStack() as stack:
+        specs = [EngineSpec(instance_id=f"bench-{i}", port=free_port(), speedup=options.speedup,
+                            redis_url=redis_url, model=MODEL) for i in range(options.engines)]
         supervisor = EngineSupervisor(specs, restart=False)
+        stack.callback(supervisor.stop)
         supervisor.start()
-        try:
-            with _gateway(mode, redis_url, policy) as (url, proc):
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    with contextlib.suppress(httpx.HTTPError):
-                        health = httpx.get(url + "/health", timeout=2)
-                        if health.status_code == 200 and \
-                                health.json().get("healthy_instances") == 2:
-                            break
-                    time.sleep(0.2)
-                gateway_procs = _gateway_processes(mode, proc)
-                return asyncio.run(_measure(url, [s.url for s in specs], gateway_procs, mode,
-                                            requests, rounds, concurrency, prompt, max_tokens,
-                                            speedup, policy))
-        finally:
-            supervisor.stop()
+        engine_pids = supervisor.pids()
+        engine_urls = [s.url for s in specs]
+        targets: dict[str, Target] = {"direct": Target(
+            "direct", [Endpoint("127.0.0.1", s.port) for s in specs],
+            description=f"client round-robin over the {options.engines} replicas")}
+        if "uvicorn" in wanted:
+            targets["uvicorn"] = stack.enter_context(
+                _uvicorn_gateway(redis_url, options.policy, options.engines))
+        for name in RUST_ROUTERS:
+            if name in wanted:
+                targets[name] = stack.enter_context(
+                    _rust_router(name, engine_urls, options.rust_policy))
+        if any(n in wanted for n in RAY_TARGETS):
+            for target in stack.enter_context(
+                    _ray_gateways(redis_url, options.policy, options.engines)):
+                targets[target.name] = target
+        order = [n for n in TARGETS if n in targets]
+        samples = _measure_rounds(options, targets, order, engine_pids)
+    result = _summarise(options, targets, order, samples)
+    result["skipped"] = skipped
+    result["machine"] = {"python": platform.python_version(), "platform": platform.platform(),
+                         "cpu_count": os.cpu_count(), "load_average_1m_at_start": round(load0, 2),
+                         "niceness": os.getpriority(os.PRIO_PROCESS, 0)}
+    return result
 
 
-async def _measure(gateway_url: str, engine_urls: list[str], gateway_procs: list[psutil.Process],
-                   mode: str, requests: int, rounds: int, concurrency: int, prompt: list[int],
-                   max_tokens: int, speedup: float, policy: str) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency)
-    direct: list[float] = []
-    through: list[float] = []
-    gateway_wall = 0.0
-    gateway_cpu = 0.0
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        # Warm both paths (connections, JIT-free but cache-warm code paths).
-        await _round(client, engine_urls, concurrency * 2, concurrency, prompt, max_tokens)
-        await _round(client, [gateway_url], concurrency * 2, concurrency, prompt, max_tokens)
-        for _ in range(rounds):
-            direct += await _round(client, engine_urls, requests, concurrency, prompt,
-                                   max_tokens)
-            cpu0 = _cpu_seconds(gateway_procs)
-            t0 = time.perf_counter()
-            through += await _round(client, [gateway_url], requests, concurrency, prompt,
-                                    max_tokens)
-            gateway_wall += time.perf_counter() - t0
-            gateway_cpu += _cpu_seconds(gateway_procs) - cpu0
-    d50, d99 = np.percentile(direct, [50, 99])
-    g50, g99 = np.percentile(through, [50, 99])
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        return asyncio.new_event_loop()
+
+
+Samples = dict[str, dict[str, list[PhaseSample]]]  # target -> phase -> one per round
+
+
+def _measure_rounds(options: BenchOptions, targets: dict[str, Target], order: list[str],
+                    engine_pids: list[int]) -> Samples:
+    phases = _phases(options)
+    samples: Samples = {t: {p.name: [] for p in phases} for t in order}
+    bar = tqdm(total=(options.rounds + 1) * len(phases) * len(order), desc="bench gateway",
+               unit="batch", disable=not options.progress, file=sys.stderr)
+    loop = _new_event_loop()
+    try:
+        # Every prompt into every replica's prefix cache first: whichever replica a target
+        # picks, a request costs the same (a miss would be charged to whoever came first).
+        for endpoint in targets["direct"].endpoints:
+            loop.run_until_complete(run_batch([endpoint], phases[0].bodies,
+                                              len(phases[0].bodies), 8))
+        for round_index in range(-1, options.rounds):  # round -1 warms every path, unrecorded
+            for phase in phases:
+                shift = round_index % len(order)
+                for name in order[shift:] + order[:shift]:
+                    bar.set_postfix_str(f"round {round_index + 1} {phase.name} {name}")
+                    requests = phase.requests if round_index >= 0 else \
+                        max(phase.concurrency * 2, phase.requests // 4)
+                    try:
+                        sample = loop.run_until_complete(measure_phase(
+                            targets[name], engine_pids, phase.bodies, requests,
+                            phase.concurrency))
+                    except Exception as exc:
+                        raise RuntimeError(f"{name}, phase {phase.name}: {exc!r}") from exc
+                    if round_index >= 0:
+                        samples[name][phase.name].append(sample)
+                    bar.update()
+    finally:
+        loop.close()
+        bar.close()
+    return samples
+
+
+def _median(values: Sequence[float]) -> float:
+    return round(float(np.median(values)), 3)
+
+
+def _summarise(options: BenchOptions, targets: dict[str, Target], order: list[str],
+               samples: Samples) -> dict[str, Any]:
+    high = f"c{options.high_concurrency}"
+    direct = samples["direct"]
+    results: dict[str, Any] = {}
+    for name in order:
+        mine = samples[name]
+        by_concurrency: dict[str, Any] = {}
+        for phase, concurrency in (("c1", 1), (high, options.high_concurrency)):
+            rows = mine[phase]
+            base = direct[phase]
+            p50 = [float(np.percentile(s.latency_ms, 50)) for s in rows]
+            p99 = [float(np.percentile(s.latency_ms, 99)) for s in rows]
+            d50 = [float(np.percentile(s.latency_ms, 50)) for s in base]
+            d99 = [float(np.percentile(s.latency_ms, 99)) for s in base]
+            by_concurrency[str(concurrency)] = {
+                "latency_ms_p50": _median(p50),
+                "latency_ms_p99": _median(p99),
+                "added_latency_ms_p50": _median([a - b for a, b in zip(p50, d50, strict=True)]),
+                "added_latency_ms_p99": _median([a - b for a, b in zip(p99, d99, strict=True)]),
+                "cpu_ms_per_request": _median([s.gateway_cpu_s * 1e3 / s.requests
+                                               for s in rows]),
+                "requests_per_second": _median([s.requests / s.wall_s for s in rows]),
+                "per_round_added_latency_ms_p50": [round(a - b, 3) for a, b in
+                                                   zip(p50, d50, strict=True)],
+            }
+        ttft = [float(np.percentile(s.ttft_ms, 50)) for s in mine["ttft"]]
+        ttft_direct = [float(np.percentile(s.ttft_ms, 50)) for s in direct["ttft"]]
+        stream = mine["stream"]
+        top = by_concurrency["1"]
+        peak = by_concurrency[str(options.high_concurrency)]
+        row: dict[str, Any] = {
+            "description": targets[name].description,
+            # The headline latency is at concurrency 1 (the "concurrency" field); CPU per
+            # request and max req/s at the high concurrency (see "definitions").
+            "added_latency_ms_p50": top["added_latency_ms_p50"],
+            "added_latency_ms_p99": top["added_latency_ms_p99"],
+            "added_ttft_ms_p50": _median([a - b for a, b in zip(ttft, ttft_direct,
+                                                                strict=True)]),
+            "cpu_ms_per_request": peak["cpu_ms_per_request"],
+            "requests_per_second": peak["requests_per_second"],
+            "concurrency": 1,
+            "max_rps_concurrency": options.high_concurrency,
+            "ttft_ms_p50": _median(ttft),
+            "cpu_ms_per_streamed_request": _median([s.gateway_cpu_s * 1e3 / s.requests
+                                                    for s in stream]),
+            "streamed_output_tokens": options.stream_tokens,
+            "sse_events_per_stream": _median([s.events / s.requests for s in stream]),
+            "by_concurrency": by_concurrency,
+            "limits": _limits(mine[high], options),
+            "pids": len(targets[name].process_ids()),
+        }
+        if name in ("uvicorn", *RAY_TARGETS):
+            row["goals_met"] = {
+                "cpu_ms_per_request": row["cpu_ms_per_request"] <= GOALS["cpu_ms_per_request"],
+                "added_latency_ms_p50_c1":
+                    row["added_latency_ms_p50"] <= GOALS["added_latency_ms_p50_c1"],
+                "added_ttft_ms_p50": row["added_ttft_ms_p50"] <= GOALS["added_ttft_ms_p50"],
+            }
+        results[name] = row
+    client_cpu = [s.client_cpu_s * 1e3 / s.requests for t in order for s in samples[t][high]]
+    rust = [results[n]["cpu_ms_per_streamed_request"] for n in RUST_ROUTERS if n in results]
+    for name in ("uvicorn", *RAY_TARGETS):
+        if name in results and rust:
+            results[name]["goals_met"]["cpu_ms_per_streamed_request_vs_rust"] = \
+                results[name]["cpu_ms_per_streamed_request"] <= min(rust)
     return {
         "benchmark": "gateway",
-        "mode": mode,
-        "policy": policy,
-        "concurrency": concurrency,
-        "requests": len(through),
-        "prompt_tokens": len(prompt),
-        "max_tokens": max_tokens,
-        "engine_speedup": speedup,
-        "direct_latency_ms_p50": d50 * 1e3,
-        "direct_latency_ms_p99": d99 * 1e3,
-        "gateway_latency_ms_p50": g50 * 1e3,
-        "gateway_latency_ms_p99": g99 * 1e3,
-        "added_latency_ms_p50": (g50 - d50) * 1e3,
-        "added_latency_ms_p99": (g99 - d99) * 1e3,
-        "cpu_ms_per_request": gateway_cpu / len(through) * 1e3,
-        "requests_per_second": len(through) / gateway_wall,
-        "cpu_count": os.cpu_count(),
+        "results": results,
+        "client": {
+            "kind": "raw asyncio HTTP/1.1 keep-alive client (httptools parser, "
+                    f"{'uvloop' if importlib.util.find_spec('uvloop') else 'asyncio'} loop, "
+                    "TCP_NODELAY), one connection per worker and endpoint",
+            "cpu_ms_per_request_median": _median(client_cpu),
+        },
+        "goals": GOALS,
+        "definitions": {
+            "added_latency_ms_p50/p99": "target's latency percentile minus direct's, same "
+                                        "round, concurrency 1; median over rounds "
+                                        "(by_concurrency has 1 and the high concurrency)",
+            "added_ttft_ms_p50": "p50 time to the first body bytes of a streamed request, "
+                                 "minus direct's, concurrency 1",
+            "cpu_ms_per_request": "CPU of all the target's processes during the high-"
+                                  "concurrency phase / requests (includes idle background "
+                                  "work such as the registry refresh)",
+            "requests_per_second": "throughput at the high concurrency (max req/s); "
+                                   "'limits' says what bounded it",
+            "cpu_ms_per_streamed_request": f"gateway CPU per streamed request with "
+                                           f"{options.stream_tokens} output tokens, at "
+                                           f"concurrency {options.stream_concurrency}",
+        },
+        "settings": {**asdict(options), "rust_router_versions": {
+            n: _package_version(n) for n in RUST_ROUTERS}},
+        "command": " ".join(["llmfleet", *sys.argv[1:]]) if sys.argv else "",
     }
 
 
+def _limits(rows: list[PhaseSample], options: BenchOptions) -> dict[str, Any]:
+    """Where the cores went during the max-throughput phase, and what bounded it."""
+    def cores(attr: str) -> float:
+        return _median([getattr(s, attr) / s.wall_s for s in rows])
+
+    gateway, busiest, waiting = cores("gateway_cpu_s"), cores("busiest_cpu_s"), \
+        cores("busiest_wait_s")
+    engines, client, machine = cores("engines_cpu_s"), cores("client_cpu_s"), \
+        cores("machine_busy_s")
+    total = os.cpu_count() or 1
+    if busiest + waiting >= 0.85:
+        bound = (f"one gateway process, always busy: it ran {busiest:.2f} of the time and "
+                 f"waited {waiting:.2f} of it, runnable, for a CPU")
+    elif machine >= 0.85 * total:
+        bound = (f"the machine: all {total} cores busy (gateway, engines, load generator "
+                 "and other tenants share them)")
+    elif engines >= 0.85 * options.engines:
+        bound = "the engine replicas (each a single-threaded event loop)"
+    else:
+        bound = f"latency: {options.high_concurrency} requests in flight / latency"
+    return {"gateway_cores": round(gateway, 3), "busiest_gateway_process_cores": round(busiest, 3),
+            "busiest_gateway_process_waiting_for_cpu": round(waiting, 3),
+            "engines_cores": round(engines, 3), "client_cores": round(client, 3),
+            "machine_busy_cores": round(machine, 3),
+            "other_tenants_cores": round(max(0.0, machine - gateway - engines - client), 3),
+            "machine_cores": total, "bound": bound}
+
+
+# -- CLI ------------------------------------------------------------------------------------
 def register_bench(bench_subparsers: Any) -> None:
+    defaults = BenchOptions()
     parser = bench_subparsers.add_parser(
-        "gateway", help="latency and CPU the gateway adds, against direct calls")
-    parser.add_argument("--mode", choices=("uvicorn", "ray", "both"), default="both")
-    parser.add_argument("--requests", type=int, default=400, help="requests per round and path")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--prompt-tokens", type=int, default=1024)
-    parser.add_argument("--max-tokens", type=int, default=4)
-    parser.add_argument("--speedup", type=float, default=100.0)
-    parser.add_argument("--policy", default="dualmap")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+        "gateway", help="latency and CPU a gateway adds, against direct calls",
+        description="llmfleet (uvicorn, Ray Serve x1/x2) and the Rust routers in front of "
+                    "the same emulated replicas, against direct calls, in one run.")
+    parser.add_argument("--rounds", type=int, default=defaults.rounds,
+                        help="interleaved rounds; numbers are medians over rounds")
+    parser.add_argument("--requests-c1", type=int, default=defaults.requests_c1)
+    parser.add_argument("--requests-c32", type=int, default=defaults.requests_c32,
+                        help="requests per round at the high concurrency")
+    parser.add_argument("--concurrency", type=int, default=defaults.high_concurrency,
+                        help="the high concurrency (max req/s)")
+    parser.add_argument("--ttft-requests", type=int, default=defaults.ttft_requests)
+    parser.add_argument("--stream-requests", type=int, default=defaults.stream_requests)
+    parser.add_argument("--stream-concurrency", type=int, default=defaults.stream_concurrency)
+    parser.add_argument("--stream-tokens", type=int, default=defaults.stream_tokens)
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
+                        help="output tokens of the non-streamed requests")
+    parser.add_argument("--prompt-tokens", type=int, default=defaults.prompt_tokens)
+    parser.add_argument("--engines", type=int, default=defaults.engines)
+    parser.add_argument("--speedup", type=float, default=defaults.speedup)
+    parser.add_argument("--policy", default=defaults.policy, help="llmfleet's routing policy")
+    parser.add_argument("--rust-policy", default=defaults.rust_policy)
+    parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--skip-rust", action="store_true",
+                        help="leave out vllm-router and sglang-router")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="niceness of the bench and all it starts (negative needs root): "
+                             "on a shared machine, less noise from other tenants")
+    parser.add_argument("--json", action="store_true", help="print JSON (else a table)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="'-' for nowhere")
     parser.set_defaults(func=_run_cli)
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    modes = ["uvicorn", "ray"] if args.mode == "both" else [args.mode]
-    results = {m: run(m, args.requests, args.rounds, args.concurrency, args.prompt_tokens,
-                      args.max_tokens, args.speedup, args.policy) for m in modes}
-    out = {"results": results, "command": " ".join(sys.argv)}
-    if args.out:
+    options = BenchOptions(
+        rounds=args.rounds, requests_c1=args.requests_c1, requests_c32=args.requests_c32,
+        high_concurrency=args.concurrency, ttft_requests=args.ttft_requests,
+        stream_requests=args.stream_requests, stream_concurrency=args.stream_concurrency,
+        stream_tokens=args.stream_tokens, max_tokens=args.max_tokens,
+        prompt_tokens=args.prompt_tokens, engines=args.engines, speedup=args.speedup,
+        policy=args.policy, rust_policy=args.rust_policy, skip_ray=args.skip_ray,
+        skip_rust=args.skip_rust, nice=args.nice)
+    result = run_bench(options)
+    if args.out != "-":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2))
-    print(json.dumps(out, indent=None if args.json else 2))
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{'target':15s} {'+p50 c1':>8s} {'+p99 c1':>8s} {'+ttft':>7s} "
+              f"{'cpu/req':>8s} {'req/s':>7s} {'cpu/stream':>10s}  bound")
+        for name, row in result["results"].items():
+            print(f"{name:15s} {row['added_latency_ms_p50']:8.3f} "
+                  f"{row['added_latency_ms_p99']:8.3f} {row['added_ttft_ms_p50']:7.3f} "
+                  f"{row['cpu_ms_per_request']:8.3f} {row['requests_per_second']:7.0f} "
+                  f"{row['cpu_ms_per_streamed_request']:10.2f}  {row['limits']['bound']}")
+        for name, why in result["skipped"].items():
+            print(f"{name:15s} {why}")
     return 0
