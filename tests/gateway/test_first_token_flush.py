@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from instances.server import free_port
+from instances.launcher import free_port
 from router.gateway import Gateway, GatewayConfig, create_gateway_app
 from router.state import ClusterStateStore, InstanceRecord
 from tests.fleet import serve_in_thread, wait_until
