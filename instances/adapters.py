@@ -163,6 +163,77 @@ def kv_events_endpoint(sources: Any, server_url: str) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class BackendSpec:
+    """One server the fleet did not start, as ``--backend`` or a fleet file names it."""
+
+    url: str
+    kind: str = "auto"  # a proto.backends kind, or "auto" (told from its /metrics)
+    instance_id: str | None = None
+    model: str | None = None
+    kv_events: str | None = None  # ZMQ endpoint override (vLLM's is discovered otherwise)
+    block_size: int | None = None  # KV block size override (vLLM's is read from /metrics)
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"backend url must be http(s)://..., got {self.url!r}")
+        if self.kind != "auto":
+            backends.backend(self.kind)  # ValueError naming the known kinds
+
+
+_SPEC_KEYS = {"url": "url", "kind": "kind", "id": "instance_id", "instance_id": "instance_id",
+              "model": "model", "kv_events": "kv_events", "block_size": "block_size",
+              "weight": "weight"}
+
+
+def load_fleet_file(path: str) -> list[BackendSpec]:
+    """Backends listed in a fleet file: YAML (``.yaml``/``.yml``/``.json``) or TOML
+    (``.toml``), a top-level ``backends`` list of tables with ``url`` and optionally
+    ``kind``, ``id``, ``model``, ``kv_events``, ``block_size``, ``weight``.
+
+    Raises ValueError naming the entry and key for anything it does not understand.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    if path.endswith(".toml"):
+        import tomllib
+
+        data: Any = tomllib.loads(raw.decode("utf-8"))
+    else:
+        import yaml
+
+        data = yaml.safe_load(raw)
+    if not isinstance(data, Mapping) or not isinstance(data.get("backends"), list):
+        raise ValueError(f"{path}: expected a top-level 'backends' list")
+    specs: list[BackendSpec] = []
+    for n, entry in enumerate(data["backends"]):
+        if not isinstance(entry, Mapping) or "url" not in entry:
+            raise ValueError(f"{path}: backend #{n} needs a 'url'")
+        unknown = sorted(set(entry) - set(_SPEC_KEYS))
+        if unknown:
+            raise ValueError(f"{path}: backend #{n} has unknown keys {unknown}; known: "
+                             f"{sorted(set(_SPEC_KEYS))}")
+        try:
+            specs.append(BackendSpec(**{_SPEC_KEYS[k]: v for k, v in entry.items()}))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: backend #{n}: {exc}") from exc
+    ids = [s.instance_id for s in specs if s.instance_id]
+    if len(ids) != len(set(ids)):
+        raise ValueError(f"{path}: backend ids must be unique, got {ids}")
+    return specs
+
+
+def agents_for(specs: list[BackendSpec], store: RegistryWriter, poll_s: float,
+               tokenizer: Tokenizer | None = None) -> list[ExternalReplicaAgent]:
+    """One agent per backend; unnamed ones are ``external-<n>``."""
+    return [ExternalReplicaAgent(s.url, store, s.instance_id or f"external-{n}",
+                                 model=s.model, poll_s=poll_s, kind=s.kind,
+                                 kv_events=s.kv_events, block_size=s.block_size,
+                                 weight=s.weight, tokenizer=tokenizer)
+            for n, s in enumerate(specs)]
+
+
 class ExternalReplicaAgent:
     """Registers one external OpenAI-compatible server and heartbeats its load.
 

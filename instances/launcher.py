@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -54,6 +55,7 @@ class EngineSpec:
     api: str = "vllm"
     heartbeat_ttl_s: float = 3.0
     namespace: str = "llmfleet"
+    tokenizer: str | None = None
     extra_args: list[str] = field(default_factory=list)
 
     @property
@@ -70,6 +72,8 @@ class EngineSpec:
             cmd += ["--profile", self.profile]
         if self.redis_url:
             cmd += ["--redis-url", self.redis_url]
+        if self.tokenizer:
+            cmd += ["--tokenizer", self.tokenizer]
         return cmd + self.extra_args
 
 
@@ -172,19 +176,34 @@ def print_event(event: str, **fields: object) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
-def watch_external_backends(urls: list[str], redis_url: str, namespace: str,
-                            ttl: float) -> threading.Thread | None:
+def backend_specs(urls: list[str] | None, fleet_file: str | None = None) -> list[Any]:
+    """``BackendSpec``s (``instances.adapters``) for ``--backend URL``s (kind detected) and
+    the backends a fleet file lists; ValueError for a bad URL or file."""
+    from instances.adapters import BackendSpec, load_fleet_file
+
+    specs: list[Any] = [BackendSpec(u) for u in urls or []]
+    if fleet_file:
+        specs += load_fleet_file(fleet_file)
+    return specs
+
+
+def watch_external_backends(urls: list[Any], redis_url: str, namespace: str,
+                            ttl: float, tokenizer: str | None = None) -> threading.Thread | None:
     """Register servers llmfleet did not start (vLLM, SGLang, any OpenAI server): a thread
-    of ``ExternalReplicaAgent``s heartbeats what each one's ``/metrics`` says."""
+    of ``ExternalReplicaAgent``s health-checks each (URL strings or ``BackendSpec``s) and
+    heartbeats its load; ``tokenizer`` (the gateway's) is checked against ``/tokenize``."""
     if not urls:
         return None
-    from instances.adapters import ExternalReplicaAgent
+    from instances.adapters import BackendSpec, agents_for
     from proto.registry import RegistryWriter
+    from proto.tokenize import load_tokenizer
+
+    specs = [u if isinstance(u, BackendSpec) else BackendSpec(u) for u in urls]
+    tok = load_tokenizer(tokenizer) if tokenizer else None
 
     async def main() -> None:
         store = RegistryWriter.from_url(redis_url, namespace, ttl)
-        agents = [ExternalReplicaAgent(u, store, f"external-{i}", poll_s=ttl / 3)
-                  for i, u in enumerate(urls)]
+        agents = agents_for(specs, store, poll_s=ttl / 3, tokenizer=tok)
         await asyncio.gather(*(a.run() for a in agents))
 
     thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True,

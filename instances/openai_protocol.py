@@ -24,6 +24,7 @@ from proto.openai import (
     OpenAIError,
     validation_error_to_openai,
 )
+from proto.tokenize import BYTE_TOKENIZER, Tokenizer
 
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
 _log = logging.getLogger("llmfleet.api")
@@ -89,19 +90,23 @@ class CompletionRequest(_CommonParams):
                 if len(value) != 1:
                     raise ValueError("only one prompt per request is supported")
                 return value[0]
-            bad = [t for t in value if not 0 <= t < tokenizer.VOCAB_SIZE]
+            # The upper bound is the replica's vocabulary: checked in prompt_token_ids.
+            bad = [t for t in value if t < 0]
             if bad:
-                raise ValueError(
-                    f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.VOCAB_SIZE})"
-                )
+                raise ValueError(f"token id {bad[0]} is negative")
         elif value == "":
             raise ValueError("prompt must not be empty")
         return value
 
-    def prompt_token_ids(self) -> list[int]:
+    def prompt_token_ids(self, tok: Tokenizer = BYTE_TOKENIZER) -> list[int]:
+        """The prompt in ``tok``'s ids; ValueError for an id outside its vocabulary."""
         if isinstance(self.prompt, str):
-            return tokenizer.encode(self.prompt)
-        return [int(t) for t in self.prompt]  # type: ignore[arg-type]
+            return tok.encode(self.prompt)
+        ids = [int(t) for t in self.prompt]  # type: ignore[arg-type]
+        bad = [t for t in ids if not 0 <= t < tok.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})")
+        return ids
 
     def output_budget(self) -> int:
         """Tokens to generate at most (OpenAI's completions default: 16)."""
@@ -142,8 +147,10 @@ class ChatCompletionRequest(_CommonParams):
     def rendered_prompt(self) -> str:
         return tokenizer.render_chat([{"role": m.role, "content": m.text()} for m in self.messages])
 
-    def prompt_token_ids(self) -> list[int]:
-        return tokenizer.encode(self.rendered_prompt())
+    def prompt_token_ids(self, tok: Tokenizer = BYTE_TOKENIZER) -> list[int]:
+        """The conversation rendered by ``tok``'s chat template, in its ids."""
+        return tok.encode_chat([{"role": m.role, "content": m.content}
+                                for m in self.messages]).tolist()
 
     def prompt_token_array(self) -> npt.NDArray[np.int32]:
         return tokenizer.encode_array(self.rendered_prompt())

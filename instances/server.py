@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import codecs
 import contextlib
 import json
 import logging
@@ -36,6 +35,7 @@ from proto.byte_tokenizer import EOS_TOKEN_ID
 from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_NAMESPACE
 from proto.headers import CACHED_TOKENS_HEADER, INSTANCE_HEADER, REQUEST_ID_HEADER
 from proto.openai import OpenAIError, install_error_handlers
+from proto.tokenize import BYTE_TOKENIZER, IncrementalDecoder, load_tokenizer
 
 log = logging.getLogger("llmfleet.engine")
 
@@ -59,6 +59,9 @@ class EngineServerConfig:
     namespace: str = DEFAULT_NAMESPACE
     weight: float = 1.0
     kv_events_endpoint: str | None = None  # e.g. "tcp://127.0.0.1:*" (any free port)
+    # A local Hugging Face tokenizer (proto.tokenize); None: byte-level. The core must be
+    # built with the same one (build_engine_core(tokenizer=...)) so its vocabulary matches.
+    tokenizer: str | None = None
 
 
 class EngineMetrics:
@@ -135,14 +138,15 @@ class _Generation:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     finish_reason: str | None = None
-    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    decoder: IncrementalDecoder = field(default_factory=BYTE_TOKENIZER.decoder)
+    eos_token_id: int | None = EOS_TOKEN_ID
 
     def add(self, event: TokenEvent) -> None:
         self.prompt_tokens = event.num_prompt_tokens
         self.cached_tokens = event.num_cached_tokens
-        tokens = [t for t in event.new_token_ids if t != EOS_TOKEN_ID]
         self.completion_tokens += len(event.new_token_ids)
-        self.text += self.decoder.decode(bytes(t for t in tokens if t < 256))
+        self.text += "".join(self.decoder.step(t) for t in event.new_token_ids
+                             if t != self.eos_token_id)
         if event.finished:
             self.finish_reason = event.finish_reason
         for stop in self.stop_strings:
@@ -172,6 +176,9 @@ def create_engine_app(
     core: EngineCore, config: EngineServerConfig, speedup: float = 1.0
 ) -> FastAPI:
     """The replica's FastAPI app. The engine loop and heartbeat run while the app lives."""
+    tok = load_tokenizer(config.tokenizer)
+    # Stop on the tokenizer's EOS (the core's byte-level EOS only stands in when there is none).
+    stop_ids = () if tok.eos_token_id is None else (tok.eos_token_id,)
     publisher = None
     if config.kv_events_endpoint:
         from proto.kv_events import KVEventPublisher
@@ -245,13 +252,17 @@ def create_engine_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await parse_body(request, CompletionRequest)
-        return await _serve(request, body, body.prompt_token_ids(), chat=False)
+        try:
+            prompt_ids = body.prompt_token_ids(tok)
+        except ValueError as exc:
+            raise OpenAIError(str(exc), 400, param="prompt") from exc
+        return await _serve(request, body, prompt_ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await parse_body(request, ChatCompletionRequest)
         try:
-            prompt_ids = body.prompt_token_ids()
+            prompt_ids = body.prompt_token_ids(tok)
         except ValueError as exc:
             raise OpenAIError(str(exc), 400, param="messages") from exc
         return await _serve(request, body, prompt_ids, chat=True)
@@ -270,12 +281,13 @@ def create_engine_app(
                 f"the request has {len(prompt_ids)} prompt tokens and max_tokens={max_tokens}.",
                 400, param="max_tokens", code="context_length_exceeded")
         params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
-                                seed=body.seed, stop_token_ids=(EOS_TOKEN_ID,))
+                                seed=body.seed, stop_token_ids=stop_ids)
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         if engine.has_request(request_id):
             raise OpenAIError(f"A request with id {request_id!r} is already in flight", 409,
                               param=REQUEST_ID_HEADER, code="duplicate_request_id")
-        gen = _Generation(stop_strings=body.stop_strings())
+        gen = _Generation(stop_strings=body.stop_strings(), decoder=tok.decoder(),
+                          eos_token_id=tok.eos_token_id)
         started = engine.engine_now()
         events = engine.generate(request_id, prompt_ids, params)
         try:
@@ -422,11 +434,12 @@ def run_engine(args: argparse.Namespace) -> int:
         advertise_url=args.advertise_url or f"http://{args.host}:{port}",
         redis_url=args.redis_url or os.environ.get("REDIS_URL"),
         heartbeat_ttl_s=args.heartbeat_ttl, namespace=args.namespace, weight=args.weight,
-        kv_events_endpoint=args.kv_events_endpoint or None)
+        kv_events_endpoint=args.kv_events_endpoint or None, tokenizer=args.tokenizer or None)
     overrides: dict[str, Any] = {"enable_kv_events": bool(args.kv_events_endpoint)}
     if args.num_gpu_blocks:
         overrides["num_gpu_blocks"] = args.num_gpu_blocks
-    core = build_engine_core(args.executor, args.profile, seed=args.seed, **overrides)
+    core = build_engine_core(args.executor, args.profile, seed=args.seed,
+                             tokenizer=config.tokenizer, **overrides)
     app = create_engine_app(core, config, speedup=args.speedup)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=2))
@@ -458,6 +471,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--advertise-url", default=None)
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--heartbeat-ttl", type=float, default=3.0)
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="a local Hugging Face tokenizer.json (or a directory with one): prompts "
+                        "and outputs counted in its tokens; default byte-level")
     p.add_argument("--kv-events-endpoint", default="",
                    help="publish vLLM-format KV events on this ZMQ endpoint "
                         "(tcp://127.0.0.1:* picks a free port)")

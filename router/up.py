@@ -25,6 +25,7 @@ import httpx
 from instances.launcher import (
     EngineSpec,
     EngineSupervisor,
+    backend_specs,
     free_port,
     print_event,
     watch_external_backends,
@@ -114,6 +115,10 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-inflight-per-instance", type=int, default=1024,
                         help="requests one gateway keeps in flight per replica before it "
                              "answers 429 with Retry-After (0: no limit)")
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="the backends' Hugging Face tokenizer (tokenizer.json or its "
+                             "directory, local): token counts, routing keys and chat templates "
+                             "in the model's tokens; default byte-level (docs/backends.md)")
     add_auth_arguments(parser)
 
 
@@ -147,13 +152,16 @@ def run_up(args: argparse.Namespace) -> int:
         print_event("redis_ready", url=redis_url)
         specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), executor=args.executor,
                             profile=args.profile, speedup=args.speedup, redis_url=redis_url,
-                            model=args.model, heartbeat_ttl_s=args.heartbeat_ttl)
+                            model=args.model, heartbeat_ttl_s=args.heartbeat_ttl,
+                            tokenizer=args.tokenizer)
                  for i in range(args.engines)]
         supervisor = EngineSupervisor(specs, log_dir=os.path.join(workdir, "logs"))
         stack.callback(supervisor.stop)
         supervisor.start()
         print_event("engines_ready", engines=supervisor.describe())
-        watch_external_backends(args.backend or [], redis_url, "llmfleet", args.heartbeat_ttl)
+        externals = backend_specs(args.backend, args.fleet)
+        watch_external_backends(externals, redis_url, "llmfleet", args.heartbeat_ttl,
+                                tokenizer=args.tokenizer)
 
         host = args.host
         port = _pick_port(host, args.port)
@@ -164,7 +172,7 @@ def run_up(args: argparse.Namespace) -> int:
             _serve_with_uvicorn(config, host, port, stack)
         else:
             _serve_with_ray(config, host, port, args.gateway_replicas, stack)
-        _wait_gateway(url, len(specs) + len(args.backend or []), timeout_s=120)
+        _wait_gateway(url, len(specs) + len(externals), timeout_s=args.ready_timeout)
         print_event("fleet_ready", url=url, openai_base_url=url + "/v1",
                     engines=len(specs), policy=args.policy, redis_url=redis_url,
                     pids=supervisor.pids())
@@ -248,6 +256,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     up.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
     up.add_argument("--backend", action="append", metavar="URL",
                     help="an external OpenAI-compatible replica (vLLM, SGLang); repeatable")
+    up.add_argument("--fleet", default=None, metavar="FILE",
+                    help="a YAML or TOML file listing external backends with their kind "
+                         "(docs/backends.md)")
+    up.add_argument("--ready-timeout", type=float, default=120.0,
+                    help="seconds to wait for every replica and backend to be healthy")
     up.add_argument("--gateway-replicas", type=int, default=1)
     up.add_argument("--no-ray", action="store_true",
                     help="serve the gateway with uvicorn instead of Ray Serve")

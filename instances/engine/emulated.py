@@ -33,6 +33,7 @@ from instances.engine.executor import (
 )
 from instances.engine.profile import HardwareProfile
 from proto.byte_tokenizer import VOCAB_SIZE
+from proto.tokenize import Tokenizer, text_alphabet
 
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 _ROLL_MULTIPLIER = 0x100000001B3  # FNV-64 prime: odd, so the fold is a bijection per step
@@ -68,6 +69,13 @@ def fold_tokens(state: int, token_ids: npt.NDArray[np.integer] | Sequence[int]) 
     return (state * p_n + total) & _MASK64
 
 
+def alphabet_for(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """``ALPHABET``'s characters in ``tokenizer``'s ids (cycled to 32 entries if some
+    character is not a single token), so emulated text reads as letters and spaces."""
+    ids = text_alphabet(tokenizer, bytes(ALPHABET).decode())
+    return tuple(ids[i % len(ids)] for i in range(len(ALPHABET)))
+
+
 def history_token(history_hash: int, seed_key: int) -> int:
     """The emulated model's next token for a history hash."""
     return ALPHABET[_splitmix64(history_hash ^ seed_key) >> 59]
@@ -98,19 +106,27 @@ def verify_block_payload(
 class EmulatedExecutor(Executor):
     """Profile-timed executor with deterministic output tokens (see module docstring)."""
 
-    def __init__(self, profile: HardwareProfile, seed: int = 0) -> None:
+    def __init__(self, profile: HardwareProfile, seed: int = 0,
+                 alphabet: tuple[int, ...] = ALPHABET, vocab_size: int = VOCAB_SIZE) -> None:
+        """``alphabet`` (32 token ids, indexed by the top 5 hash bits) and ``vocab_size``
+        follow the replica's tokenizer (``alphabet_for``); the defaults are byte-level."""
+        if len(alphabet) != len(ALPHABET):
+            raise ValueError(f"the alphabet needs {len(ALPHABET)} token ids, got {len(alphabet)}")
         self.profile: HardwareProfile = profile
         self.seed = seed
+        self.alphabet = alphabet
+        self._vocab_size = vocab_size
         # request id -> (number of tokens folded, rolling hash, seed key)
         self._history: dict[str, tuple[int, int, int]] = {}
 
     @property
     def vocab_size(self) -> int:
-        return VOCAB_SIZE
+        return self._vocab_size
 
     def execute(self, batch: ScheduledBatch) -> ExecuteResult:
         sampled: list[int] = []
         history = self._history
+        alphabet = self.alphabet
         for seq in batch.sequences:
             if not seq.samples:
                 sampled.append(-1)
@@ -136,7 +152,7 @@ class EmulatedExecutor(Executor):
                 else:
                     rolling = fold_tokens(rolling, request.token_slice(folded, num_tokens))
             history[request.request_id] = (num_tokens, rolling, seed_key)
-            sampled.append(ALPHABET[_splitmix64(rolling ^ seed_key) >> 59])
+            sampled.append(alphabet[_splitmix64(rolling ^ seed_key) >> 59])
         return ExecuteResult(batch.iteration_time(self.profile), sampled)
 
     def release(self, request_id: str) -> None:

@@ -53,7 +53,8 @@ class Request:
         # Shared with the caller's EngineRequest so it sees the generated tokens too.
         self.output_token_ids: list[int] = engine_request.output_token_ids
         self.max_tokens = self.params.max_tokens
-        self.stop_token_ids = frozenset(self.params.stop_token_ids) | {EOS_TOKEN_ID}
+        # The caller's stop tokens (its tokenizer's EOS); byte-level EOS when it names none.
+        self.stop_token_ids = frozenset(self.params.stop_token_ids) or frozenset({EOS_TOKEN_ID})
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.block_hashes: list[int] = compute_block_hashes(self.prompt, block_size)
