@@ -145,6 +145,7 @@ class KVEventSubscriber:
         self._sockets: dict[str, tuple[str, zmq.asyncio.Socket, asyncio.Task[None]]] = {}
         self._last_seq: dict[str, int] = {}
         self.batches = 0
+        self.sink_errors: dict[str, int] = {}  # instance id -> batches its sink refused
 
     def sync(self, endpoints: dict[str, str]) -> None:
         for instance_id in list(self._sockets):
@@ -184,7 +185,14 @@ class KVEventSubscriber:
                 log.warning("bad KV event batch from %s: %s", instance_id, exc)
                 continue
             self.batches += 1
-            self._sink(instance_id, events)
+            try:
+                self._sink(instance_id, events)
+            except Exception as exc:
+                # A view that cannot take these events (e.g. a block size other than the
+                # policy's) must not end the subscription: say so once per instance.
+                if instance_id not in self.sink_errors:
+                    log.warning("KV events from %s not applied: %r", instance_id, exc)
+                self.sink_errors[instance_id] = self.sink_errors.get(instance_id, 0) + 1
 
     async def close(self) -> None:
         for instance_id in list(self._sockets):

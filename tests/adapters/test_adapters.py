@@ -249,3 +249,35 @@ def test_a_vanished_server_leaves_and_rejoins(redis_url: str, namespace: str) ->
         return seen
 
     assert asyncio.run(scenario()) == [{"v-0"}, {"v-0"}, set(), {"v-0"}]
+
+
+def test_a_sink_that_refuses_events_does_not_end_the_subscription(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from proto.kv_events import KVEvent, KVEventPublisher, KVEventSubscriber
+
+    publisher = KVEventPublisher("r0")
+    calls: list[int] = []
+
+    def sink(instance_id: str, events: object) -> None:
+        calls.append(len(calls))
+        raise ValueError("KV event block size 32 != view block size 16")
+
+    async def scenario() -> KVEventSubscriber:
+        subscriber = KVEventSubscriber(sink)
+        subscriber.sync({"r0": publisher.endpoint})
+        await asyncio.sleep(0.3)  # let the SUB socket join before anything is published
+        for n in range(3):
+            publisher.publish(float(n), [KVEvent("AllBlocksCleared")])
+        for _ in range(100):
+            if subscriber.batches == 3:
+                break
+            await asyncio.sleep(0.02)
+        await subscriber.close()
+        return subscriber
+
+    with caplog.at_level(logging.WARNING, logger="llmfleet.kv_events"):
+        subscriber = asyncio.run(scenario())
+    publisher.close()
+    assert subscriber.batches == 3 and len(calls) == 3
+    assert subscriber.sink_errors == {"r0": 3}
+    assert caplog.text.count("not applied") == 1
