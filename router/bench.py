@@ -38,7 +38,8 @@ from tqdm import tqdm
 from router.policy.interfaces import ClusterSnapshot, InstanceView, RoutingPolicy, RoutingRequest
 from router.policy.registry import POLICY_NAMES, build_policy
 
-BENCH_MODULES = ("migration.bench", "router.gateway_bench", "instances.realtime_bench")
+BENCH_MODULES = ("migration.bench", "router.gateway_bench", "instances.realtime_bench",
+                 "router.dashboard.bench", "router.forwarders_bench")
 DEFAULT_OUT = Path("docs/results/routing.json")
 # The routing-core targets: decision p99 at 16 and at 1,024 instances (8k-token prompts).
 TARGET_P99_US = {16: 20.0, 1024: 50.0}
