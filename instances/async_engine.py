@@ -249,6 +249,10 @@ class AsyncEngine:
             orphan_timeout_s, self._abort_orphan, stream)
         self._unattached.setdefault(request_id, deque()).append(stream)
 
+    def has_continuation(self, request_id: str) -> bool:
+        """Whether a migrated-in stream of this request waits for ``attach``."""
+        return bool(self._unattached.get(request_id))
+
     def attach(self, request_id: str) -> Continuation:
         """Take the stream of an adopted request (once per adoption, oldest first); it may
         have finished or moved on already, its events wait in it. KeyError if none."""

@@ -49,6 +49,8 @@ class EngineMigrationHandle:
         state = core.get_request(request_id)
         reply = pb.RequestStateReply(instance_id=self._instance_id, url=self._url)
         if state is None:
+            if self.engine.has_continuation(request_id):
+                reply.phase = pb.REQUEST_PHASE_FINISHED
             return reply
         reply.num_tokens = state.num_tokens
         reply.num_output_tokens = len(state.output_token_ids)

@@ -15,6 +15,7 @@ class RequestPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REQUEST_PHASE_DECODING: _ClassVar[RequestPhase]
     REQUEST_PHASE_SUSPENDED: _ClassVar[RequestPhase]
     REQUEST_PHASE_PINNED: _ClassVar[RequestPhase]
+    REQUEST_PHASE_FINISHED: _ClassVar[RequestPhase]
 
 class StageStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +37,7 @@ REQUEST_PHASE_PREFILL: RequestPhase
 REQUEST_PHASE_DECODING: RequestPhase
 REQUEST_PHASE_SUSPENDED: RequestPhase
 REQUEST_PHASE_PINNED: RequestPhase
+REQUEST_PHASE_FINISHED: RequestPhase
 STAGE_STATUS_UNSPECIFIED: StageStatus
 STAGE_STATUS_SENT: StageStatus
 STAGE_STATUS_NOT_MIGRATABLE: StageStatus

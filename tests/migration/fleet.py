@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,4 +152,17 @@ async def follow(
 
 
 async def start_replicas_named(names: Sequence[str], **kwargs: Any) -> dict[str, Replica]:
-    return {name: await start_replica(name, **kwargs) for name in names}
+    replicas = {name: await start_replica(name, **kwargs) for name in names}
+    await connect_all(replicas.values())
+    return replicas
+
+
+async def connect_all(replicas: Iterable[Replica], pool: ChannelPool | None = None) -> None:
+    """Open every agent-to-agent channel (and the test's own) before measuring anything."""
+    replicas = list(replicas)
+    addresses = [r.address for r in replicas]
+    for replica in replicas:
+        await replica.agent.connect([a for a in addresses if a != replica.address])
+    if pool is not None:
+        for address in addresses:
+            await locate_request("", [address], pool)

@@ -15,8 +15,8 @@ from migration.coordinator import LinkModel, MigrationConfig, MigrationCoordinat
 from migration.transport import ChannelPool
 from tests.migration.fleet import (
     ClientLog,
-    connect_all,
     Replica,
+    connect_all,
     follow,
     reference_tokens,
     start_replica,
