@@ -33,7 +33,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from proto.openai import OpenAIError
-from router.dashboard.observer import ADMISSION_MODES, FleetObserver, ObservedGateway
+from router.admission import ADMISSION_MODES, admission_defaults
+from router.dashboard.observer import FleetObserver, ObservedGateway
 from router.policy.registry import POLICY_NAMES
 from router.state import ClusterStateStore
 
@@ -43,6 +44,7 @@ STATIC_DIR = Path(__file__).with_name("static")
 TICK_S = 1.0
 _LEADER_READ_TIMEOUT_S = 0.5
 _QUEUE_DEPTH = 2  # messages waiting per viewer; a slow viewer skips ticks, never piles up
+_MAX_STALLED_TICKS = 30  # a viewer that took nothing for this many ticks is dropped
 
 
 class DashboardHub:
@@ -59,6 +61,7 @@ class DashboardHub:
         self.observer = observer
         self.period_s = period_s
         self._viewers: dict[asyncio.Queue[bytes], int] = {}  # queue -> rings version sent
+        self._stalled: dict[asyncio.Queue[bytes], int] = {}  # queue -> ticks it stayed full
         self._task: asyncio.Task[None] | None = None
         self._store: ClusterStateStore | None = None
         self.publish_ms = 0.0  # cost of the last state build + encode (for the bench)
@@ -127,9 +130,15 @@ class DashboardHub:
         full: bytes | None = None
         for queue, sent in list(self._viewers.items()):
             if queue.full():  # a slow viewer: drop its oldest message, resend the rings
+                stalled = self._stalled[queue] = self._stalled.get(queue, 0) + 1
+                if stalled >= _MAX_STALLED_TICKS:  # gone without closing: stop feeding it
+                    self.unsubscribe(queue)
+                    continue
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
                 sent = -1
+            else:
+                self._stalled.pop(queue, None)
             if sent == version:
                 queue.put_nowait(plain)
                 continue
@@ -148,6 +157,7 @@ class DashboardHub:
 
     def unsubscribe(self, queue: asyncio.Queue[bytes]) -> None:
         self._viewers.pop(queue, None)
+        self._stalled.pop(queue, None)
         self.gateway.metrics.dashboard_viewers.set(len(self._viewers))
 
 
@@ -177,6 +187,7 @@ class PolicyBody(_Body):
 
 class AdmissionBody(_Body):
     mode: str
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 # -- installing ---------------------------------------------------------------------------
@@ -284,17 +295,25 @@ def install_dashboard(app: FastAPI, gateway: Any) -> FleetObserver:
                               f"{', '.join(ADMISSION_MODES)}", 400, param="mode",
                               code="unknown_admission_mode")
         current = observer.admission_mode()
-        if body.mode == current:
-            return {"mode": current}
+        if body.mode == current and not body.params:
+            return {"mode": current, "previous": current, "scope": "this gateway replica"}
         setter = getattr(gateway, "set_admission", None)
         if setter is None:
             raise OpenAIError(
-                f"Admission mode '{body.mode}' is not available in this gateway yet: "
-                "requests are forwarded as soon as they are routed (mode 'none')", 501,
+                f"Admission mode '{body.mode}' is not available in this gateway: requests "
+                "are forwarded as soon as they are routed (mode 'none')", 501,
                 "not_implemented_error", param="mode", code="admission_unavailable")
-        setter(body.mode)
-        observer.note("admission", f"admission mode {current} → {body.mode}")
-        return {"mode": body.mode}
+        # As for policies: the fleet-derived defaults (from the SLO), then explicit params.
+        params = {} if body.mode == "none" else admission_defaults(gateway.config.slo_ttft_s)
+        params.update(body.params)
+        try:
+            setter(body.mode, **params)
+        except (TypeError, ValueError) as exc:
+            raise OpenAIError(f"Invalid admission parameters: {exc}", 400, param="params",
+                              code="invalid_admission_params") from exc
+        observer.note("admission", f"operator changed admission {current} → {body.mode}")
+        log.info("operator changed admission %s -> %s", current, body.mode)
+        return {"mode": body.mode, "previous": current, "scope": "this gateway replica"}
 
     return observer
 

@@ -19,14 +19,17 @@ they exist) and keeps:
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Protocol
 
-from router.metrics import GatewayMetrics
+from router.admission import ADMISSION_MODES
+from router.metrics import ADMISSION_CLASSES, GatewayMetrics
 from router.policy.filters.healthy import is_routable
 from router.policy.interfaces import ClusterSnapshot, Decision, RoutingPolicy
 from router.policy.registry import POLICY_NAMES
@@ -38,7 +41,6 @@ RECENT_KEYS = 64  # request keys drawn on the rings
 SERIES_POINTS = 120  # seconds of history in the charts
 TTFT_WINDOW_S = 10  # TTFT quantiles over the last this many seconds
 RATE_WINDOW_S = 10  # per-instance routed rate and prefix hit rate window
-ADMISSION_MODES = ("none", "laps", "laps-spatial")
 
 
 class ObservedGateway(Protocol):
@@ -203,8 +205,15 @@ class FleetObserver:
         self._leader_known = False
         self._is_leader: bool | None = None
         self._policy_name: str | None = None
+        # Derived chart points (t, requests/s, decisions/s by reason, TTFT p50, TTFT p99).
+        self._points: deque[tuple[float, float, dict[str, float], float | None,
+                                  float | None]] = deque(maxlen=SERIES_POINTS)
         self.rings = RingPicture()
         self.ticks = 0
+        # The policy's prepared-prompt memo (where the ring key of a request being routed
+        # is), looked up once per tick rather than once per decision.
+        self._prepared: Mapping[str, Any] | None = None
+        self._prepared_of: RoutingPolicy | None = None
 
     # -- the request path ---------------------------------------------------------------
     def on_decision(self, request_id: str, decision: Decision) -> None:
@@ -213,7 +222,7 @@ class FleetObserver:
         The ring key is taken from the policy's prepared prompt while it is still held
         (between ``route`` and ``on_dispatched``), so it costs no hashing here.
         """
-        prepared = getattr(self.gateway.policy, "_prepared", None)
+        prepared = self._prepared
         key = -1
         if prepared is not None:
             entry = prepared.get(request_id)
@@ -232,6 +241,9 @@ class FleetObserver:
         leader id read from Redis (``leader_known`` False when it could not be read)."""
         gateway = self.gateway
         now = self._wall()
+        if gateway.policy is not self._prepared_of:
+            self._prepared_of = gateway.policy
+            self._prepared = getattr(gateway.policy, "_prepared", None)
         metrics = gateway.metrics
         requests, _ = _counter_totals(metrics.requests)
         _, reasons = _counter_totals(metrics.decisions, "reason")
@@ -248,6 +260,7 @@ class FleetObserver:
         self._samples.append(_Sample(now, requests, reasons, ttft, retries, stream_errors,
                                      prefix))
         self._diff(gateway, previous, now, leader, leader_known)
+        self._sample_queues()
         self.ticks += 1
 
     def _diff(self, gateway: ObservedGateway, previous: _Sample | None, now: float,
@@ -340,7 +353,9 @@ class FleetObserver:
 
     def _instance_rows(self, snapshot: ClusterSnapshot, now_mono: float) -> list[dict[str, Any]]:
         records = self.gateway.records
-        routed = Counter(d[2] for d in self._recent_decisions(now_mono, RATE_WINDOW_S))
+        decisions = list(self._decisions)
+        since = bisect.bisect_left(decisions, now_mono - RATE_WINDOW_S, key=itemgetter(0))
+        routed = Counter(map(itemgetter(2), decisions[since:]))
         window = self._window_start(RATE_WINDOW_S)
         last = self._samples[-1] if self._samples else None
         wall = self._wall()
@@ -375,14 +390,6 @@ class FleetObserver:
             })
         return rows
 
-    def _recent_decisions(self, now_mono: float, window_s: float
-                          ) -> Iterable[tuple[float, str, str, str, tuple[str, ...], int]]:
-        since = now_mono - window_s
-        for entry in reversed(self._decisions):
-            if entry[0] < since:
-                return
-            yield entry
-
     def _window_start(self, seconds: float) -> _Sample | None:
         """The sample about ``seconds`` before the newest one."""
         samples = self._samples
@@ -391,34 +398,34 @@ class FleetObserver:
         return samples[max(0, len(samples) - 1 - int(seconds))]
 
     def _series(self) -> dict[str, Any]:
-        samples = list(self._samples)[-(SERIES_POINTS + 1):]
+        """Per-second points from consecutive samples: request rate, decisions by reason,
+        TTFT p50/p99 over the last ``TTFT_WINDOW_S`` seconds. A point depends only on its
+        samples, so each is derived once (on the first build that needs it) and kept."""
+        samples = self._samples
+        points = self._points
         bounds, _ = _histogram_buckets(self.gateway.metrics.ttft)
-        t: list[float] = []
-        rps: list[float] = []
-        p50: list[float | None] = []
-        p99: list[float | None] = []
-        reasons: dict[str, list[float]] = {}
-        all_samples = list(self._samples)
-        offset = len(all_samples) - len(samples)
-        names = sorted({r for s in samples for r in s.reasons})
-        for name in names:
-            reasons[name] = []
-        for i in range(1, len(samples)):
-            a, b = samples[i - 1], samples[i]
+        done = points[-1][0] if points else -math.inf
+        first = max(1, len(samples) - SERIES_POINTS)
+        for i in range(first, len(samples)):
+            b = samples[i]
+            if b.t <= done:
+                continue
+            a = samples[i - 1]
             dt = max(b.t - a.t, 1e-6)
-            t.append(b.t)
-            rps.append(max(0.0, (b.requests - a.requests) / dt))
-            for name in names:
-                reasons[name].append(max(0.0, (b.reasons.get(name, 0.0)
-                                               - a.reasons.get(name, 0.0)) / dt))
-            start = all_samples[max(0, offset + i - TTFT_WINDOW_S)]
+            reasons = {name: max(0.0, (value - a.reasons.get(name, 0.0)) / dt)
+                       for name, value in b.reasons.items()}
+            start = samples[max(0, i - TTFT_WINDOW_S)]
             if len(start.ttft_buckets) == len(b.ttft_buckets):
                 delta = [x - y for x, y in zip(b.ttft_buckets, start.ttft_buckets, strict=True)]
             else:
                 delta = list(b.ttft_buckets)
-            p50.append(histogram_quantile(0.5, bounds, delta))
-            p99.append(histogram_quantile(0.99, bounds, delta))
-        return {"t": t, "rps": rps, "reasons": reasons, "ttft_p50": p50, "ttft_p99": p99,
+            points.append((b.t, max(0.0, (b.requests - a.requests) / dt), reasons,
+                           histogram_quantile(0.5, bounds, delta),
+                           histogram_quantile(0.99, bounds, delta)))
+        names = sorted({name for point in points for name in point[2]})
+        return {"t": [p[0] for p in points], "rps": [p[1] for p in points],
+                "reasons": {name: [p[2].get(name, 0.0) for p in points] for name in names},
+                "ttft_p50": [p[3] for p in points], "ttft_p99": [p[4] for p in points],
                 "ttft_window_s": TTFT_WINDOW_S}
 
     def _recent(self, now_mono: float) -> list[dict[str, Any]]:
@@ -431,28 +438,39 @@ class FleetObserver:
         return rows
 
     def _admission_object(self) -> Any:
-        admission = getattr(self.gateway, "admission", None)
-        if admission is None or getattr(admission, "mode", "none") in ("none", "pass"):
-            return None
-        return admission
-
-    def _queued_by_instance(self) -> dict[str, int] | None:
-        admission = self._admission_object()
-        if admission is None:
-            return None
-        return dict(Counter(q.instance_id for q in admission.queued()))
+        """The gateway's admission policy (``gateway.gate.admission``), or None."""
+        gate = getattr(self.gateway, "gate", None)
+        return getattr(gate, "admission", None)
 
     def admission_mode(self) -> str:
-        """The gateway's admission mode (``none`` until admission queues exist)."""
+        """The gateway's admission mode (``none``: forwarded as soon as routed)."""
         admission = self._admission_object()
         return "none" if admission is None else str(admission.mode)
 
+    def _queued_by_instance(self) -> dict[str, int] | None:
+        admission = self._admission_object()
+        if admission is None or admission.mode == "none":
+            return None
+        return dict(Counter(q.instance_id for q in admission.queued()))
+
+    def _sample_queues(self) -> None:
+        """Queue lengths by class into ``llmfleet_admission_queued_requests`` (1 Hz)."""
+        admission = self._admission_object()
+        queued = admission.counters().get("queued", {}) if admission is not None else {}
+        gauge = self.gateway.metrics.queue_length
+        for klass in ADMISSION_CLASSES:
+            gauge.labels(queue=klass).set(float(queued.get(klass, 0)))
+
     def _admission(self) -> dict[str, Any]:
         admission = self._admission_object()
-        if admission is None:
-            return {"enabled": False, "mode": "none", "modes": ["none"]}
-        return {"enabled": True, "mode": admission.mode, "modes": list(ADMISSION_MODES),
-                "counters": _jsonable(admission.counters())}
+        mode = "none" if admission is None else str(admission.mode)
+        state: dict[str, Any] = {"enabled": mode != "none", "mode": mode,
+                                 "modes": list(ADMISSION_MODES)}
+        if admission is not None and mode != "none":
+            counters = admission.counters()
+            state["queued"] = _jsonable(counters.get("queued", {}))
+            state["counters"] = _jsonable(counters)
+        return state
 
     def _migrations(self) -> dict[str, Any]:
         migrations = getattr(self.gateway, "migrations", None)

@@ -65,10 +65,13 @@ function banner(message, kind) {
 }
 
 // ---- live stream ------------------------------------------------------------------------
+let streamAbort = null;
 async function connect() {
   const live = $("live");
+  if (streamAbort) streamAbort.abort();
+  const abort = streamAbort = new AbortController();
   try {
-    const response = await fetch("/admin/dashboard/events", { headers: authHeaders(), cache: "no-store" });
+    const response = await fetch("/admin/dashboard/events", { headers: authHeaders(), cache: "no-store", signal: abort.signal });
     if (response.status === 401 || response.status === 403) {
       live.className = "live off"; $("live-text").textContent = "admin token needed";
       banner("This gateway needs the admin token: enter it above (or open /dashboard#token=…).", "error");
@@ -94,12 +97,37 @@ async function connect() {
     }
     throw new Error("stream ended");
   } catch (err) {
+    if (abort.signal.aborted) return; // closed on purpose (page hidden, new token)
     live.className = "live off"; $("live-text").textContent = "reconnecting…";
     setTimeout(connect, 2000);
   }
 }
+// Leaving the page closes the stream at once (a page kept in the back/forward cache would
+// otherwise hold it open); coming back reconnects.
+window.addEventListener("pagehide", () => { if (streamAbort) streamAbort.abort(); });
+window.addEventListener("pageshow", (ev) => { if (ev.persisted) connect(); });
+
+// What the page itself measures (benchmarks and tests read it): updates received since
+// the last reset, the longest gap between two, and the time spent drawing them.
+const pageStats = { since: performance.now(), last: null, messages: 0, maxGapMs: 0, renderMs: 0, maxRenderMs: 0 };
+window.llmfleetDashboard = {
+  get messages() { return state.messages; },
+  resetStats() { Object.assign(pageStats, { since: performance.now(), last: null, messages: 0, maxGapMs: 0, renderMs: 0, maxRenderMs: 0 }); },
+  stats() { return Object.assign({ elapsedMs: performance.now() - pageStats.since }, pageStats); },
+};
 
 function onState(data) {
+  const t0 = performance.now();
+  if (pageStats.last !== null) pageStats.maxGapMs = Math.max(pageStats.maxGapMs, t0 - pageStats.last);
+  pageStats.last = t0;
+  pageStats.messages += 1;
+  render(data);
+  const took = performance.now() - t0;
+  pageStats.renderMs += took;
+  pageStats.maxRenderMs = Math.max(pageStats.maxRenderMs, took);
+}
+
+function render(data) {
   state.data = data;
   state.messages += 1;
   state.lastAt = Date.now();
@@ -136,6 +164,9 @@ function renderKpis(d) {
   $("kpi-ttft-sub").textContent = `SLO ${fmtSeconds(d.slo_ttft_s)}` + (p99 !== null && p99 > d.slo_ttft_s ? " · p99 over SLO" : "");
   $("kpi-policy").textContent = d.policy;
   $("kpi-admission").textContent = d.admission.enabled ? d.admission.mode : "none (not enabled)";
+  const queued = d.admission.queued || {};
+  $("kpi-admission").title = d.admission.enabled
+    ? "queued now: " + Object.entries(queued).map(([k, v]) => `${k} ${v}`).join(", ") : "";
   const select = $("policy-select");
   if (select.options.length !== d.policies.length) {
     select.innerHTML = d.policies.map((p) => `<option>${esc(p)}</option>`).join("");
@@ -157,7 +188,7 @@ function renderInstances(d) {
     const kv = Math.max(0, Math.min(1, i.kv_usage));
     const hit = i.prefix_hit_rate === null ? '<span class="muted">—</span>' : (i.prefix_hit_rate * 100).toFixed(0) + " %";
     const queues = !d.admission.enabled ? '<span class="badge off">not enabled</span>'
-      : `${i.queued || 0} queued`;
+      : `<span class="${i.queued ? "" : "muted"}">${i.queued || 0} queued</span>`;
     const age = i.report_age_s === null ? "—" : i.report_age_s.toFixed(1) + " s";
     const action = i.draining
       ? `<button class="secondary btn-small" data-undrain="${esc(i.id)}">Undrain</button>`
@@ -418,9 +449,9 @@ function wireActions() {
 
 // A stalled stream shows as such: the live dot turns red after 3 s without an update.
 setInterval(() => {
-  if (state.lastAt && Date.now() - state.lastAt > 3000) {
-    $("live").className = "live off"; $("live-text").textContent = "stalled";
-  }
+  const quiet = state.lastAt ? Date.now() - state.lastAt : 0;
+  if (quiet > 3000) { $("live").className = "live off"; $("live-text").textContent = "stalled"; }
+  if (quiet > 8000) { state.lastAt = Date.now(); connect(); } // the server stopped feeding us
 }, 1000);
 
 takeTokenFromFragment();
