@@ -10,13 +10,15 @@ Keys (``ns`` is a namespace prefix, default ``llmfleet``):
 - ``{ns}:ring``               hash: epoch, members (JSON list of [id, weight], sorted)
 - ``{ns}:leader``             the control-loop leader's id, with a lease (SET NX PX)
 - ``{ns}:draining``           set of instance ids an operator drained (admin API, dashboard)
-- ``{ns}:req:{request_id}``   the instance serving a request (for migration and debugging)
+- ``{ns}:reqtable:{bucket}`` hash request id -> the instance serving it (for migration and
+                              debugging), one per 5-minute bucket, written in batches
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import replace
 
 import redis.asyncio as aioredis
@@ -25,7 +27,7 @@ from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_NAMESPACE
 from proto.registry import InstanceRecord, RegistryWriter, instance_key, instances_key
 from router.policy.interfaces import ClusterSnapshot, InstanceView
 
-REQUEST_TABLE_TTL_S = 600
+REQUEST_TABLE_BUCKET_S = 300.0
 
 
 def view_of(record: InstanceRecord, healthy: bool = True, draining: bool = False) -> InstanceView:
@@ -162,22 +164,44 @@ class ClusterStateStore(RegistryWriter):
             await self._redis.srem(self._key("draining"), instance_id)
 
     # -- request table ------------------------------------------------------------------
+    # The table is one Redis hash per time bucket, written once per control-loop tick
+    # with a single HSET: a SET per request would cost the gateway more CPU than routing.
+    # An entry lives for one to two buckets.
+    def _table_key(self, bucket: int) -> str:
+        return self._key("reqtable", str(bucket))
+
+    def _bucket(self) -> int:
+        return int(time.time() // REQUEST_TABLE_BUCKET_S)
+
     async def record_request(self, request_id: str, instance_id: str) -> None:
-        await self._redis.set(self._key("req", request_id), instance_id, ex=REQUEST_TABLE_TTL_S)
+        await self.record_requests([(request_id, instance_id)])
 
     async def record_requests(self, entries: list[tuple[str, str]]) -> None:
         """Write many request-table entries in one round trip."""
+        if not entries:
+            return
+        key = self._table_key(self._bucket())
         async with self._redis.pipeline(transaction=False) as pipe:
-            for request_id, instance_id in entries:
-                pipe.set(self._key("req", request_id), instance_id, ex=REQUEST_TABLE_TTL_S)
+            pipe.hset(key, mapping=dict(entries))
+            pipe.expire(key, int(2 * REQUEST_TABLE_BUCKET_S))
             await pipe.execute()
 
     async def request_instance(self, request_id: str) -> str | None:
-        value = await self._redis.get(self._key("req", request_id))
+        """The instance serving ``request_id`` (the latest entry), or None."""
+        bucket = self._bucket()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self._table_key(bucket), request_id)
+            pipe.hget(self._table_key(bucket - 1), request_id)
+            now, before = await pipe.execute()
+        value = now if now is not None else before
         return None if value is None else str(value)
 
     async def forget_request(self, request_id: str) -> None:
-        await self._redis.delete(self._key("req", request_id))
+        bucket = self._bucket()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(self._table_key(bucket), request_id)
+            pipe.hdel(self._table_key(bucket - 1), request_id)
+            await pipe.execute()
 
 
 def snapshot_from_records(
