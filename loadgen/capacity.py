@@ -48,17 +48,22 @@ def find_capacity(
     min_rate: float = 1e-3,
     max_rate: float = 1e6,
     max_probes: int = 30,
+    growth: float = 2.0,
 ) -> CapacitySearch:
     """Find the largest rate with ``attainment_at(rate) >= target``.
 
-    Assumes attainment does not increase with rate. Starting from ``initial_rate`` it doubles
-    (or halves) until the target is bracketed, then bisects until the bracket
+    Assumes attainment does not increase with rate. Starting from ``initial_rate`` it
+    multiplies (or divides) by ``growth`` (2: doubling; smaller when the initial rate is a
+    good guess, e.g. another policy's capacity) until the target is bracketed, then bisects
+    until the bracket
     ``[capacity, upper]`` is narrower than ``rel_tol * capacity`` or ``max_probes`` ran out.
     A probe that contradicts monotonicity (a higher rate passing after a lower one failed)
     cannot happen inside the bracket logic: the bracket only narrows.
     """
     if initial_rate <= 0:
         raise ValueError("initial_rate must be positive")
+    if growth <= 1.0:
+        raise ValueError("growth must be > 1")
     probes: list[tuple[float, float]] = []
 
     def passes(rate: float) -> bool:
@@ -71,7 +76,7 @@ def find_capacity(
     if passes(rate):
         lo = rate
         while len(probes) < max_probes and lo < max_rate:
-            rate = min(lo * 2.0, max_rate)
+            rate = min(lo * growth, max_rate)
             if passes(rate):
                 lo = rate
             else:
@@ -80,7 +85,7 @@ def find_capacity(
     else:
         hi = rate
         while len(probes) < max_probes and hi > min_rate:
-            rate = max(hi / 2.0, min_rate)
+            rate = max(hi / growth, min_rate)
             if passes(rate):
                 lo = rate
                 break
@@ -166,6 +171,7 @@ def capacity_for_policy(
     engine_factory: EngineFactory = default_engine_factory,
     policy_factory: PolicyFactory = default_policy_factory,
     on_probe: Callable[[float, dict[str, Any]], None] | None = None,
+    growth: float = 2.0,
 ) -> tuple[CapacitySearch, dict[str, Any] | None]:
     """Capacity of ``config.policy`` by simulation; also returns the full sim summary at the
     capacity rate (None if no rate passed). The workload (``requests``, else the config's,
@@ -189,7 +195,7 @@ def capacity_for_policy(
         return 0.0 if value is None or summary["early_stopped"] else float(value)
 
     search = find_capacity(attainment_at, initial_rate=initial_rate, target=target,
-                           rel_tol=rel_tol, max_probes=max_probes)
+                           rel_tol=rel_tol, max_probes=max_probes, growth=growth)
     return search, summaries.get(search.capacity_rps)
 
 

@@ -103,6 +103,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
                      help="first rate probed (default: a quarter of the ideal bound)")
     cap.add_argument("--rel-tol", type=float, default=0.03)
     cap.add_argument("--max-probes", type=int, default=12)
+    cap.add_argument("--jobs", type=int, default=1,
+                     help="sim laps: experiment jobs run in parallel processes")
     cap.add_argument("--sweep-rates", default=None,
                      help="also simulate every policy at these comma-separated rates")
     sim.set_defaults(func=_run_sim_command)
@@ -205,10 +207,10 @@ def _run_admission_experiment(args: argparse.Namespace) -> int:
                 Path(args.out).write_text(json.dumps(partial, indent=2) + "\n")
 
         result = lx.run_laps_experiment(
-            requests_per_workload=args.max_requests or 600, instances=args.instances,
+            requests_per_workload=args.max_requests, instances=args.instances,
             profile=args.profile, slo_ttft_s=args.slo_ttft, target=args.target,
             rel_tol=args.rel_tol, max_probes=args.max_probes, seed=args.seed,
-            progress=progress, on_workload_done=save_partial)
+            jobs=args.jobs, progress=progress, on_progress=save_partial)
         if args.plot:
             lx.plot_laps(result, args.plot)
     else:

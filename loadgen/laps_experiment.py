@@ -34,10 +34,12 @@ from tqdm import tqdm
 from loadgen.capacity import capacity_for_policy, ideal_bound_rps, retime
 from loadgen.config import RunConfig, load_workload
 from loadgen.request import TraceRequest
-from loadgen.sim import run_sim
+from loadgen.sim import SHORT_UNCACHED_TOKENS, run_sim
 from loadgen.workloads import build_synthetic
 
 ADMISSIONS = ("none", "laps", "laps-spatial")
+# Requests per probe, per workload: as many as a shared 2-core machine affords.
+DEFAULT_REQUESTS = {"long_tailed": 1000, "mooncake": 800, "azure_conv": 2000}
 LAPS_POLICIES = ("dualmap", "least_loaded", "cache_aware")
 _REPO = Path(__file__).resolve().parent.parent
 # The shared traces live next to the checkout (``../shared/traces``) or inside it.
@@ -112,87 +114,91 @@ def _row(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary.get(k) for k in _KEEP}
 
 
-def measure_workload(
-    name: str,
-    base: RunConfig,
-    requests: list[TraceRequest],
-    policies: Sequence[str],
-    admissions: Sequence[str],
-    *,
-    target: float,
-    rel_tol: float,
-    max_probes: int,
-    cliff_factors: Sequence[float],
-    bar: tqdm | None = None,
-) -> dict[str, Any]:
-    """Capacity of every policy x admission on ``requests``, then the short-request TTFT at
-    80 % of each policy's no-admission capacity and attainment at ``cliff_factors`` x that
-    capacity, for every admission mode."""
+def workload_bound(requests: Sequence[TraceRequest], base: RunConfig) -> dict[str, Any]:
+    """The workload's shape and ideal bound (on ``base``'s fleet and engine)."""
     from instances.engine.config import EngineConfig
 
     engine = EngineConfig(**base.engine_params)
     bound = ideal_bound_rps(requests, base.instances, base.profile, block_size=engine.block_size,
                             max_num_seqs=engine.max_num_seqs,
                             max_num_batched_tokens=engine.max_num_batched_tokens)
-    ideal = bound["ideal_bound_rps"]
-    out: dict[str, Any] = {
-        "requests": len(requests), **prompt_shape(requests),
-        "ideal_bound_rps": round(ideal, 4),
-        "ideal_cache_hit_rate": round(bound["ideal_cache_hit_rate"], 4),
-        "policies": {},
-    }
-    for policy in policies:
-        entry: dict[str, Any] = {}
-        for admission in admissions:
-            config = replace(base, policy=policy, admission=admission)
-            probes: list[dict[str, Any]] = []
+    return {"requests": len(requests), **prompt_shape(requests),
+            "ideal_bound_rps": round(bound["ideal_bound_rps"], 4),
+            "ideal_cache_hit_rate": round(bound["ideal_cache_hit_rate"], 4)}
 
-            def on_probe(rate: float, summary: dict[str, Any],
-                         probes: list[dict[str, Any]] = probes,
-                         label: str = f"{name} {policy} {admission}") -> None:
-                probes.append({"rate": round(rate, 4),
-                               "slo_attainment": summary.get("slo_attainment"),
-                               "early_stopped": summary.get("early_stopped")})
-                if bar is not None:
-                    bar.set_postfix_str(f"{label} {rate:.2f} rps")
 
-            search, at_capacity = capacity_for_policy(
-                config, requests=requests, initial_rate=ideal / 2.0, target=target,
-                rel_tol=rel_tol, max_probes=max_probes, on_probe=on_probe)
-            entry[admission] = {
-                "effective_capacity_rps": round(search.capacity_rps, 4),
-                "failed_at_rps": None if search.upper_rps == float("inf")
-                else round(search.upper_rps, 4),
-                "fraction_of_ideal": round(search.capacity_rps / ideal, 4) if ideal else None,
-                **({} if at_capacity is None else _row(at_capacity)),
-                "probes": probes,
-            }
-            if bar is not None:
-                bar.update(1)
-        reference = entry.get("none", {}).get("effective_capacity_rps") or 0.0
-        entry["reference_rps"] = reference
-        entry["at_80pct"] = {}
-        entry["cliff"] = {}
-        for admission in admissions:
-            if reference <= 0:
-                break
-            config = replace(base, policy=policy, admission=admission)
-            rate = 0.8 * reference
+def measure_policy(
+    name: str,
+    count: int,
+    policy: str,
+    base: RunConfig,
+    admissions: Sequence[str],
+    *,
+    ideal: float,
+    target: float,
+    rel_tol: float,
+    max_probes: int,
+    cliff_factors: Sequence[float],
+    traces: Path = TRACES,
+) -> dict[str, Any]:
+    """One policy on workload ``name``: its capacity with each admission mode, then at 80 %
+    of its no-admission capacity the short-request TTFTs, and its attainment at
+    ``cliff_factors`` x that capacity, with each admission mode. A self-contained job (it
+    rebuilds the workload), so jobs can run in separate processes."""
+    requests, _ = workload_requests(name, count, base.seed, traces)
+    entry: dict[str, Any] = {}
+    for admission in admissions:
+        config = replace(base, policy=policy, admission=admission)
+        probes: list[dict[str, Any]] = []
+
+        def on_probe(rate: float, summary: dict[str, Any],
+                     probes: list[dict[str, Any]] = probes) -> None:
+            probes.append({"rate": round(rate, 4),
+                           "slo_attainment": summary.get("slo_attainment"),
+                           "early_stopped": summary.get("early_stopped")})
+
+        # Coarse then fine: the no-admission search starts at 60 % of the bound in steps of
+        # 25 %; the admission modes start at the no-admission capacity in steps of 10 %
+        # (they land near it); then both bisect to rel_tol.
+        reference = (entry.get("none") or {}).get("effective_capacity_rps") or 0.0
+        initial, growth = (reference, 1.1) if reference > 0 else (0.6 * ideal, 1.25)
+        search, at_capacity = capacity_for_policy(
+            config, requests=requests, initial_rate=initial, target=target,
+            rel_tol=rel_tol, max_probes=max_probes, on_probe=on_probe, growth=growth)
+        e2e = None if at_capacity is None else at_capacity.get("e2e_p90")
+        entry[admission] = {
+            "effective_capacity_rps": round(search.capacity_rps, 4),
+            "failed_at_rps": None if search.upper_rps == float("inf")
+            else round(search.upper_rps, 4),
+            "fraction_of_ideal": round(search.capacity_rps / ideal, 4) if ideal else None,
+            # Steady state needs arrivals spanning many request lifetimes; short runs
+            # over-state capacity (a capacity above the ideal bound shows it).
+            "span_over_e2e_p90": round((len(requests) - 1) / search.capacity_rps / e2e, 2)
+            if e2e and search.capacity_rps > 0 else None,
+            "exceeds_ideal_bound": search.capacity_rps > ideal,
+            **({} if at_capacity is None else _row(at_capacity)),
+            "probes": probes,
+        }
+    reference = (entry.get("none") or {}).get("effective_capacity_rps") or 0.0
+    entry["reference_rps"] = reference
+    entry["at_80pct"] = {}
+    entry["cliff"] = {}
+    for admission in admissions if reference > 0 else ():
+        config = replace(base, policy=policy, admission=admission)
+        rate = 0.8 * reference
+        summary = run_sim(replace(config, rate=rate), requests=retime(requests, rate))
+        entry["at_80pct"][admission] = {"rate": round(rate, 4), **_row(summary)}
+        cliff = []
+        for factor in cliff_factors:
+            rate = factor * reference
             summary = run_sim(replace(config, rate=rate), requests=retime(requests, rate))
-            entry["at_80pct"][admission] = {"rate": round(rate, 4), **_row(summary)}
-            cliff = []
-            for factor in cliff_factors:
-                rate = factor * reference
-                summary = run_sim(replace(config, rate=rate), requests=retime(requests, rate))
-                cliff.append({"factor": factor, "rate": round(rate, 4),
-                              "slo_attainment": summary.get("slo_attainment"),
-                              "ttft_p50": summary.get("ttft_p50"),
-                              "ttft_p99_short": summary.get("ttft_p99_short")})
+            cliff.append({"factor": factor, "rate": round(rate, 4),
+                          "slo_attainment": summary.get("slo_attainment"),
+                          "ttft_p50": summary.get("ttft_p50"),
+                          "ttft_p99_short": summary.get("ttft_p99_short")})
+        if cliff:
             entry["cliff"][admission] = cliff
-            if bar is not None:
-                bar.update(1)
-        out["policies"][policy] = entry
-    return out
+    return entry
 
 
 def goal_check(result: dict[str, Any]) -> dict[str, Any]:
@@ -224,39 +230,62 @@ def run_laps_experiment(
     workloads: Sequence[str] = ("long_tailed", "mooncake", "azure_conv"),
     policies: Sequence[str] = LAPS_POLICIES,
     admissions: Sequence[str] = ADMISSIONS,
-    requests_per_workload: int = 600,
+    requests_per_workload: int | None = None,
     instances: int = 16,
     profile: str = "h100-llama3-8b",
     slo_ttft_s: float = 3.0,
     target: float = 0.9,
     rel_tol: float = 0.06,
-    max_probes: int = 7,
-    cliff_factors: Sequence[float] = (1.1, 1.25, 1.4),
+    max_probes: int = 6,
+    cliff_factors: Sequence[float] = (1.1, 1.25),
+    cliff_workloads: Sequence[str] = ("long_tailed",),
     seed: int = 0,
+    jobs: int = 1,
     progress: bool = True,
     traces: Path = TRACES,
-    on_workload_done: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """The ``docs/results/laps.json`` result (see the module docstring)."""
+    """The ``docs/results/laps.json`` result (see the module docstring). One job per
+    workload x policy, ``jobs`` at a time in separate processes (results do not depend on
+    ``jobs``: every job is deterministic)."""
+    from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+
     wall = time.perf_counter()
     base = RunConfig(instances=instances, profile=profile, slo_ttft_s=slo_ttft_s, seed=seed,
                      warmup_fraction=0.1, progress=False)
     result: dict[str, Any] = {
         "instances": instances, "profile": profile, "slo_ttft_s": slo_ttft_s,
-        "target": target, "requests_per_workload": requests_per_workload,
-        "rel_tol": rel_tol, "seed": seed, "workloads": {},
+        "target": target, "rel_tol": rel_tol, "max_probes": max_probes, "seed": seed,
+        "short_uncached_tokens": SHORT_UNCACHED_TOKENS, "workloads": {},
     }
-    steps = len(workloads) * len(policies) * 2 * len(admissions)
-    with tqdm(total=steps, desc="laps", unit="search", file=sys.stderr,
-              disable=not progress) as bar:
+    counts = {name: requests_per_workload or DEFAULT_REQUESTS[name] for name in workloads}
+    for name in workloads:
+        requests, source = workload_requests(name, counts[name], seed, traces)
+        result["workloads"][name] = {"source": source, **workload_bound(requests, base),
+                                     "policies": {}}
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool, tqdm(
+            total=len(workloads) * len(policies), desc="laps", unit="job", file=sys.stderr,
+            disable=not progress) as bar:
+        futures: dict[Future[dict[str, Any]], tuple[str, str]] = {}
         for name in workloads:
-            requests, source = workload_requests(name, requests_per_workload, seed, traces)
-            entry = measure_workload(name, base, requests, policies, admissions,
-                                     target=target, rel_tol=rel_tol, max_probes=max_probes,
-                                     cliff_factors=cliff_factors, bar=bar)
-            result["workloads"][name] = {"source": source, **entry}
-            if on_workload_done is not None:
-                on_workload_done(result)
+            for policy in policies:
+                future = pool.submit(
+                    measure_policy, name, counts[name], policy, base, admissions,
+                    ideal=result["workloads"][name]["ideal_bound_rps"], target=target,
+                    rel_tol=rel_tol, max_probes=max_probes,
+                    cliff_factors=cliff_factors if name in cliff_workloads else (),
+                    traces=traces)
+                futures[future] = (name, policy)
+        for future in as_completed(futures):
+            name, policy = futures[future]
+            result["workloads"][name]["policies"][policy] = future.result()
+            bar.update(1)
+            bar.set_postfix_str(f"{name} {policy} done")
+            if on_progress is not None:
+                on_progress(result)
+    for workload in result["workloads"].values():  # a stable order in the file
+        workload["policies"] = {p: workload["policies"][p] for p in policies
+                                if p in workload["policies"]}
     result["goal"] = goal_check(result)
     result["wall_seconds"] = round(time.perf_counter() - wall, 1)
     return result

@@ -223,6 +223,7 @@ class Simulator:
         self._tick_at: float | None = None
         self._control_at: float | None = None
         self._released: set[str] = set()
+        self._last_snapshot: ClusterSnapshot | None = None
         width = max(2, len(str(config.instances - 1)))
         self.accounts = [
             InstanceAccount(instance_id=f"i{idx:0{width}d}",
@@ -262,7 +263,8 @@ class Simulator:
             if account.view is None or now - account.view.report_time >= interval:
                 account.view = view_from_stats(account.instance_id, account.core.stats(), now)
             views.append(account.view)
-        return ClusterSnapshot(epoch=0, instances=tuple(views))
+        self._last_snapshot = ClusterSnapshot(epoch=0, instances=tuple(views))
+        return self._last_snapshot
 
     def _start_step(self, account: InstanceAccount, now: float) -> None:
         result = account.core.step(now)
@@ -338,7 +340,10 @@ class Simulator:
     def _on_control(self, now: float) -> None:
         self._control_at = None
         assert self.rebalancer is not None
-        moves = self.rebalancer.plan_moves(now, self._snapshot(now))
+        # The control loop works on the last snapshot the router took (as the gateway's loop
+        # uses its last refresh): the policy already adopted it, so planning rebuilds nothing.
+        snapshot = self._last_snapshot or self._snapshot(now)
+        moves = self.rebalancer.plan_moves(now, snapshot)
         self._forward(apply_moves(self.admission, self.policy, moves, now), now)
 
     def _on_dispatch(self, request: TraceRequest, now: float) -> None:

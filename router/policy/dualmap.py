@@ -73,6 +73,7 @@ class DualMapPolicy(CacheTrackingPolicy):
         prefill_s_per_token: float = DEFAULT_PREFILL_S_PER_TOKEN,
         learning_decay: float = 0.95,
         rebalance_max_wait_s: float = 3.0,
+        rebalance_ttft_factor: float = 1.0,
         fallback_probes: int = 4,
         load_switch_margin: float = 0.2,
     ) -> None:
@@ -84,6 +85,8 @@ class DualMapPolicy(CacheTrackingPolicy):
         self.slo_factor = slo_factor
         self.slo_aware = slo_aware
         self.rebalance_max_wait_s = rebalance_max_wait_s
+        # Hotspot when the predicted TTFT of a request queued last exceeds this x the SLO.
+        self.rebalance_ttft_factor = rebalance_ttft_factor
         self.fallback_probes = max(1, fallback_probes)
         if not 0.0 <= load_switch_margin < 1.0:
             raise ValueError("load_switch_margin must be in [0, 1)")
@@ -198,5 +201,6 @@ class DualMapPolicy(CacheTrackingPolicy):
 
         return plan_rebalance(
             queued, self.board.eligible_ids, self.predicted_ttft, own_tokens,
-            slo_ttft_s=self.slo_ttft_s, now=now, max_wait_s=self.rebalance_max_wait_s,
+            slo_ttft_s=self.rebalance_ttft_factor * self.slo_ttft_s, now=now,
+            max_wait_s=self.rebalance_max_wait_s,
         )

@@ -1,0 +1,233 @@
+"""LAPS admission queues: room, classes, batching window, aging, bounded waits, moves."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from router.admission import NotQueued, Release, build_admission
+from router.admission.classes import AdaptiveBoundary
+from router.admission.laps import LapsAdmission
+from router.admission.window import AdaptiveWindow
+from router.policy.interfaces import Decision, RoutingRequest
+
+
+def _req(rid: str, tokens: int) -> RoutingRequest:
+    return RoutingRequest(rid, list(range(tokens)), 8)
+
+
+def _dec(instance: str, candidates: tuple[str, ...] = ()) -> Decision:
+    return Decision(instance, "affinity", candidates or (instance,))
+
+
+def _laps(**params: object) -> LapsAdmission:
+    defaults: dict[str, object] = {"budget_tokens": 1000, "long_age_s": 1.0, "max_wait_s": 3.0,
+                                   "adaptive_boundary": False, "max_window_s": 0.0}
+    defaults.update(params)
+    admission = build_admission("laps", **defaults)
+    assert isinstance(admission, LapsAdmission)
+    return admission
+
+
+def _ids(releases: list[Release]) -> list[str]:
+    return [r.request_id for r in releases]
+
+
+def test_none_passes_every_request_through_at_once() -> None:
+    admission = build_admission("none")
+    releases = admission.submit(_req("a", 5000), _dec("i0"), 1.0)
+    assert _ids(releases) == ["a"] and releases[0].reason == "pass"
+    assert admission.next_deadline() is None and admission.queued() == []
+    with pytest.raises(NotQueued):
+        admission.move("a", _dec("i1"), 1.0)
+
+
+def test_release_only_while_the_instance_has_room() -> None:
+    admission = _laps()
+    # An idle instance takes a prompt larger than the budget (else it could never go).
+    assert _ids(admission.submit(_req("big", 5000), _dec("i0"), 0.0)) == ["big"]
+    # No room now: both wait, whatever their class; another instance is unaffected.
+    assert admission.submit(_req("s1", 100), _dec("i0"), 0.1) == []
+    assert admission.submit(_req("l1", 600), _dec("i0"), 0.2) == []
+    assert _ids(admission.submit(_req("other", 100), _dec("i1"), 0.2)) == ["other"]
+    assert [q.request.request_id for q in admission.queued("i0")] == ["s1", "l1"]
+    # The big prompt's first token frees the room: shorts first (the younger one too),
+    # then the long, as long as there is room.
+    assert admission.submit(_req("s2", 100), _dec("i0"), 0.3) == []
+    released = admission.on_first_token("big", 0.4)
+    assert _ids(released) == ["s1", "s2", "l1"]  # shorts first, then the long (room left)
+    assert all(r.reason == "room" for r in released)
+    assert released[0].waited_s == pytest.approx(0.3)
+
+
+def test_shorts_overtake_a_young_long_but_an_aged_long_goes_first() -> None:
+    young = _laps()
+    young.submit(_req("big", 5000), _dec("i0"), 0.0)
+    young.submit(_req("long", 900), _dec("i0"), 0.0)
+    young.submit(_req("s1", 100), _dec("i0"), 0.1)
+    assert _ids(young.on_first_token("big", 0.5)) == ["s1", "long"]
+    aged = _laps()
+    aged.submit(_req("big", 5000), _dec("i0"), 0.0)
+    aged.submit(_req("long", 900), _dec("i0"), 0.0)
+    aged.submit(_req("s1", 100), _dec("i0"), 1.1)
+    # At 1.5 s the long waited past long_age_s (1 s): it goes before the short.
+    assert _ids(aged.on_first_token("big", 1.5)) == ["long", "s1"]
+
+
+def test_no_long_request_waits_past_its_bound_under_a_stream_of_shorts() -> None:
+    """A saturating stream of shorts (each taking the whole room until its first token)
+    never lets the long through on room alone; aging and the hard bound do."""
+    admission = _laps(budget_tokens=200, long_age_s=0.5, max_wait_s=2.0)
+    released_at: dict[str, float] = {}
+    inflight: list[tuple[float, str]] = []  # (first-token time, id)
+    now = 0.0
+    admission.submit(_req("long", 5000), _dec("i0"), 0.0)  # idle: goes at once
+    released_at["long"] = 0.0
+    inflight.append((0.2, "long"))
+    admission.submit(_req("long2", 5000), _dec("i0"), 0.01)
+    k = 0
+
+    def forward(releases: list[Release], at: float) -> None:
+        for r in releases:
+            assert r.request_id not in released_at
+            released_at[r.request_id] = at
+            inflight.append((at + 0.05, r.request_id))  # every prefill takes 50 ms
+
+    while now < 6.0:
+        now = round(now + 0.01, 6)
+        k += 1
+        forward(admission.submit(_req(f"s{k}", 150), _dec("i0"), now), now)
+        for done in [x for x in inflight if x[0] <= now]:
+            inflight.remove(done)
+            forward(admission.on_first_token(done[1], now), now)
+        deadline = admission.next_deadline()
+        if deadline is not None and deadline <= now:
+            forward(admission.tick(now), now)
+    assert "long2" in released_at
+    assert released_at["long2"] - 0.01 <= 2.0 + 1e-9
+    # Aging lets it through on room well before the hard bound: 0.5 s + one short's prefill.
+    assert released_at["long2"] - 0.01 <= 0.5 + 0.1
+    # And the shorts kept flowing (none waited past the bound either).
+    counters = admission.counters()
+    assert counters["wait_s_max"]["short"] <= 2.0 + 1e-9
+    assert counters["released"]["room"] > 100
+
+
+def test_hard_bound_releases_without_room_on_tick() -> None:
+    admission = _laps(max_wait_s=2.0)
+    admission.submit(_req("big", 5000), _dec("i0"), 0.0)
+    admission.submit(_req("held", 5000), _dec("i0"), 0.5)
+    assert admission.next_deadline() == pytest.approx(1.5)  # aging of the long
+    assert admission.tick(1.5) == []  # aged, but still no room
+    assert admission.next_deadline() == pytest.approx(2.5)
+    released = admission.tick(2.5)
+    assert _ids(released) == ["held"] and released[0].reason == "aged"
+    assert admission.next_deadline() is None
+
+
+def test_a_queued_request_can_move_until_released_and_is_never_sent_twice() -> None:
+    rng = random.Random(7)
+    admission = _laps(budget_tokens=300)
+    sent: dict[str, str] = {}
+    inflight: list[str] = []
+    now = 0.0
+    for k in range(400):
+        now += 0.01
+        rid = f"r{k}"
+        for r in admission.submit(_req(rid, rng.choice((50, 120, 800))),
+                                  _dec(f"i{rng.randrange(3)}"), now):
+            assert r.request_id not in sent
+            sent[r.request_id] = r.instance_id
+            inflight.append(r.request_id)
+        queued = admission.queued()
+        if queued and rng.random() < 0.5:
+            q = rng.choice(queued)
+            target = f"i{rng.randrange(3)}"
+            for r in admission.move(q.request.request_id,
+                                    Decision(target, "rebalance", (q.instance_id, target)),
+                                    now):
+                assert r.request_id not in sent
+                sent[r.request_id] = r.instance_id
+                inflight.append(r.request_id)
+        if inflight and rng.random() < 0.6:
+            done = inflight.pop(0)
+            for r in admission.on_first_token(done, now):
+                assert r.request_id not in sent
+                sent[r.request_id] = r.instance_id
+                inflight.append(r.request_id)
+        # A released request cannot be moved any more.
+        if sent:
+            with pytest.raises(NotQueued):
+                admission.move(next(iter(sent)), _dec("i0"), now)
+    # Drain everything with ticks: every request is sent exactly once.
+    while admission.queued():
+        now = max(now, admission.next_deadline() or now) + 1e-6
+        for r in admission.tick(now):
+            assert r.request_id not in sent
+            sent[r.request_id] = r.instance_id
+    assert len(sent) == 400
+    assert sum(admission.counters()["moves"].values()) > 0
+
+
+def test_a_moved_request_keeps_its_wait_and_goes_where_it_was_moved() -> None:
+    admission = _laps()
+    admission.submit(_req("big", 5000), _dec("i0"), 0.0)
+    admission.submit(_req("q", 100), _dec("i0", ("i0", "i1")), 0.2)
+    admission.submit(_req("busy", 5000), _dec("i1"), 0.3)  # i1 busy too
+    assert admission.move("q", Decision("i1", "rebalance", ("i0", "i1")), 0.4) == []
+    assert admission.queued("i0") == []
+    released = admission.on_first_token("busy", 0.9)
+    assert _ids(released) == ["q"] and released[0].instance_id == "i1"
+    assert released[0].enqueued_at == 0.2 and released[0].moves == 1
+    assert admission.counters()["moves"] == {"rebalance": 1}
+
+
+def test_cancel_drops_a_queued_request() -> None:
+    admission = _laps()
+    admission.submit(_req("big", 5000), _dec("i0"), 0.0)
+    admission.submit(_req("q", 100), _dec("i0"), 0.1)
+    assert admission.cancel("q") and not admission.cancel("q")
+    assert admission.on_first_token("big", 0.5) == []
+
+
+def test_adaptive_boundary_starts_at_256_and_follows_the_traffic() -> None:
+    boundary = AdaptiveBoundary(256, short_quantile=0.5, min_samples=32, update_every=8)
+    assert boundary.tokens == 256 and boundary.classify(256) == "short"
+    assert boundary.classify(257) == "long"
+    for k in range(64):
+        boundary.observe(2000 + k)  # a long-document workload
+    assert 2000 <= boundary.tokens <= 2064
+    for _ in range(600):
+        boundary.observe(40)  # a chat workload: it comes down, bounded below
+    assert boundary.tokens == boundary.min_tokens == 64
+    fixed = AdaptiveBoundary(256, adaptive=False)
+    for _ in range(100):
+        fixed.observe(5000)
+    assert fixed.tokens == 256
+
+
+def test_adaptive_window_waits_only_when_a_batch_can_fill() -> None:
+    window = AdaptiveWindow(batch_size=4, max_window_s=0.02)
+    for k in range(20):
+        window.observe("busy", k * 0.002)  # a short every 2 ms: 3 more in 6 ms
+        window.observe("quiet", k * 0.5)  # every 0.5 s: a batch would take 1.5 s
+    assert window.window_s("busy") == pytest.approx(0.006)
+    assert window.window_s("quiet") == 0.0
+    assert window.window_s("never-seen") == 0.0
+
+
+def test_shorts_are_held_for_the_window_then_released_as_a_batch() -> None:
+    admission = _laps(max_window_s=0.05, batch_size=3, budget_tokens=10_000)
+    admission.submit(_req("warm", 100), _dec("i0"), 0.0)  # idle: released
+    releases: list[Release] = []
+    for k in range(1, 3):  # shorts every 10 ms while something is in flight
+        releases += admission.submit(_req(f"s{k}", 100), _dec("i0"), k * 0.01)
+    assert releases == [] and admission.window.window_s("i0") > 0
+    releases = admission.submit(_req("s3", 100), _dec("i0"), 0.03)  # batch of 3 complete
+    assert _ids(releases) == ["s1", "s2", "s3"]
+    # A lone short is released when its window runs out.
+    assert admission.submit(_req("s4", 100), _dec("i0"), 0.04) == []
+    deadline = admission.next_deadline()
+    assert deadline is not None and 0.04 < deadline <= 0.04 + 0.05
+    assert _ids(admission.tick(deadline)) == ["s4"]
