@@ -4,11 +4,12 @@ Without pools this is ``policy.route``. With spatial pools (``laps-spatial``) th
 request depends on its uncached tokens, which depend on where it goes; so:
 
 1. route on the whole fleet; the decision's cached-prefix estimate gives the class;
-2. if the chosen instance is in that class's pool, keep it; a short request that is short
-   *because* of the prefix cached there keeps it too (its prefill is cheap anywhere it is
-   cached; sending follow-up turns of a conversation whose first turn was long to a cold
-   short-pool instance would make them long again);
-3. otherwise route again on the pool's snapshot (the other pool draining).
+2. a short request that is short *because* of the prefix cached where it was routed keeps
+   that decision (sending the follow-up turns of a conversation whose first turn was long
+   to a cold short-pool instance would make them long again);
+3. so does a decision whose instance and candidates are all in the class's pool;
+4. otherwise it is routed again on the pool's snapshot (the other pool draining), so its
+   candidates (DualMap's two homes) are drawn within the pool.
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ def route(
     restricted = admission.restrict(snapshot, klass)
     if restricted is None:
         return decision
-    chosen = next((v for v in restricted.instances if v.instance_id == decision.instance_id),
-                  None)
-    if chosen is not None and not chosen.draining:
-        return decision
     if klass == SHORT and decision.cached_tokens_estimate > 0:
+        return decision
+    eligible = {v.instance_id for v in restricted.instances if not v.draining}
+    if decision.instance_id in eligible and all(c in eligible for c in decision.candidates):
         return decision
     return policy.route(request, restricted, now)
