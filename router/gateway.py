@@ -49,6 +49,7 @@ from proto.defaults import (
     DEFAULT_SLO_TTFT_S,
 )
 from proto.headers import CACHED_TOKENS_HEADER, REQUEST_ID_HEADER
+from proto.logs import bind_request_id
 from proto.openai import OpenAIError, RouteView, install_error_handlers, parse_route_view
 from proto.registry import InstanceRecord
 from proto.tokenize import Tokenizer, load_tokenizer
@@ -349,6 +350,7 @@ class Gateway:
                 break
         routing = RoutingRequest(self._request_id(client_id), self._tokens(view),
                                  view.output_budget)
+        bind_request_id(routing.request_id)  # this request's log lines carry its id
         ctx = RequestContext(endpoint, raw, view, routing, started)
         last_error = "no replica answered"
         for _ in range(MAX_ATTEMPTS):
