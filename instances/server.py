@@ -34,6 +34,7 @@ from instances.openai_protocol import ChatCompletionRequest, CompletionRequest, 
 from proto.byte_tokenizer import EOS_TOKEN_ID
 from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_NAMESPACE
 from proto.headers import CACHED_TOKENS_HEADER, INSTANCE_HEADER, REQUEST_ID_HEADER
+from proto.logs import RequestIdMiddleware, add_log_format_argument, configure_logging
 from proto.openai import OpenAIError, install_error_handlers
 from proto.tokenize import BYTE_TOKENIZER, IncrementalDecoder, load_tokenizer
 
@@ -426,7 +427,7 @@ async def _heartbeat_loop(engine: AsyncEngine, config: EngineServerConfig,
 def run_engine(args: argparse.Namespace) -> int:
     from instances.engine.factory import build_engine_core
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(args.log_format, process_name="engine")
     port = args.port or free_port(args.host)
     config = EngineServerConfig(
         model=args.model, api=args.api, max_model_len=args.max_model_len,
@@ -441,6 +442,8 @@ def run_engine(args: argparse.Namespace) -> int:
     core = build_engine_core(args.executor, args.profile, seed=args.seed,
                              tokenizer=config.tokenizer, **overrides)
     app = create_engine_app(core, config, speedup=args.speedup)
+    # Log lines written while serving a request carry the gateway's id for it.
+    app.add_middleware(RequestIdMiddleware, header=REQUEST_ID_HEADER)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=2))
     # Print where we listen first: launchers and tests wait for this line.
@@ -474,6 +477,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="a local Hugging Face tokenizer.json (or a directory with one): prompts "
                         "and outputs counted in its tokens; default byte-level")
+    add_log_format_argument(p)
     p.add_argument("--kv-events-endpoint", default="",
                    help="publish vLLM-format KV events on this ZMQ endpoint "
                         "(tcp://127.0.0.1:* picks a free port)")

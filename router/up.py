@@ -31,6 +31,7 @@ from instances.launcher import (
     watch_external_backends,
 )
 from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_POLICY, DEFAULT_SLO_TTFT_S
+from proto.logs import add_log_format_argument, configure_logging
 from router.embedded_redis import embedded_redis
 
 log = logging.getLogger("llmfleet.up")
@@ -139,7 +140,7 @@ def _wait_gateway(url: str, engines: int, timeout_s: float) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(args.log_format, process_name="up")
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -156,7 +157,8 @@ def run_up(args: argparse.Namespace) -> int:
         specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), executor=args.executor,
                             profile=args.profile, speedup=args.speedup, redis_url=redis_url,
                             model=args.model, heartbeat_ttl_s=args.heartbeat_ttl,
-                            tokenizer=args.tokenizer)
+                            tokenizer=args.tokenizer,
+                            extra_args=["--log-format", args.log_format])
                  for i in range(args.engines)]
         supervisor = EngineSupervisor(specs, log_dir=os.path.join(workdir, "logs"))
         stack.callback(supervisor.stop)
@@ -232,6 +234,7 @@ def _serve_with_uvicorn(config: Any, host: str, port: int, stack: contextlib.Exi
 
 def run_gateway(args: argparse.Namespace) -> int:
     """The gateway alone (no Ray), against an existing Redis with registered replicas."""
+    configure_logging(args.log_format, process_name="gateway")
     import uvicorn
 
     from router.gateway import Gateway, create_gateway_app
@@ -268,6 +271,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     up.add_argument("--no-ray", action="store_true",
                     help="serve the gateway with uvicorn instead of Ray Serve")
     add_gateway_arguments(up)
+    add_log_format_argument(up)
     up.set_defaults(func=run_up)
 
     gw = subparsers.add_parser("gateway", help="run one gateway (uvicorn, no Ray)")
@@ -275,4 +279,5 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=0)
     add_gateway_arguments(gw)
+    add_log_format_argument(gw)
     gw.set_defaults(func=run_gateway)
