@@ -35,7 +35,7 @@ request_id_var: ContextVar[str | None] = ContextVar("llmfleet_request_id", defau
 _CHATTY_LOGGERS = ("httpx", "httpcore", "uvicorn.access")
 # Attributes every LogRecord has; anything else on a record came in through ``extra``.
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime",
-                                                                "request_tag"}
+                                                                "request_id", "request_tag"}
 
 
 def bind_request_id(request_id: str | None) -> None:
@@ -126,9 +126,17 @@ class RequestIdMiddleware:
         self.header = header.lower().encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope.get("headers", ()):
-                if name == self.header:
-                    request_id_var.set(value.decode("latin-1"))
-                    break
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = None
+        for name, value in scope.get("headers", ()):
+            if name == self.header:
+                request_id = value.decode("latin-1")
+                break
+        # Set for this request only, even where requests share a task (test transports).
+        token = request_id_var.set(request_id)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            request_id_var.reset(token)
