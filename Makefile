@@ -12,7 +12,7 @@ UP_ARGS ?=
 
 # The install compiles router/policy/_fastpath.c in place where a C compiler is present (else
 # routing uses the same kernels in Python): edit it, and the next make rebuilds.
-$(STAMP): pyproject.toml router/policy/_fastpath.c $(wildcard router/policy/csrc/*.h)
+$(STAMP): pyproject.toml router/policy/_fastpath.c $(wildcard router/policy/csrc/*.h) | browser
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
@@ -22,6 +22,19 @@ $(STAMP): pyproject.toml router/policy/_fastpath.c $(wildcard router/policy/csrc
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The dashboard's browser test drives the system Chromium (Debian packages chromium and
+# chromium-driver). Installed here when chromedriver is missing and we are root with apt
+# (CI from a fresh clone); otherwise a note says what to install. Runs before every use of
+# the venv (order-only, so it never forces a reinstall) and costs one `command -v`.
+.PHONY: browser
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    chromium chromium-driver >/dev/null; } || \
+	echo "note: chromium and chromedriver are missing (apt-get install chromium chromium-driver);" \
+	     "tests/dashboard/test_browser.py and bench dashboard need them"
 
 up: $(STAMP)
 	$(BIN)/llmfleet up $(UP_ARGS)
