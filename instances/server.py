@@ -4,6 +4,12 @@ Endpoints: ``/v1/completions``, ``/v1/chat/completions`` (plain and SSE streamin
 ``data: [DONE]``), ``/v1/models``, ``/health``, ``/metrics`` (vLLM V1 metric names, or SGLang's
 with ``--api sglang``, which also serves ``/get_load``). With a Redis URL the replica registers
 itself in the cluster registry and heartbeats its load until it stops.
+
+Live migration (``migration/``, docs/migration.md): the replica serves the gRPC
+``MigrationAgent`` on ``--migration-port`` and announces it in its registry record. A
+streamed request that moves ends its SSE stream here with an ``event: llmfleet.migrated``
+naming the destination; the destination serves the rest at
+``GET /v1/llmfleet/streams/{request_id}?text_offset=N`` (``migration.stitch``).
 """
 
 from __future__ import annotations
@@ -26,11 +32,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from instances.async_engine import AsyncEngine
+from instances.async_engine import AsyncEngine, MigratedEvent
 from instances.engine.core import EngineCore
 from instances.engine.types import SamplingParams, TokenEvent
 from instances.launcher import free_port
+from instances.migration_adapter import EngineMigrationHandle
 from instances.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from migration.agent import MigrationAgent
+from migration.stitch import CONTINUATION_PATH, migrated_event
 from proto.byte_tokenizer import EOS_TOKEN_ID
 from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_NAMESPACE
 from proto.headers import CACHED_TOKENS_HEADER, INSTANCE_HEADER, REQUEST_ID_HEADER
@@ -63,6 +72,9 @@ class EngineServerConfig:
     # A local Hugging Face tokenizer (proto.tokenize); None: byte-level. The core must be
     # built with the same one (build_engine_core(tokenizer=...)) so its vocabulary matches.
     tokenizer: str | None = None
+    # The gRPC migration agent: None serves none, 0 any free port.
+    migration_port: int | None = 0
+    migration_host: str = "127.0.0.1"
 
 
 class EngineMetrics:
@@ -195,10 +207,19 @@ def create_engine_app(
     engine = AsyncEngine(core, speedup=speedup,
                          on_step=publish_kv_events if publisher else None)
     metrics = EngineMetrics(engine, config)
+    agent: MigrationAgent | None = None
+    if config.migration_port is not None:
+        agent = MigrationAgent(
+            EngineMigrationHandle(engine, config.instance_id, config.advertise_url))
+    state["migration"] = ""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        if agent is not None:
+            assert config.migration_port is not None
+            state["migration"] = await agent.start(config.migration_host, config.migration_port)
+            app.state.migration_address = state["migration"]
         heartbeat = None
         if config.redis_url:
             heartbeat = asyncio.create_task(_heartbeat_loop(engine, config, state))
@@ -210,6 +231,8 @@ def create_engine_app(
                 heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await heartbeat
+            if agent is not None:
+                await agent.stop(grace=1.0)
             await engine.stop()
             if publisher is not None:
                 publisher.close()
@@ -218,6 +241,8 @@ def create_engine_app(
     app.state.engine = engine
     app.state.config = config
     app.state.kv_events_endpoint = state["kv_events"]
+    app.state.migration_agent = agent
+    app.state.migration_address = ""
 
     install_error_handlers(app)
 
@@ -290,7 +315,16 @@ def create_engine_app(
         gen = _Generation(stop_strings=body.stop_strings(), decoder=tok.decoder(),
                           eos_token_id=tok.eos_token_id)
         started = engine.engine_now()
-        events = engine.generate(request_id, prompt_ids, params)
+        response_id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        created = int(time.time())
+        include_usage = body.include_usage_in_stream()
+        # A streamed request can follow a live migration: the destination formats the rest
+        # of its stream from this.
+        client_state = json.dumps({
+            "chat": chat, "id": response_id, "created": created, "model": config.model,
+            "include_usage": include_usage, "stop": gen.stop_strings}).encode()
+        events = engine.generate(request_id, prompt_ids, params, migratable=body.stream,
+                                 client_state=client_state)
         try:
             first = await events.__anext__()  # admission errors surface before any byte
         except ValueError as exc:
@@ -299,8 +333,6 @@ def create_engine_app(
             raise OpenAIError("engine produced no output", 500, "server_error") from exc
         metrics.prompt_tokens.inc(len(prompt_ids))
         metrics.ttft.observe(engine.engine_now() - started)
-        response_id = ("chatcmpl-" if chat else "cmpl-") + request_id
-        created = int(time.time())
 
         async def all_events() -> AsyncIterator[TokenEvent]:
             yield first
@@ -326,28 +358,14 @@ def create_engine_app(
             gen.pending_text()
             return JSONResponse(_full_response(chat, response_id, created, config.model, gen))
 
-        include_usage = body.include_usage_in_stream()
-
         async def sse() -> AsyncIterator[str]:
             try:
                 if chat:
                     yield _sse(_chunk(True, response_id, created, config.model,
                                       {"role": "assistant", "content": ""}, None))
-                async for event in all_events():
-                    gen.add(event)
-                    text = gen.pending_text()
-                    if text or gen.finish_reason:
-                        delta = {"content": text} if chat else text
-                        yield _sse(_chunk(chat, response_id, created, config.model, delta,
-                                          gen.finish_reason))
-                    if gen.finish_reason:
-                        break
-                if include_usage:
-                    chunk = _chunk(chat, response_id, created, config.model, None, None)
-                    chunk["choices"] = []
-                    chunk["usage"] = gen.usage()
-                    yield _sse(chunk)
-                yield "data: [DONE]\n\n"
+                async for line in _sse_events(gen, all_events(), chat, response_id, created,
+                                              config.model, include_usage):
+                    yield line
             finally:
                 await events.aclose()
                 finish()
@@ -358,7 +376,72 @@ def create_engine_app(
             INSTANCE_HEADER: config.instance_id,
             CACHED_TOKENS_HEADER: str(first.num_cached_tokens)})
 
+    @app.get(CONTINUATION_PATH)
+    async def continuation(request_id: str, text_offset: int | None = None) -> Response:
+        """The rest of a stream that migrated here, from character ``text_offset`` of its
+        text on (default: right after what the source sent)."""
+        try:
+            moved = engine.attach(request_id)
+        except KeyError as exc:
+            raise OpenAIError(f"No migrated stream {request_id!r} waits here", 404,
+                              code="stream_not_found") from exc
+        client = json.loads(moved.client_state)
+        gen = _Generation(stop_strings=list(client["stop"]), decoder=tok.decoder(),
+                          eos_token_id=tok.eos_token_id)
+        gen.add(TokenEvent(request_id, tuple(moved.output_token_ids), False, None,
+                           len(moved.prompt_token_ids), moved.num_cached_tokens))
+        hold = max((len(stop) - 1 for stop in gen.stop_strings), default=0)
+        sent = max(0, len(gen.text) - hold) if text_offset is None else text_offset
+        gen.emitted = min(max(0, sent), len(gen.text))
+        cached = moved.num_cached_tokens
+
+        async def keep_source_usage() -> AsyncIterator[TokenEvent]:
+            # Usage reports the prompt cache hit where the request started.
+            async for event in moved.events:
+                yield event
+                gen.cached_tokens = cached
+
+        async def sse() -> AsyncIterator[str]:
+            try:
+                async for line in _sse_events(gen, keep_source_usage(), bool(client["chat"]),
+                                              client["id"], int(client["created"]),
+                                              client["model"], bool(client["include_usage"])):
+                    yield line
+            finally:
+                await moved.events.aclose()
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={INSTANCE_HEADER: config.instance_id})
+
     return app
+
+
+async def _sse_events(
+    gen: _Generation, events: AsyncIterator[TokenEvent], chat: bool, response_id: str,
+    created: int, model: str, include_usage: bool,
+) -> AsyncIterator[str]:
+    """SSE lines of a stream's tokens, then usage and ``[DONE]``; or, when the request
+    moved to another replica, a ``llmfleet.migrated`` event (and nothing held back for
+    stop strings is flushed: the destination continues from ``gen.emitted``)."""
+    async for event in events:
+        if isinstance(event, MigratedEvent) and event.target is not None:
+            target = event.target
+            yield migrated_event(event.request_id, target.instance_id, target.url,
+                                 gen.emitted, target.num_output_tokens)
+            return
+        gen.add(event)
+        text = gen.pending_text()
+        if text or gen.finish_reason:
+            delta = {"content": text} if chat else text
+            yield _sse(_chunk(chat, response_id, created, model, delta, gen.finish_reason))
+        if gen.finish_reason:
+            break
+    if include_usage:
+        chunk = _chunk(chat, response_id, created, model, None, None)
+        chunk["choices"] = []
+        chunk["usage"] = gen.usage()
+        yield _sse(chunk)
+    yield "data: [DONE]\n\n"
 
 
 def _model_card(model: str) -> dict[str, Any]:
@@ -412,7 +495,7 @@ async def _heartbeat_loop(engine: AsyncEngine, config: EngineServerConfig,
                 instance_id=config.instance_id, url=config.advertise_url, model=config.model,
                 api=config.api, weight=config.weight, block_size=engine.core.block_size,
                 load=load_report(engine.core.stats(), time.time(), state["draining"]),
-                kv_events=state["kv_events"])
+                kv_events=state["kv_events"], migration=state["migration"])
             try:
                 await store.heartbeat(record)
             except Exception as exc:  # Redis briefly away: keep serving, retry next period
@@ -435,7 +518,10 @@ def run_engine(args: argparse.Namespace) -> int:
         advertise_url=args.advertise_url or f"http://{args.host}:{port}",
         redis_url=args.redis_url or os.environ.get("REDIS_URL"),
         heartbeat_ttl_s=args.heartbeat_ttl, namespace=args.namespace, weight=args.weight,
-        kv_events_endpoint=args.kv_events_endpoint or None, tokenizer=args.tokenizer or None)
+        kv_events_endpoint=args.kv_events_endpoint or None, tokenizer=args.tokenizer or None,
+        migration_port=(None if args.migration_port < 0
+                        else args.migration_port or free_port(args.host)),
+        migration_host=args.host)
     overrides: dict[str, Any] = {"enable_kv_events": bool(args.kv_events_endpoint)}
     if args.num_gpu_blocks:
         overrides["num_gpu_blocks"] = args.num_gpu_blocks
@@ -447,8 +533,10 @@ def run_engine(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=2))
     # Print where we listen first: launchers and tests wait for this line.
+    migration = (f"{args.host}:{config.migration_port}"
+                 if config.migration_port is not None else "")
     print(json.dumps({"event": "engine_ready", "instance_id": config.instance_id,
-                      "url": config.advertise_url}), flush=True)
+                      "url": config.advertise_url, "migration": migration}), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
     server.run()
     return 0
@@ -477,6 +565,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="a local Hugging Face tokenizer.json (or a directory with one): prompts "
                         "and outputs counted in its tokens; default byte-level")
+    p.add_argument("--migration-port", type=int, default=0,
+                   help="port of the gRPC live-migration agent (0: any free port, -1: none)")
     add_log_format_argument(p)
     p.add_argument("--kv-events-endpoint", default="",
                    help="publish vLLM-format KV events on this ZMQ endpoint "
