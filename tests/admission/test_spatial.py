@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from router.admission import LONG, SHORT, build_admission
@@ -38,7 +40,7 @@ def test_the_split_follows_each_class_load_one_instance_at_a_time() -> None:
         _submit(admission, f"s{k}", 100, k * 0.01)
         sizes.append(len(admission.pools(snap)[LONG]))
     assert sizes[-1] == 7  # never the whole fleet: the short pool keeps one
-    assert all(b - a in (0, 1) for a, b in zip(sizes, sizes[1:], strict=False))
+    assert all(b - a in (0, 1) for a, b in itertools.pairwise(sizes))
     for k in range(200):  # now almost only shorts: it shrinks back, to one at least
         _submit(admission, f"t{k}", 200, 1.0 + k * 0.01)
         sizes.append(len(admission.pools(snap)[LONG]))
