@@ -1,0 +1,127 @@
+"""Replicas as Ray actors on a local Ray cluster: register, serve, restart after a kill, drain.
+
+Two replicas: a reference engine (``kind="llmfleet"``, it registers itself) and a server
+given as a command line with ``kind="vllm"`` (the reference engine again, speaking vLLM's
+API and metrics: the actor's agent registers it), so both supervision paths run here
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from instances.ray_replicas import ReplicaSpec, start_replicas, stop_replicas
+from proto.registry import InstanceRecord
+from router.state import ClusterStateStore
+from tests.fleet import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             namespace="llmfleet-test-replicas", _node_ip_address="127.0.0.1")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _live(redis_url: str, namespace: str) -> dict[str, InstanceRecord]:
+    async def read() -> dict[str, InstanceRecord]:
+        store = ClusterStateStore(redis_url, namespace, 1.0)
+        try:
+            return {r.instance_id: r for r in await store.live_instances()}
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def _info(handle: Any) -> dict[str, Any] | None:
+    import ray
+
+    try:
+        return dict(ray.get(handle.info.remote(), timeout=5))
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None  # restarting
+
+
+def test_replica_actors_register_serve_restart_and_drain(
+        ray_cluster: None, redis_url: str, namespace: str) -> None:
+    common: dict[str, Any] = {"redis_url": redis_url, "namespace": namespace,
+                              "host": "127.0.0.1", "heartbeat_ttl_s": 1.0, "num_cpus": 0.5}
+    engine = ReplicaSpec("ray-engine", engine_args=("--num-gpu-blocks", "4096"), **common)
+    command_line = ReplicaSpec(
+        "ray-vllm", kind="vllm", command=(
+            sys.executable, "-m", "router.cli", "engine", "--host", "{host}",
+            "--port", "{port}", "--model", "served-by-command", "--num-gpu-blocks", "4096"),
+        **common)
+    handles = start_replicas([engine, command_line])
+    try:
+        infos = {i["instance_id"]: i for i in (_info(h) for h in handles) if i}
+        assert set(infos) == {"ray-engine", "ray-vllm"}
+        assert not any(i["restarted"] for i in infos.values())
+        wait_until(lambda: {k: r.url for k, r in _live(redis_url, namespace).items()}
+                   == {k: i["url"] for k, i in infos.items()}, timeout_s=20)
+        live = _live(redis_url, namespace)
+        assert live["ray-vllm"].api == "vllm" and live["ray-vllm"].model == "served-by-command"
+        for info in infos.values():
+            r = httpx.post(info["url"] + "/v1/completions", timeout=30,
+                           json={"prompt": "hello from ray", "max_tokens": 4})
+            assert r.status_code == 200
+
+        # A crash of either server: its actor ends, Ray restarts it, it registers again.
+        for handle, name in zip(handles, ("ray-engine", "ray-vllm"), strict=True):
+            os.kill(infos[name]["pid"], signal.SIGKILL)
+            started = time.monotonic()
+            wait_until(lambda h=handle: (_info(h) or {}).get("restarted") is True,
+                       timeout_s=120, interval_s=0.5)
+            new = _info(handle)
+            assert new is not None and new["pid"] != infos[name]["pid"]
+            wait_until(lambda n=name, u=new["url"]: (
+                _live(redis_url, namespace).get(n) is not None
+                and _live(redis_url, namespace)[n].url == u), timeout_s=30)
+            r = httpx.post(new["url"] + "/v1/completions", timeout=30,
+                           json={"prompt": "hello again", "max_tokens": 4})
+            assert r.status_code == 200
+            infos[name] = new
+            assert time.monotonic() - started < 120
+
+        # Drain with a request in flight: it finishes; the replica is marked draining.
+        import ray
+
+        engine_url = infos["ray-engine"]["url"]
+        result: dict[str, int] = {}
+
+        def long_request() -> None:
+            r = httpx.post(engine_url + "/v1/completions", timeout=60,
+                           json={"prompt": "a long answer please", "max_tokens": 300})
+            result["status"] = r.status_code
+            result["tokens"] = r.json()["usage"]["completion_tokens"]
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        wait_until(lambda: ray.get(handles[0].in_flight.remote()) == 1, timeout_s=10)
+        drained = ray.get(handles[0].drain.remote(30.0))
+        thread.join(30)
+        assert drained["drained"] and drained["waited_s"] > 0.2
+        assert result == {"status": 200, "tokens": 300}
+        assert _live(redis_url, namespace)["ray-engine"].load["draining"] == 1.0  # type: ignore[index]
+    finally:
+        results = stop_replicas(handles, drain_timeout_s=10.0)
+    assert all(r["drained"] for r in results)
+    assert _live(redis_url, namespace) == {}
