@@ -23,6 +23,13 @@ function authHeaders(extra) {
 
 // ---- helpers ---------------------------------------------------------------------------
 const $ = (id) => document.getElementById(id);
+// Replace an element's content only when it changed (no relayout for an identical table).
+const lastHtml = new WeakMap();
+function setHtml(node, html) {
+  if (lastHtml.get(node) === html) return;
+  lastHtml.set(node, html);
+  node.innerHTML = html;
+}
 function el(tag, attrs, text) {
   const node = document.createElementNS(SVGNS, tag);
   for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
@@ -189,7 +196,7 @@ function renderInstances(d) {
     const hit = i.prefix_hit_rate === null ? '<span class="muted">—</span>' : (i.prefix_hit_rate * 100).toFixed(0) + " %";
     const queues = !d.admission.enabled ? '<span class="badge off">not enabled</span>'
       : `<span class="${i.queued ? "" : "muted"}">${i.queued || 0} queued</span>`;
-    const age = i.report_age_s === null ? "—" : i.report_age_s.toFixed(1) + " s";
+    const age = i.report_age_s === null ? "—" : i.report_age_s < 1 ? "< 1 s" : i.report_age_s.toFixed(0) + " s";
     const action = i.draining
       ? `<button class="secondary btn-small" data-undrain="${esc(i.id)}">Undrain</button>`
       : `<button class="danger btn-small" data-drain="${esc(i.id)}">Drain</button>`;
@@ -202,7 +209,7 @@ function renderInstances(d) {
       <td class="num">${hit}</td><td class="num">${fmtRate(i.routed_per_s)}</td><td>${queues}</td>
       <td class="num">${age}</td><td>${action}</td></tr>`;
   });
-  $("instances").tBodies[0].innerHTML = rows.join("");
+  setHtml($("instances").tBodies[0], rows.join(""));
   $("instances-note").textContent = `${d.instances.length} registered`;
   const target = $("migrate-target");
   const wanted = ["", ...d.instances.filter((i) => i.healthy && !i.draining).map((i) => i.id)];
@@ -230,8 +237,10 @@ function renderRings(d) {
     if (!rings.rings.length) {
       svg.appendChild(el("text", { x: cx, y: cy, "text-anchor": "middle", class: "ring-center" }, `${rings.policy} uses no hash rings`));
       $("rings-note").textContent = "";
-      $("rings-legend").innerHTML = "";
+      setHtml($("rings-legend"), "");
       svg.dataset.arcs = "0";
+      const keys = $("ring-keys");
+      while (keys.firstChild) keys.removeChild(keys.firstChild);
       return;
     }
     const arcs = el("g", { id: "ring-arcs" });
@@ -251,7 +260,6 @@ function renderRings(d) {
     });
     svg.appendChild(arcs);
     svg.dataset.arcs = String(count);
-    svg.appendChild(el("g", { id: "ring-keys" }));
     svg.appendChild(el("text", { x: cx, y: cy - 6, "text-anchor": "middle", class: "ring-center" }, rings.policy));
     svg.appendChild(el("text", { x: cx, y: cy + 12, "text-anchor": "middle", class: "ring-label" }, "outer A · inner B"));
     renderRingLegend(rings, d);
@@ -259,8 +267,7 @@ function renderRings(d) {
     renderRingLegend(rings, d);
   }
   // Keys of the last requests (cheap: at most 64 dots, redrawn every update).
-  const keys = svg.querySelector("#ring-keys");
-  if (!keys) return;
+  const keys = $("ring-keys");
   while (keys.firstChild) keys.removeChild(keys.firstChild);
   const cx = 210, cy = 210;
   for (const r of d.recent) {
@@ -289,7 +296,7 @@ function renderRingLegend(rings, d) {
       `<td class="muted">${note}</td></tr>`;
   });
   const head = `<tr><td class="muted">instance</td>${rings.rings.map((_, k) => `<td class="num muted">ring ${"AB"[k] || k}</td>`).join("")}<td></td></tr>`;
-  $("rings-legend").innerHTML = `<table>${head}${rows.join("")}</table>`;
+  setHtml($("rings-legend"), `<table>${head}${rows.join("")}</table>`);
 }
 
 // ---- charts -------------------------------------------------------------------------------
@@ -360,14 +367,14 @@ function renderTtft(series, slo) {
 function renderMigrations(d) {
   const m = d.migrations;
   if (!m.enabled) {
-    $("migrations").innerHTML = '<div class="placeholder">Live migration is not enabled in this gateway yet. ' +
-      "Migrations in flight and recent ones, with their downtime, will be listed here.</div>";
+    setHtml($("migrations"), '<div class="placeholder">Live migration is not enabled in this gateway yet. ' +
+      "Migrations in flight and recent ones, with their downtime, will be listed here.</div>");
     $("migrations-note").textContent = "not enabled";
     return;
   }
   const rows = m.in_flight.concat(m.recent).map((x) => `<tr><td>${esc(x.request_id || "")}</td><td>${esc(x.source || "")} → ${esc(x.target || "")}</td>` +
     `<td>${esc(x.state || x.outcome || "")}</td><td class="num">${x.downtime_s !== undefined ? fmtSeconds(x.downtime_s) : "—"}</td></tr>`);
-  $("migrations").innerHTML = `<table><thead><tr><th>Request</th><th>Move</th><th>State</th><th class="num">Downtime</th></tr></thead><tbody>${rows.join("")}</tbody></table>`;
+  setHtml($("migrations"), `<table><thead><tr><th>Request</th><th>Move</th><th>State</th><th class="num">Downtime</th></tr></thead><tbody>${rows.join("")}</tbody></table>`);
   $("migrations-note").textContent = `${m.in_flight.length} in flight`;
 }
 
@@ -375,13 +382,13 @@ function renderRecent(recent) {
   const rows = recent.slice().reverse().slice(0, 40).map((r) =>
     `<tr><td>${esc(r.id.slice(0, 18))}</td><td><span class="swatch" style="background:${colorOf(r.instance)}"></span>${esc(r.instance)}</td>` +
     `<td>${esc(r.reason)}</td><td class="muted">${r.candidates.map(esc).join(", ")}</td><td class="num">${r.age_s.toFixed(1)} s</td></tr>`);
-  $("recent").tBodies[0].innerHTML = rows.join("");
+  setHtml($("recent").tBodies[0], rows.join(""));
 }
 
 function renderEvents(events) {
   const items = events.slice().reverse().map((e) =>
     `<li><span class="time">${fmtTime(e.t)}</span><span class="kind ${esc(e.kind)}">${esc(e.kind)}</span><span>${esc(e.message)}</span></li>`);
-  $("events").innerHTML = items.join("") || '<li class="muted">no events yet</li>';
+  setHtml($("events"), items.join("") || '<li class="muted">no events yet</li>');
 }
 
 // ---- admin actions ---------------------------------------------------------------------------
