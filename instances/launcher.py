@@ -23,6 +23,8 @@ from typing import Any
 
 import httpx
 
+from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_NAMESPACE
+
 log = logging.getLogger("llmfleet.launcher")
 
 _PR_SET_PDEATHSIG = 1
@@ -53,8 +55,8 @@ class EngineSpec:
     redis_url: str | None = None
     model: str = "llmfleet-emulated"
     api: str = "vllm"
-    heartbeat_ttl_s: float = 3.0
-    namespace: str = "llmfleet"
+    heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_S
+    namespace: str = DEFAULT_NAMESPACE
     tokenizer: str | None = None
     extra_args: list[str] = field(default_factory=list)
 

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from instances.launcher import EngineSpec, EngineSupervisor, free_port
+from proto.defaults import DEFAULT_PROFILE
 
 RESULTS = os.path.join("docs", "results", "engine-realtime.json")
 MIN_BUSY = 0.5  # device seconds per real second each replica must have had
@@ -110,7 +111,7 @@ def run(sizes: list[int], seconds: float, concurrency: int, prompt_tokens: int,
     return {
         "benchmark": "engine_realtime",
         "cpu_count": os.cpu_count(),
-        "profile": profile or "h100-llama3-8b",
+        "profile": profile or DEFAULT_PROFILE,
         "concurrency_per_replica": concurrency,
         "prompt_tokens": prompt_tokens,
         "max_tokens": max_tokens,

@@ -557,11 +557,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--num-gpu-blocks", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--redis-url", default=None, help="register in this Redis (or $REDIS_URL)")
-    p.add_argument("--namespace", default="llmfleet")
+    p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     p.add_argument("--instance-id", default=None)
     p.add_argument("--advertise-url", default=None)
     p.add_argument("--weight", type=float, default=1.0)
-    p.add_argument("--heartbeat-ttl", type=float, default=3.0)
+    p.add_argument("--heartbeat-ttl", type=float, default=DEFAULT_HEARTBEAT_TTL_S)
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="a local Hugging Face tokenizer.json (or a directory with one): prompts "
                         "and outputs counted in its tokens; default byte-level")

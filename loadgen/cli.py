@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen.config import WORKLOAD_FORMATS, RunConfig, load_workload
+from proto.defaults import DEFAULT_PROFILE, DEFAULT_SLO_TTFT_S
 
 DEFAULT_POLICIES = ("round_robin", "least_loaded", "power_of_two", "consistent_hash",
                     "cache_aware", "llumnix", "dualmap", "dualmap_no_slo")
@@ -53,7 +54,7 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
                        help="skip malformed trace lines (counted) instead of failing")
     group.add_argument("--workload-param", action="append", metavar="KEY=VALUE",
                        help="override a synthetic workload parameter")
-    group.add_argument("--slo-ttft", type=float, default=5.0, help="TTFT SLO (s)")
+    group.add_argument("--slo-ttft", type=float, default=DEFAULT_SLO_TTFT_S, help="TTFT SLO (s)")
     group.add_argument("--slo-tpot", type=float, default=None, help="TPOT SLO (s), optional")
     group.add_argument("--warmup-fraction", type=float, default=None,
                        help="leading fraction of requests left out of the statistics "
@@ -83,7 +84,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     fleet.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                        help="comma-separated policies (capacity mode)")
     fleet.add_argument("--policy-param", action="append", metavar="KEY=VALUE")
-    fleet.add_argument("--profile", default="h100-llama3-8b")
+    fleet.add_argument("--profile", default=DEFAULT_PROFILE)
     fleet.add_argument("--engine-param", action="append", metavar="KEY=VALUE",
                        help="EngineConfig field override")
     fleet.add_argument("--report-interval", type=float, default=0.0,

@@ -15,6 +15,7 @@ from loadgen.arrivals import mean_rate, scale_to_rate
 from loadgen.request import Segment, TraceRequest, segment_key
 from loadgen.traces import TRACE_FORMATS, ReadStats, read_trace
 from loadgen.workloads import SYNTHETIC_WORKLOADS, build_synthetic
+from proto.defaults import DEFAULT_PROFILE, DEFAULT_SLO_TTFT_S
 
 WORKLOAD_FORMATS = (*TRACE_FORMATS, "synthetic")
 DEFAULT_SYNTHETIC_REQUESTS = 1000
@@ -45,14 +46,14 @@ class RunConfig:
     seed: int = 0
     skip_bad_lines: bool = False
     workload_params: dict[str, Any] = field(default_factory=dict)
-    slo_ttft_s: float = 5.0
+    slo_ttft_s: float = DEFAULT_SLO_TTFT_S
     slo_tpot_s: float | None = None
     warmup_fraction: float = 0.0
     # Simulator
     instances: int = 4
     policy: str = "round_robin"
     policy_params: dict[str, Any] = field(default_factory=dict)
-    profile: str = "h100-llama3-8b"
+    profile: str = DEFAULT_PROFILE
     engine_params: dict[str, Any] = field(default_factory=dict)
     report_interval_s: float = 0.0
     dispatch_delay_s: float = 0.0

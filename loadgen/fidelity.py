@@ -43,6 +43,7 @@ import numpy as np
 from loadgen.config import RunConfig, load_workload
 from loadgen.metrics import RequestOutcome
 from loadgen.request import TraceRequest
+from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_SLO_TTFT_S
 
 DEFAULT_TRACE = "/work/shared/traces/synthetic_trace.jsonl"
 # Fields compared between the two sides (ratio = live / sim).
@@ -99,7 +100,7 @@ def _wait_healthy(url: str, instances: int, timeout_s: float, proc: subprocess.P
 
 
 @contextlib.contextmanager
-def live_fleet(config: RunConfig, *, heartbeat_ttl_s: float = 3.0,
+def live_fleet(config: RunConfig, *, heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_S,
                refresh_interval_s: float = 0.2, log_dir: str | None = None) -> Iterator[str]:
     """Redis + ``config.instances`` emulated replicas + one gateway (child process), all on
     free 127.0.0.1 ports; yields the gateway URL and stops everything on exit."""
@@ -230,7 +231,7 @@ def per_request(live: Sequence[RequestOutcome], sim: Sequence[RequestOutcome]
 def run_fidelity(
     config: RunConfig,
     *,
-    heartbeat_ttl_s: float = 3.0,
+    heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_S,
     refresh_interval_s: float = 0.2,
     report_interval_s: float | None = None,
     dispatch_delay_s: float = 0.0,
@@ -357,10 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=4)
     p.add_argument("--policy", default="dualmap")
     p.add_argument("--profile", default="h100-llama3-8b")
-    p.add_argument("--slo-ttft", type=float, default=3.0)
+    p.add_argument("--slo-ttft", type=float, default=DEFAULT_SLO_TTFT_S)
     p.add_argument("--warmup-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heartbeat-ttl", type=float, default=3.0,
+    p.add_argument("--heartbeat-ttl", type=float, default=DEFAULT_HEARTBEAT_TTL_S,
                    help="replica heartbeat TTL; load reports every TTL/3")
     p.add_argument("--refresh-interval", type=float, default=0.2,
                    help="gateway's cluster-state refresh interval")

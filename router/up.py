@@ -30,7 +30,12 @@ from instances.launcher import (
     print_event,
     watch_external_backends,
 )
-from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_POLICY, DEFAULT_SLO_TTFT_S
+from proto.defaults import (
+    DEFAULT_HEARTBEAT_TTL_S,
+    DEFAULT_NAMESPACE,
+    DEFAULT_POLICY,
+    DEFAULT_SLO_TTFT_S,
+)
 from proto.logs import add_log_format_argument, configure_logging
 from router.embedded_redis import embedded_redis
 
@@ -165,7 +170,7 @@ def run_up(args: argparse.Namespace) -> int:
         supervisor.start()
         print_event("engines_ready", engines=supervisor.describe())
         externals = backend_specs(args.backend, args.fleet)
-        watch_external_backends(externals, redis_url, "llmfleet", args.heartbeat_ttl,
+        watch_external_backends(externals, redis_url, DEFAULT_NAMESPACE, args.heartbeat_ttl,
                                 tokenizer=args.tokenizer)
 
         host = args.host
