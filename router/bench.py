@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from router.policy import fastpath
 from router.policy.interfaces import ClusterSnapshot, InstanceView, RoutingPolicy, RoutingRequest
 from router.policy.registry import POLICY_NAMES, build_policy
 
@@ -256,6 +257,8 @@ def _machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "load_average_1m_at_start": round(load[0], 2),
+        # which routing kernels ran (router/policy/fastpath.py): "compiled" or "python"
+        "routing_kernels": "compiled" if fastpath.COMPILED else "python",
     }
 
 
