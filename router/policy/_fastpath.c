@@ -22,6 +22,11 @@
  *
  * Nothing here reads a clock or does I/O. Buffers come in through the buffer protocol
  * (numpy arrays, array.array), so this file needs no numpy headers.
+ *
+ * Every rule here also exists in readable Python (fastpath_py.py), with the same results:
+ * the reference tests/routing/test_fastpath.py holds these kernels to, and the fallback
+ * where this extension is not built (router/policy/fastpath.py chooses). A change to a rule
+ * is made in both.
  */
 #include "csrc/common.h"
 #include "csrc/hashing.h"

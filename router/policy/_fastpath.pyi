@@ -1,4 +1,6 @@
-"""Types of the compiled kernels in ``_fastpath.c`` (see that file for what they compute)."""
+"""Types of the routing kernels: the compiled ones in ``_fastpath.c`` (see that file for what
+they compute) and their Python twins in ``fastpath_py.py``; import them through
+``router.policy.fastpath``, which picks one and is typed by this file."""
 
 from typing import Any
 
