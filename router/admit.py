@@ -105,6 +105,10 @@ class AdmissionGate:
         if not self.passthrough:
             self._dispatch(self.admission.on_finished(request_id, self.clock()))
 
+    def apply(self, releases: list[Release]) -> None:
+        """Hand out releases made outside the gate (e.g. by rebalancing moves)."""
+        self._dispatch(releases)
+
     def move(self, request_id: str, decision: Decision, reason: str = "rebalance") -> None:
         """Re-decide a queued request (rebalancing); ``NotQueued`` once it was released."""
         self._dispatch(self.admission.move(request_id, decision, self.clock(), reason))

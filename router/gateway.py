@@ -54,7 +54,9 @@ from proto.openai import OpenAIError, RouteView, install_error_handlers, parse_r
 from proto.registry import InstanceRecord
 from proto.tokenize import Tokenizer, load_tokenizer
 from proto.tokens import as_token_array
-from router.admission import build_admission
+from router.admission import admission_defaults, build_admission
+from router.admission.decide import route as admission_route
+from router.admission.rebalancer import HotspotRebalancer, apply_moves, supports_rebalancing
 from router.admit import AdmissionGate, TooBusy
 from router.auth import AuthGuard, AuthMiddleware, BodyLimitMiddleware
 from router.control import ControlLoop
@@ -137,8 +139,9 @@ class Gateway:
         self._models: frozenset[str] = frozenset()
         self.control = ControlLoop(self.store, config.gateway_id, clock, self._adopt,
                                    config.refresh_interval_s, config.leader_lease_s)
-        self.gate = AdmissionGate(build_admission(config.admission, **config.admission_params),
-                                  clock, config.max_inflight_per_instance)
+        self.gate = self._build_gate(config.admission, config.admission_params)
+        self._admission_seen: dict[str, dict[str, int]] = {"released": {}, "moves": {}}
+        self.control.add_job("admission", self._admission_job)
         self.relay = Relay(self._first_token, clock)
         self.upstream = UpstreamClient(config.connect_timeout_s)
         # The dashboard's observer (router.dashboard), told of every routing decision.
@@ -202,11 +205,39 @@ class Gateway:
         self.metrics.instances.labels(state="healthy").set(healthy)
         self.metrics.instances.labels(state="unhealthy").set(len(snapshot.instances) - healthy)
 
+    def _build_gate(self, mode: str, params: dict[str, Any]) -> AdmissionGate:
+        if mode != "none":
+            # Fleet-derived parameters (budget, aging from the SLO), explicit ones win.
+            params = {**admission_defaults(self.config.slo_ttft_s), **params}
+        return AdmissionGate(build_admission(mode, **params), self.clock,
+                             self.config.max_inflight_per_instance)
+
     def set_admission(self, mode: str, **params: Any) -> None:
         """Switch the admission mode; requests already queued keep their old gate."""
-        self.gate = AdmissionGate(build_admission(mode, **params), self.clock,
-                                  self.config.max_inflight_per_instance)
+        self.gate = self._build_gate(mode, params)
         self.config.admission, self.config.admission_params = mode, dict(params)
+
+    async def _admission_job(self, now: float, leader: bool) -> None:
+        """Each tick: rebalance this replica's queued requests off hotspots (the queues are
+        this replica's own, so every replica rebalances its own), and export the
+        admission's counters."""
+        gate = self.gate
+        if gate.passthrough:
+            return
+        admission = gate.admission
+        if supports_rebalancing(self.policy):
+            moves = HotspotRebalancer(admission, self.policy).plan_moves(  # type: ignore[arg-type]
+                now, self.snapshot)
+            if moves:
+                gate.apply(apply_moves(admission, self.policy, moves, now))
+        counters = admission.counters()
+        for name, metric in (("released", self.metrics.admission_releases),
+                             ("moves", self.metrics.admission_moves)):
+            seen = self._admission_seen[name]
+            for reason, total in counters.get(name, {}).items():
+                if total > seen.get(reason, 0):
+                    metric.labels(reason=reason).inc(total - seen.get(reason, 0))
+                    seen[reason] = total
 
     # -- decide -------------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -241,8 +272,12 @@ class Gateway:
 
     def route(self, request: RoutingRequest, exclude: set[str], now: float) -> Decision:
         snapshot = self._routable_snapshot(exclude, now)
+        gate = self.gate
         t0 = time.perf_counter()
-        decision = self.policy.route(request, snapshot, now)
+        if gate.passthrough:
+            decision = self.policy.route(request, snapshot, now)
+        else:  # spatial pools draw the candidates within the request's class's pool
+            decision = admission_route(self.policy, gate.admission, request, snapshot, now)
         self.metrics.decision_us.observe(time.perf_counter() - t0)
         key = (self.policy.name, decision.reason)
         counter = self._decision_counters.get(key)
@@ -392,6 +427,8 @@ class Gateway:
         except BaseException:
             self.policy.on_finished(ctx.request_id, decision.instance_id, self.clock())
             raise
+        if release.klass != "none":
+            self.metrics.queue_wait.labels(queue=release.klass).observe(release.waited_s)
         if release.decision is not decision:
             # Re-decided while queued (rebalancing): the policy already moved its books.
             decision = release.decision

@@ -71,6 +71,12 @@ class GatewayMetrics:
         self.queue_wait = Histogram("llmfleet_admission_queue_wait_seconds",
                                     "Time a request waited in an admission queue",
                                     ["queue"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.admission_releases = Counter("llmfleet_admission_releases",
+                                          "Requests released from admission queues by reason",
+                                          ["reason"], registry=reg)
+        self.admission_moves = Counter("llmfleet_admission_moves",
+                                       "Queued requests moved to another replica by reason",
+                                       ["reason"], registry=reg)
         # -- live migration --------------------------------------------------------------------
         self.migrations = Counter("llmfleet_migrations", "Live migrations by outcome",
                                   ["outcome"], registry=reg)
