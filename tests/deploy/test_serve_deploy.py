@@ -9,11 +9,13 @@ reference engine registers in the same Redis; a request through Serve's HTTP pro
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +62,17 @@ def ray_head() -> Iterator[str]:
         proc.wait()
 
 
+def wait_for_key(url: str, key: str, body: dict[str, object]) -> httpx.Response:
+    """The answer to ``body`` once the gateway has read the new key (within a poll)."""
+    headers = {"authorization": f"Bearer {key}"}
+    deadline = time.monotonic() + 10
+    while True:
+        r = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=30)
+        if r.status_code != 401 or time.monotonic() > deadline:
+            return r
+        time.sleep(0.2)
+
+
 def _ok(url: str) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(url, timeout=2).status_code == 200
@@ -88,8 +101,14 @@ def test_serve_deploy_of_the_config_serves_requests(redis_url: str, namespace: s
             assert deploy.returncode == 0, deploy.stdout + deploy.stderr
             url = f"http://127.0.0.1:{port}"
             wait_until(lambda: _ok(url + "/health"), timeout_s=240, interval_s=1.0)
-            r = httpx.post(url + "/v1/completions", timeout=30,
-                           json={"prompt": "hello through ray serve", "max_tokens": 4})
+            # The config turns auth on (it listens beyond loopback): a key is needed.
+            body = {"prompt": "hello through ray serve", "max_tokens": 4}
+            assert httpx.post(url + "/v1/completions", json=body, timeout=30).status_code == 401
+            key = json.loads(subprocess.run(
+                [sys.executable, "-m", "router.cli", "keys", "create", "--name", "serve-test",
+                 "--redis-url", redis_url, "--namespace", namespace, "--json"],
+                capture_output=True, text=True, check=True, timeout=60).stdout)["secret"]
+            r = wait_for_key(url, key, body)
             assert r.status_code == 200, r.text
             assert r.headers["x-llmfleet-instance"] == "serve-engine"
             assert r.json()["usage"]["completion_tokens"] == 4
