@@ -107,7 +107,8 @@ def _viewers(url: str) -> float:
 
 
 def run_bench(instances: int, seconds: float, concurrency: int, rounds: int,
-              out: Path | None, chunk: int = 1000) -> dict[str, Any]:
+              out: Path | None, chunk: int = 1000, screenshot: Path | None = None
+              ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="llmfleet-dashbench-"))
     bodies = _bodies()
     phases: list[dict[str, Any]] = []
@@ -134,6 +135,14 @@ def run_bench(instances: int, seconds: float, concurrency: int, rounds: int,
                     for mode in order:
                         phases.append(_phase(mode, browser, url, endpoint, bodies, seconds,
                                              chunk, concurrency, gateway.pid))
+                if screenshot is not None:  # the page at full size, as the last phase left it
+                    browser.get(url + "/dashboard")
+                    _wait(lambda: browser.execute_script(
+                        "return window.llmfleetDashboard.messages") >= 2, "dashboard page", 20)
+                    height = browser.execute_script("return document.body.scrollHeight")
+                    browser.set_window_size(1600, min(int(height) + 40, 4000))
+                    time.sleep(1.5)
+                    browser.save_screenshot(str(screenshot))
             finally:
                 browser.quit()
     result = _summarise(phases, instances, seconds, concurrency, rounds)
@@ -234,11 +243,14 @@ def register_bench(bench_subparsers: Any) -> None:
                         help="rounds of (closed, open) phases; numbers are medians")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--json", action="store_true", help="print the result JSON")
+    parser.add_argument("--screenshot", type=Path, default=None,
+                        help="save a screenshot of the page at the end (PNG)")
     parser.set_defaults(func=_run_cli)
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    result = run_bench(args.instances, args.seconds, args.concurrency, args.rounds, args.out)
+    result = run_bench(args.instances, args.seconds, args.concurrency, args.rounds, args.out,
+                       screenshot=args.screenshot)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -189,7 +189,11 @@ function lastValue(xs) {
 
 // ---- instances table ------------------------------------------------------------------------
 function renderInstances(d) {
-  const rows = d.instances.map((i) => {
+  // Rows are keyed by instance and updated cell by cell: a row, and its Drain button, stays
+  // the same element across updates, so a click is never lost to a re-render.
+  const tbody = $("instances").tBodies[0];
+  const existing = new Map([...tbody.rows].map((r) => [r.dataset.instance, r]));
+  d.instances.forEach((i, index) => {
     const stateBadge = !i.healthy ? '<span class="badge bad">down</span>'
       : i.draining ? '<span class="badge warn">draining</span>' : '<span class="badge ok">healthy</span>';
     const kv = Math.max(0, Math.min(1, i.kv_usage));
@@ -200,16 +204,26 @@ function renderInstances(d) {
     const action = i.draining
       ? `<button class="secondary btn-small" data-undrain="${esc(i.id)}">Undrain</button>`
       : `<button class="danger btn-small" data-drain="${esc(i.id)}">Drain</button>`;
-    const cls = !i.healthy ? "down" : i.draining ? "draining" : "";
-    return `<tr class="${cls}" data-instance="${esc(i.id)}" data-state="${!i.healthy ? "down" : i.draining ? "draining" : "healthy"}">
-      <td><span class="swatch" style="background:${colorOf(i.id)}"></span>${esc(i.id)}</td>
-      <td>${esc(i.api || "—")}</td><td>${stateBadge}</td>
-      <td class="num">${i.running}</td><td class="num">${i.waiting}</td>
-      <td><span class="bar ${kv > 0.9 ? "hot" : ""}"><span style="width:${(kv * 100).toFixed(1)}%"></span></span><span class="bar-text">${(kv * 100).toFixed(0)} %</span></td>
-      <td class="num">${hit}</td><td class="num">${fmtRate(i.routed_per_s)}</td><td>${queues}</td>
-      <td class="num">${age}</td><td>${action}</td></tr>`;
+    const cells = [
+      `<span class="swatch" style="background:${colorOf(i.id)}"></span>${esc(i.id)}`,
+      esc(i.api || "—"), stateBadge, String(i.running), String(i.waiting),
+      `<span class="bar ${kv > 0.9 ? "hot" : ""}"><span style="width:${(kv * 100).toFixed(1)}%"></span></span><span class="bar-text">${(kv * 100).toFixed(0)} %</span>`,
+      hit, fmtRate(i.routed_per_s), queues, age, action];
+    let row = existing.get(i.id);
+    if (row) {
+      existing.delete(i.id);
+    } else {
+      row = document.createElement("tr");
+      row.dataset.instance = i.id;
+      const numeric = [3, 4, 6, 7, 9];
+      row.innerHTML = cells.map((_, k) => `<td${numeric.includes(k) ? ' class="num"' : ""}></td>`).join("");
+    }
+    cells.forEach((html, k) => setHtml(row.cells[k], html));
+    row.className = !i.healthy ? "down" : i.draining ? "draining" : "";
+    row.dataset.state = !i.healthy ? "down" : i.draining ? "draining" : "healthy";
+    if (tbody.rows[index] !== row) tbody.insertBefore(row, tbody.rows[index] || null);
   });
-  setHtml($("instances").tBodies[0], rows.join(""));
+  existing.forEach((row) => row.remove());
   $("instances-note").textContent = `${d.instances.length} registered`;
   const target = $("migrate-target");
   const wanted = ["", ...d.instances.filter((i) => i.healthy && !i.draining).map((i) => i.id)];
