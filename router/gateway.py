@@ -142,6 +142,8 @@ class Gateway:
         self.gate = self._build_gate(config.admission, config.admission_params)
         self._admission_seen: dict[str, dict[str, int]] = {"released": {}, "moves": {}}
         self.control.add_job("admission", self._admission_job)
+        self.control.add_job("hot_keys", self._hot_keys_job)
+        self._hot_keys_version = -1
         self.relay = Relay(self._first_token, clock)
         self.upstream = UpstreamClient(config.connect_timeout_s)
         # The dashboard's observer (router.dashboard), told of every routing decision.
@@ -216,6 +218,22 @@ class Gateway:
         """Switch the admission mode; requests already queued keep their old gate."""
         self.gate = self._build_gate(mode, params)
         self.config.admission, self.config.admission_params = mode, dict(params)
+
+    async def _hot_keys_job(self, now: float, leader: bool) -> None:
+        """Each tick: publish the hot prefixes this replica found; the leader merges them
+        into the fleet table; every replica keys prompts by that table."""
+        policy = self.policy
+        local = getattr(policy, "hot_key_table", None)
+        adopt = getattr(policy, "adopt_hot_key_table", None)
+        if local is None or adopt is None:
+            return
+        await self.store.publish_local_hot_keys(self.config.gateway_id, local())
+        if leader:
+            await self.store.merge_hot_keys(stale_s=10 * self.config.refresh_interval_s + 2)
+        version, table = await self.store.hot_keys()
+        if version != self._hot_keys_version:
+            adopt(table)
+            self._hot_keys_version = version
 
     async def _admission_job(self, now: float, leader: bool) -> None:
         """Each tick: rebalance this replica's queued requests off hotspots (the queues are

@@ -163,6 +163,49 @@ class ClusterStateStore(RegistryWriter):
         else:
             await self._redis.srem(self._key("draining"), instance_id)
 
+    # -- fleet-wide hot-key table ---------------------------------------------------------
+    # Each gateway replica publishes the hot prefixes its own traffic found; the leader
+    # merges them (union; the earliest split of a prefix wins) into one versioned table,
+    # and every replica keys prompts by that table, so all of them agree on a prompt's homes.
+    async def publish_local_hot_keys(self, replica_id: str, table: dict[int, int]) -> None:
+        key = self._key("hotkeys", "local")
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, replica_id, json.dumps({"t": time.time(),
+                                                   "table": [[p, s] for p, s in table.items()]}))
+            pipe.expire(key, 600)
+            await pipe.execute()
+
+    async def merge_hot_keys(self, stale_s: float) -> int:
+        """Merge the fresh local tables into the fleet table; its version (bumped only when
+        the table changed)."""
+        rows = await self._redis.hgetall(self._key("hotkeys", "local"))
+        now = time.time()
+        merged: dict[int, int] = {}
+        stale: list[str] = []
+        for replica_id, raw in rows.items():
+            entry = json.loads(raw)
+            if now - float(entry["t"]) > stale_s:
+                stale.append(str(replica_id))
+                continue
+            for prefix, split in entry["table"]:
+                merged[int(prefix)] = min(int(split), merged.get(int(prefix), int(split)))
+        if stale:
+            await self._redis.hdel(self._key("hotkeys", "local"), *stale)
+        version, current = await self.hot_keys()
+        if current == merged:
+            return version
+        await self._redis.set(self._key("hotkeys"), json.dumps(
+            {"version": version + 1, "table": sorted(merged.items())}))
+        return version + 1
+
+    async def hot_keys(self) -> tuple[int, dict[int, int]]:
+        """The fleet-wide hot-key table and its version (0 and empty before the first)."""
+        raw = await self._redis.get(self._key("hotkeys"))
+        if raw is None:
+            return 0, {}
+        entry = json.loads(raw)
+        return int(entry["version"]), {int(p): int(s) for p, s in entry["table"]}
+
     # -- request table ------------------------------------------------------------------
     # The table is one Redis hash per time bucket, written once per control-loop tick
     # with a single HSET: a SET per request would cost the gateway more CPU than routing.

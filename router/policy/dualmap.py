@@ -180,6 +180,16 @@ class DualMapPolicy(CacheTrackingPolicy):
         ttft, cached, choice = best
         return Decision(choice, "load", homes, ttft, cached)
 
+    def hot_key_table(self) -> dict[int, int]:
+        """The hot prefixes this replica's traffic found (prefix hash -> split), for the
+        fleet-wide table the control loop merges."""
+        return self.rings.keys.local_table()
+
+    def adopt_hot_key_table(self, table: dict[int, int]) -> None:
+        """Key prompts by the fleet-wide hot-key table, so every gateway replica sends a
+        conversation to the same homes whatever traffic it saw itself."""
+        self.rings.adopt_hot_keys(table)
+
     def after_dispatch(
         self, request: RoutingRequest, prepared: PreparedPrompt, decision: Decision, now: float
     ) -> None:

@@ -70,6 +70,11 @@ class PrefixKeyBuilder:
             hot_window, hot_min_count, max_tokens=self.max_key_tokens
         )
         self.hasher = PrefixHasher(hash_block_size)
+        # A fleet-wide hot-key table (``adopt_shared``): once set, keys are lengthened by it
+        # alone, so every gateway replica keys a prompt the same way whatever traffic it
+        # saw itself; the local detector keeps learning, for the table's next version.
+        self.shared_hot: set[int] | None = None
+        self.shared_splits: dict[int, int] | None = None
 
     def base_length(self, num_tokens: int) -> int:
         full = num_tokens - num_tokens % self.block_size
@@ -92,15 +97,36 @@ class PrefixKeyBuilder:
         ``prefix_hashes`` (``self.hasher.hashes(tokens)``, if the caller has them) saves
         hashing the key's tokens again.
         """
-        detector = self.detector
         return self.hasher.prompt_key(
             tokens, prefix_hashes, self.base_length(len(tokens)), self.hot_step,
-            self.max_key_tokens, self.hot_prefixes, detector.splits)
+            self.max_key_tokens, self.hot_prefixes, self.key_splits)
 
     @property
     def hot_prefixes(self) -> set[int]:
         """The prefixes whose keys are lengthened now (none when not adaptive)."""
-        return self.detector.hot if self.adaptive else _NOTHING_HOT
+        if not self.adaptive:
+            return _NOTHING_HOT
+        return self.detector.hot if self.shared_hot is None else self.shared_hot
+
+    @property
+    def key_splits(self) -> dict[int, int]:
+        """Split points of the hot prefixes keys are lengthened by."""
+        return self.detector.splits if self.shared_splits is None else self.shared_splits
+
+    def local_table(self) -> dict[int, int]:
+        """What this builder's own traffic finds hot: prefix -> split."""
+        splits = self.detector.splits
+        return {p: splits[p] for p in self.detector.hot if p in splits}
+
+    def adopt_shared(self, table: dict[int, int]) -> None:
+        """Lengthen keys by ``table`` (prefix -> split) from now on. The set and dict are
+        updated in place: the routing path holds references to them."""
+        if self.shared_hot is None or self.shared_splits is None:
+            self.shared_hot, self.shared_splits = set(), {}
+        self.shared_splits.clear()
+        self.shared_splits.update(table)
+        self.shared_hot.clear()
+        self.shared_hot.update(table)
 
     def record(self, key: PromptKey, tokens: TokenArray, num_instances: int) -> None:
         """Count a dispatched request's key chain and prompt (no-op when not adaptive)."""

@@ -43,7 +43,13 @@ class KeyedRings:
         self._mult, self._salt = keys.hasher.constants(0)
         self._salted_tokens = len(self._salt) * self._hash_block
         self._hot = keys.hot_prefixes
-        self._splits = keys.detector.splits
+        self._splits = keys.key_splits
+
+    def adopt_hot_keys(self, table: dict[int, int]) -> None:
+        """Key prompts by a fleet-wide hot-key table (``PrefixKeyBuilder.adopt_shared``)."""
+        self.keys.adopt_shared(table)
+        self._hot = self.keys.hot_prefixes
+        self._splits = self.keys.key_splits
 
     @property
     def num_members(self) -> int:
