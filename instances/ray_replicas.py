@@ -51,8 +51,9 @@ class ReplicaSpec:
     name: str  # its instance id in the registry
     redis_url: str
     kind: str = "llmfleet"
-    # vllm / sglang: the server's command line; ``{host}`` and ``{port}`` are filled in
-    # (``vllm_command`` / ``sglang_command`` build the usual ones).
+    # vllm / sglang: the server's command line; ``{host}``, ``{port}`` and ``{kv_port}`` (a
+    # second free port, for vLLM's KV events) are filled in (``vllm_command`` /
+    # ``sglang_command`` build the usual ones).
     command: tuple[str, ...] = ()
     # llmfleet: extra ``llmfleet engine`` arguments (executor, profile, tokenizer, ...).
     engine_args: tuple[str, ...] = ()
@@ -112,6 +113,7 @@ class ReplicaActor:
         else:
             self.host = spec.host
         self.port = _free_port(self.host)
+        self.kv_port = _free_port(self.host)  # for {kv_port}: vLLM's KV-event publisher
         self.url = f"http://{self.host}:{self.port}"
         self.restarted = self._was_restarted()
         self.proc = subprocess.Popen(
@@ -141,7 +143,14 @@ class ReplicaActor:
                     "--instance-id", spec.name, "--redis-url", spec.redis_url,
                     "--namespace", spec.namespace,
                     "--heartbeat-ttl", repr(spec.heartbeat_ttl_s), *spec.engine_args]
-        return [part.format(host=self.host, port=self.port) for part in spec.command]
+        # Plain replacement, not str.format: arguments carry JSON braces of their own.
+        fields = {"{host}": self.host, "{port}": str(self.port), "{kv_port}": str(self.kv_port)}
+        out = []
+        for part in spec.command:
+            for placeholder, value in fields.items():
+                part = part.replace(placeholder, value)
+            out.append(part)
+        return out
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.spec.start_timeout_s

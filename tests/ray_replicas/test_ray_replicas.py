@@ -125,3 +125,21 @@ def test_replica_actors_register_serve_restart_and_drain(
         results = stop_replicas(handles, drain_timeout_s=10.0)
     assert all(r["drained"] for r in results)
     assert _live(redis_url, namespace) == {}
+
+
+def test_command_lines_get_host_ports_and_keep_their_json() -> None:
+    from instances.ray_replicas import ReplicaActor, vllm_command
+
+    spec = ReplicaSpec("r", "redis://x", kind="vllm", command=vllm_command(
+        "/models/m", "--kv-events-config",
+        '{"enable_kv_cache_events": true, "endpoint": "tcp://*:{kv_port}"}', python="py"))
+    actor = ReplicaActor.__new__(ReplicaActor)
+    actor.spec, actor.host, actor.port, actor.kv_port = spec, "10.0.0.9", 8001, 5557
+    assert actor._command() == [
+        "py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/m",
+        "--host", "10.0.0.9", "--port", "8001", "--kv-events-config",
+        '{"enable_kv_cache_events": true, "endpoint": "tcp://*:5557"}']
+    with pytest.raises(ValueError, match="command line"):
+        ReplicaSpec("r", "redis://x", kind="sglang")
+    with pytest.raises(ValueError, match="unknown replica kind"):
+        ReplicaSpec("r", "redis://x", kind="tgi")
