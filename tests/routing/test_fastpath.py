@@ -376,7 +376,7 @@ def test_locate_on_a_warm_policy_compiled_equals_python() -> None:
                     mult, salt = keys.hasher.constants(len(tokens))
                     results.append(module.locate(
                         tokens, mult, salt, keys.base_length(len(tokens)), keys.hot_step,
-                        keys.max_key_tokens, keys.hot_prefixes, keys.detector.splits,
+                        keys.max_key_tokens, keys.hot_prefixes, keys.key_splits,
                         lookups[module] if two_rings else lookups[module][:1],
                         rings._eligible_mask, tables[module] if with_tables else None,
                         rings._names))
