@@ -332,8 +332,9 @@ class AsyncEngine:
                 continue
             deadline = start + result.duration_s / self.speedup
             delay = deadline - self._clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            # Yield every iteration, even when late: an engine slower than its model must not
+            # starve the streams, the HTTP server and the migration agent on this loop.
+            await asyncio.sleep(max(delay, 0.0))
             end = self._clock()
             stats = self.loop_stats
             stats.iterations += 1

@@ -1,0 +1,549 @@
+"""``llmfleet bench migration``: live migration vs token replay, by context length.
+
+    llmfleet bench migration --contexts 1024,4096,16384,32768 --json
+
+Two reference-engine replicas run as separate processes (``llmfleet engine``, real time,
+each with its gRPC migration agent). For every context length and repeat, a fresh random
+prompt of that many tokens is streamed from replica A over HTTP; after a few tokens the
+request moves to replica B and the client follows the stream (``migration.stitch``):
+
+* ``live`` / ``kv: real``: the Llumnix protocol over gRPC with the executor's real block
+  payloads (``emulated``: 4 KiB per block derived from the tokens; ``tiny``: the numpy
+  transformer's float64 K/V, 32 KiB per block, for the contexts it can hold).
+* ``live`` / ``kv: modelled``: the same run, but the source paces its sends as if each
+  block were Llama-3-8B's (128 KiB per token, 2 MiB per 16-token block) over a link of
+  ``link_gbytes_per_s`` (25 GB/s RDMA, 1.25 GB/s = 10 Gb/s Ethernet): the copy time comes
+  from the link, the protocol's own time (RPCs, export, import, commit, reconnection) is
+  measured.
+* ``replay``: the source's stream is dropped and the request re-issued on B with the prompt
+  plus the tokens generated so far and the remaining budget (``migration.replay``); B
+  prefills the whole context again (the emulated engine times that prefill as an H100
+  would).
+
+Per row: ``downtime_ms`` — how much longer the client waited for the first token after the
+move than for an ordinary token (the gap in its token stream, minus the median
+inter-token gap before the move); ``gap_ms`` the raw gap; ``stopped_ms`` how long the
+source held the request stopped (live); ``total_ms`` from the migration order to the
+commit (live; replay: the gap); ``bytes`` of KV sent over gRPC (modelled rows: the modelled
+bytes; replay: the continuation request body); ``stages`` pre-copy stages plus the
+stop-and-copy. Numbers are medians over ``--repeat`` runs. ``grpc_loopback_gbytes_per_s``
+is a 1 GiB ``PushBlocks`` stream of 1 MiB batches into a sink process, beside the same bytes
+over a plain TCP socket (``tcp_loopback_gbytes_per_s``), measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import queue
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+
+from migration.coordinator import LinkModel, MigrationConfig, MigrationCoordinator
+from migration.replay import continuation_body
+from migration.stitch import Resume, StreamStitcher, stitch
+from migration.transport import CHANNEL_OPTIONS, DEFAULT_MAX_BATCH_BYTES, ChannelPool
+from proto import migration_pb2 as pb
+from proto import migration_pb2_grpc as pb_grpc
+from proto.headers import REQUEST_ID_HEADER
+
+DEFAULT_OUT = Path("docs/results/migration.json")
+LLAMA3_8B_KV_BYTES_PER_TOKEN = 128 * 1024
+BLOCK_SIZE = 16
+LINKS_GBYTES_PER_S = (25.0, 1.25)
+DOWNTIME_GOAL_MS = 30.0
+TOKENS_BEFORE_MOVE = 12  # the request decodes this many tokens before the move is ordered
+TOKENS_AFTER_MOVE = 12  # the client reads this many after it, then hangs up
+
+
+# ---- replicas ------------------------------------------------------------------------------
+
+
+@dataclass
+class Replica:
+    name: str
+    url: str
+    migration: str
+    proc: subprocess.Popen[str]
+    output: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_replica(name: str, executor: str, speedup: float = 1.0,
+                  timeout_s: float = 60.0) -> Replica:
+    """``llmfleet engine`` in a child process; returns once it serves HTTP and gRPC."""
+    port, migration_port = _free_port(), _free_port()
+    args = [sys.executable, "-m", "router.cli", "engine", "--executor", executor,
+            "--port", str(port), "--migration-port", str(migration_port),
+            "--instance-id", name, "--model", "bench", "--speedup", str(speedup)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    replica = Replica(name, f"http://127.0.0.1:{port}", f"127.0.0.1:{migration_port}", proc)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            replica.output.append(line)
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"engine {name} exited:\n" + "".join(replica.output[-30:]))
+        with contextlib.suppress(queue.Empty):
+            if '"engine_ready"' in lines.get(timeout=0.2):
+                break
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{replica.url}/health", timeout=1.0).status_code == 200:
+                return replica
+        time.sleep(0.1)
+    replica.stop()
+    raise TimeoutError(f"engine {name} did not come up:\n" + "".join(replica.output[-30:]))
+
+
+@contextlib.contextmanager
+def replica_pair(executor: str, speedup: float = 1.0) -> Iterator[tuple[Replica, Replica]]:
+    a = start_replica("bench-a", executor, speedup)
+    try:
+        b = start_replica("bench-b", executor, speedup)
+        try:
+            yield a, b
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+
+
+# ---- one migration, seen by the client ------------------------------------------------------
+
+
+@dataclass
+class Observation:
+    arrivals: list[tuple[float, int]]  # (time, hop) of each chunk with generated text
+    migration: dict[str, Any]
+
+    def gap_and_itl(self) -> tuple[float, float]:
+        """The gap at the first hop change and the median gap before it (seconds)."""
+        before = [t for t, hop in self.arrivals if hop == 0]
+        after = [t for t, hop in self.arrivals if hop > 0]
+        if len(before) < 3 or not after:
+            raise RuntimeError("the stream did not move, or moved too early")
+        itl = statistics.median(np.diff(before[1:]).tolist())
+        return after[0] - before[-1], itl
+
+
+def _prompt(context: int, seed: int) -> list[int]:
+    # Printable bytes: every replica's byte-level vocabulary, no EOS, no special meaning.
+    return np.random.default_rng(seed).integers(32, 127, context).tolist()
+
+
+async def _raw(response: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for data in response.aiter_raw():
+            yield data
+    finally:
+        await response.aclose()
+
+
+async def _read(
+    stream: AsyncIterator[bytes], stitcher: StreamStitcher,
+    arrivals: list[tuple[float, int]], before: int, after: int,
+) -> None:
+    """Relay ``stream``, stamping each chunk with text, until ``before`` chunks arrived
+    before the first move and ``after`` after it (or the stream ends)."""
+    clock = time.perf_counter
+    seen = stitcher.chunks
+    moved = 0
+    async for _ in stream:
+        now = clock()
+        while seen < stitcher.chunks:
+            arrivals.append((now, stitcher.hops))
+            moved += stitcher.hops > 0
+            seen += 1
+        if moved >= after and len(arrivals) - moved >= before:
+            return
+
+
+async def run_live(
+    a: Replica, b: Replica, context: int, seed: int, config: MigrationConfig,
+) -> Observation:
+    link = int(config.link.gbytes_per_s * 100) if config.link else 0
+    request_id = f"live-{context}-{seed}-{link}"
+    body = {"prompt": _prompt(context, seed), "max_tokens": 4000, "stream": True,
+            "temperature": 0.0}
+    stitcher = StreamStitcher(keep_text=False)
+    arrivals: list[tuple[float, int]] = []
+    pool = ChannelPool()
+    coordinator = MigrationCoordinator(config, pool)
+    result: dict[str, Any] = {}
+    async with httpx.AsyncClient(timeout=120) as client:
+
+        async def open_continuation(resume: Resume) -> AsyncIterator[bytes]:
+            response = await client.send(client.build_request("GET", resume.continuation_url),
+                                         stream=True)
+            return _raw(response)
+
+        async def mover() -> None:
+            while len(arrivals) < TOKENS_BEFORE_MOVE:
+                await asyncio.sleep(0.001)
+            moved = await coordinator.migrate(request_id, a.migration, b.migration)
+            result.update(status=moved.status, reason=moved.reason, stages=moved.stages,
+                          bytes=moved.bytes, blocks=moved.blocks, total_s=moved.total_s,
+                          stopped_s=moved.stopped_s, stage_blocks=moved.stage_blocks)
+
+        request = client.build_request("POST", f"{a.url}/v1/completions", json=body,
+                                       headers={REQUEST_ID_HEADER: request_id})
+        response = await client.send(request, stream=True)
+        moving = asyncio.create_task(mover())
+        stream = stitch(_raw(response), open_continuation, stitcher=stitcher)
+        try:
+            await _read(stream, stitcher, arrivals, TOKENS_BEFORE_MOVE, TOKENS_AFTER_MOVE)
+            await moving
+        finally:
+            moving.cancel()
+            await stream.aclose()  # type: ignore[attr-defined]
+    await coordinator.close()
+    await pool.close()
+    return Observation(arrivals, result)
+
+
+async def run_replay(a: Replica, b: Replica, context: int, seed: int) -> Observation:
+    request_id = f"replay-{context}-{seed}"
+    body: dict[str, Any] = {"prompt": _prompt(context, seed), "max_tokens": 4000,
+                            "stream": True, "temperature": 0.0}
+    stitcher = StreamStitcher()
+    arrivals: list[tuple[float, int]] = []
+    info: dict[str, Any] = {}
+    async with httpx.AsyncClient(timeout=120) as client:
+        request = client.build_request("POST", f"{a.url}/v1/completions", json=body,
+                                       headers={REQUEST_ID_HEADER: request_id})
+        response = await client.send(request, stream=True)
+        await _read(_stitched_once(response, stitcher), stitcher, arrivals,
+                    TOKENS_BEFORE_MOVE, 0)
+        await response.aclose()  # stop on the source: the client is gone, it aborts
+        generated = stitcher.text
+        replay = continuation_body("/v1/completions", body, generated, len(generated.encode()),
+                                   generated_token_ids=list(generated.encode()))
+        payload = json.dumps(replay).encode()
+        info.update(status="committed", stages=0, bytes=len(payload))
+        stitcher.continue_from()
+        started = time.perf_counter()
+        request = client.build_request("POST", f"{b.url}/v1/completions", content=payload,
+                                       headers={REQUEST_ID_HEADER: request_id,
+                                                "content-type": "application/json"})
+        response = await client.send(request, stream=True)
+        await _read(_stitched_once(response, stitcher), stitcher, arrivals, 0,
+                    TOKENS_AFTER_MOVE)
+        await response.aclose()
+        info["total_s"] = time.perf_counter() - started
+    return Observation(arrivals, info)
+
+
+async def _stitched_once(response: httpx.Response, stitcher: StreamStitcher
+                         ) -> AsyncIterator[bytes]:
+    async for data in response.aiter_raw():
+        out = stitcher.feed(data)
+        if out:
+            yield out
+
+
+# ---- gRPC loopback throughput ----------------------------------------------------------------
+
+
+class _Sink(pb_grpc.MigrationAgentServicer):
+    async def PushBlocks(self, request_iterator: AsyncIterator[pb.BlockBatch],
+                         context: grpc.aio.ServicerContext) -> pb.PushReply:
+        received = 0
+        async for batch in request_iterator:
+            received += len(batch.payload)
+        return pb.PushReply(bytes_received=received)
+
+
+async def _serve_sink(port_file: str) -> None:
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    pb_grpc.add_MigrationAgentServicer_to_server(_Sink(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    Path(port_file).write_text(str(port))
+    await server.wait_for_termination()
+
+
+def _tcp_sink(server: socket.socket) -> None:
+    conn, _ = server.accept()
+    buffer = bytearray(1 << 20)
+    with conn:
+        while conn.recv_into(buffer):
+            pass
+
+
+def measure_loopback(total_bytes: int = 1 << 30, repeat: int = 3) -> dict[str, float]:
+    """GB/s of ``PushBlocks`` (1 MiB batches) into a sink process, and of plain TCP."""
+    import tempfile
+
+    payload = os.urandom(DEFAULT_MAX_BATCH_BYTES)
+    count = total_bytes // len(payload)
+    with tempfile.NamedTemporaryFile("r", suffix=".port") as port_file:
+        proc = subprocess.Popen([sys.executable, "-m", "migration.bench", "--sink",
+                                 port_file.name])
+        try:
+            deadline = time.monotonic() + 30
+            while not Path(port_file.name).read_text().strip():
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the gRPC sink did not start")
+                time.sleep(0.05)
+            address = f"127.0.0.1:{Path(port_file.name).read_text().strip()}"
+
+            async def push() -> float:
+                async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+                    stub = pb_grpc.MigrationAgentStub(ch)
+
+                    async def batches() -> AsyncIterator[pb.BlockBatch]:
+                        for _ in range(count):
+                            yield pb.BlockBatch(migration_id="bench", payload=payload,
+                                                payload_bytes_per_block=4096)
+
+                    await stub.PushBlocks(batches())  # warm-up (connection, buffers)
+                    started = time.perf_counter()
+                    reply = await stub.PushBlocks(batches())
+                    elapsed = time.perf_counter() - started
+                    assert reply.bytes_received == count * len(payload)
+                    return reply.bytes_received / elapsed / 1e9
+
+            grpc_rates = [asyncio.run(push()) for _ in range(repeat)]
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    tcp_rates = []
+    for _ in range(repeat):
+        server = socket.create_server(("127.0.0.1", 0))
+        thread = threading.Thread(target=_tcp_sink, args=(server,), daemon=True)
+        thread.start()
+        with socket.create_connection(server.getsockname()) as conn:
+            started = time.perf_counter()
+            for _ in range(count):
+                conn.sendall(payload)
+        thread.join()
+        tcp_rates.append(count * len(payload) / (time.perf_counter() - started) / 1e9)
+        server.close()
+    return {"grpc_loopback_gbytes_per_s": statistics.median(grpc_rates),
+            "tcp_loopback_gbytes_per_s": statistics.median(tcp_rates)}
+
+
+# ---- the benchmark ---------------------------------------------------------------------------
+
+
+def _row(context: int, mode: str, kv: str, executor: str, link: float | None,
+         observations: list[Observation], modelled_bytes_per_block: int = 0) -> dict[str, Any]:
+    gaps, itls, downtimes, totals, stopped, sizes, stages = [], [], [], [], [], [], []
+    statuses = []
+    for obs in observations:
+        gap, itl = obs.gap_and_itl()
+        gaps.append(gap * 1e3)
+        itls.append(itl * 1e3)
+        downtimes.append(max(0.0, gap - itl) * 1e3)
+        info = obs.migration
+        statuses.append(info.get("status", ""))
+        totals.append(info.get("total_s", gap) * 1e3)
+        stopped.append(info.get("stopped_s", 0.0) * 1e3)
+        blocks = info.get("blocks", 0)
+        sizes.append(blocks * modelled_bytes_per_block if modelled_bytes_per_block
+                     else info.get("bytes", 0))
+        stages.append(info.get("stages", 0))
+    row: dict[str, Any] = {
+        "context_tokens": context, "mode": mode, "kv": kv, "executor": executor,
+        "downtime_ms": round(statistics.median(downtimes), 2),
+        "gap_ms": round(statistics.median(gaps), 2),
+        "itl_ms": round(statistics.median(itls), 2),
+        "total_ms": round(statistics.median(totals), 2),
+        "bytes": int(statistics.median(sizes)),
+        "stages": int(statistics.median(stages)),
+        "runs": len(observations),
+        "committed": statuses.count("committed"),
+    }
+    if mode == "live":
+        row["stopped_ms"] = round(statistics.median(stopped), 2)
+    if link is not None:
+        row["link_gbytes_per_s"] = link
+    return row
+
+
+async def _repeat_live(a: Replica, b: Replica, context: int, repeat: int,
+                       config: MigrationConfig, seed0: int) -> list[Observation]:
+    out = []
+    for i in range(repeat):
+        obs = await run_live(a, b, context, seed0 + i, config)
+        if obs.migration.get("status") != "committed":
+            raise RuntimeError(f"live migration at {context} tokens: {obs.migration}")
+        out.append(obs)
+    return out
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    contexts = [int(c) for c in args.contexts.split(",") if c]
+    tiny_contexts = [int(c) for c in args.tiny_contexts.split(",") if c]
+    links = [float(x) for x in args.links.split(",") if x]
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    modelled_block = LLAMA3_8B_KV_BYTES_PER_TOKEN * BLOCK_SIZE
+    with replica_pair("emulated") as (a, b):
+        # Untimed: connections, imports and caches warm up before anything is measured.
+        asyncio.run(run_live(a, b, 256, 1, MigrationConfig()))
+        for context in contexts:
+            seed = context * 1000
+            real = asyncio.run(_repeat_live(a, b, context, args.repeat, MigrationConfig(), seed))
+            rows.append(_row(context, "live", "real", "emulated", None, real))
+            _progress(rows[-1])
+            for link in links:
+                config = MigrationConfig(link=LinkModel(link, modelled_block))
+                modelled = asyncio.run(
+                    _repeat_live(a, b, context, args.repeat, config, seed + 100 * int(link * 4)))
+                rows.append(_row(context, "live", "modelled", "emulated", link, modelled,
+                                 modelled_block))
+                _progress(rows[-1])
+            replays = [asyncio.run(run_replay(a, b, context, seed + 900 + i))
+                       for i in range(args.repeat)]
+            rows.append(_row(context, "replay", "modelled", "emulated", None, replays))
+            _progress(rows[-1])
+    if tiny_contexts:
+        # The tiny model's decode step is ~0.3 ms of modelled time: slowed down so that the
+        # request is still decoding when the move is ordered.
+        with replica_pair("tiny", args.tiny_speedup) as (a, b):
+            asyncio.run(run_live(a, b, 256, 1, MigrationConfig()))
+            for context in tiny_contexts:
+                real = asyncio.run(_repeat_live(a, b, context, args.repeat, MigrationConfig(),
+                                                context * 7))
+                rows.append(_row(context, "live", "real", "tiny", None, real))
+                _progress(rows[-1])
+    loopback = measure_loopback(repeat=args.repeat)
+    live = [r for r in rows if r["mode"] == "live"]
+    result: dict[str, Any] = {
+        "results": rows,
+        **{k: round(v, 3) for k, v in loopback.items()},
+        "downtime_goal_ms": DOWNTIME_GOAL_MS,
+        "max_live_downtime_ms": max(r["downtime_ms"] for r in live),
+        "config": {"contexts": contexts, "tiny_contexts": tiny_contexts, "links": links,
+                   "repeat": args.repeat, "tokens_before_move": TOKENS_BEFORE_MOVE,
+                   "tiny_speedup": args.tiny_speedup,
+                   "max_stages": MigrationConfig().max_stages,
+                   "last_stage_max_blocks": MigrationConfig().last_stage_max_blocks,
+                   "modelled_kv_bytes_per_token": LLAMA3_8B_KV_BYTES_PER_TOKEN,
+                   "engine_profile": "h100-llama3-8b (emulated), tiny-cpu (tiny)"},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    return result
+
+
+def _progress(row: dict[str, Any]) -> None:
+    print(json.dumps(row), file=sys.stderr, flush=True)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for row in result["results"]:
+        label = f"{row['mode']} · {row['kv']} · {row['executor']}"
+        if "link_gbytes_per_s" in row:
+            label += f" · {row['link_gbytes_per_s']:g} GB/s"
+        series.setdefault(label, []).append((row["context_tokens"], row))
+    for label, points in series.items():
+        points.sort(key=lambda p: p[0])
+        xs = [p[0] for p in points]
+        style = "--" if label.startswith("replay") else "-"
+        left.plot(xs, [p[1]["downtime_ms"] for p in points], style, marker="o", label=label)
+        right.plot(xs, [p[1]["total_ms"] for p in points], style, marker="o", label=label)
+    left.axhline(result.get("downtime_goal_ms", DOWNTIME_GOAL_MS), color="grey", lw=0.8,
+                 ls=":", label="goal")
+    for ax, title in ((left, "downtime (ms, extra gap in the client's stream)"),
+                      (right, "total migration time (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context tokens")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=7)
+    fig.suptitle(f"llmfleet live migration vs token replay "
+                 f"(gRPC loopback {result['grpc_loopback_gbytes_per_s']} GB/s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.sink:
+        asyncio.run(_serve_sink(args.sink))
+        return 0
+    result = run_bench(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps(result if args.json else {"written": str(out)}, indent=None))
+    return 0
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--contexts", default="1024,4096,16384,32768")
+    parser.add_argument("--tiny-contexts", default="1024,4096",
+                        help="contexts also run with the tiny executor (real K/V tensors)")
+    parser.add_argument("--links", default=",".join(f"{x:g}" for x in LINKS_GBYTES_PER_S),
+                        help="modelled link bandwidths, GB/s")
+    parser.add_argument("--tiny-speedup", type=float, default=0.1,
+                        help="the tiny replicas' clock speed (below 1: slower than modelled)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per row (medians)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--json", action="store_true", help="print the whole result")
+    parser.add_argument("--sink", default="", help=argparse.SUPPRESS)
+
+
+def register_bench(bench_subparsers: Any) -> None:
+    parser = bench_subparsers.add_parser(
+        "migration", help="live migration vs token replay by context length",
+        description=__doc__.splitlines()[0] if __doc__ else None)
+    _add_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser()
+    _add_arguments(cli)
+    sys.exit(main(cli.parse_args()))
