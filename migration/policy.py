@@ -117,15 +117,15 @@ def rebalance(
     for source in sources:
         if len(moves) >= max_moves:
             break
-        request = pick_request(by_instance.get(source.instance_id, ()), selection, busy)
-        if request is None:
+        chosen = pick_request(by_instance.get(source.instance_id, ()), selection, busy)
+        if chosen is None:
             continue
-        destination = _roomiest(states, source.instance_id, request.num_blocks, threshold)
+        destination = _roomiest(states, source.instance_id, chosen.num_blocks, threshold)
         if destination is None:
-            break  # the roomiest cannot take it: neither can any other
-        _apply(states, source, destination, request)
-        moves.append(Move(request.request_id, source.instance_id, destination.instance_id,
-                          request.num_blocks))
+            continue  # too big for any roomy instance; a smaller one elsewhere may fit
+        _apply(states, source, destination, chosen)
+        moves.append(Move(chosen.request_id, source.instance_id, destination.instance_id,
+                          chosen.num_blocks))
     return moves
 
 
