@@ -82,7 +82,6 @@ class _Stream:
     migratable: bool
     client_state: bytes = b""
     migrated_to: MigratedTo | None = None
-    on_finish: Callable[[], None] | None = None
     adopted: Continuation | None = None  # migrated in, waiting for ``attach``
     orphan_timer: asyncio.TimerHandle | None = None
     orphaned: bool = False
@@ -121,6 +120,9 @@ class AsyncEngine:
         # Migrated in, nobody attached yet (oldest first: a request can move on, and even
         # come back, before its client catches up).
         self._unattached: dict[str, deque[_Stream]] = {}
+        # Per request id, one entry per life in the core (oldest first): what to run when
+        # that life's finished event comes (a migrated-in request unpins its blocks).
+        self._lives: dict[str, deque[Callable[[], None] | None]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.loop_stats = LoopStats()
@@ -170,8 +172,14 @@ class AsyncEngine:
         async for event in self._consume(stream):
             yield event
 
-    def _add(self, request: EngineRequest, migratable: bool, client_state: bytes) -> _Stream:
+    def _add(
+        self, request: EngineRequest, migratable: bool, client_state: bytes,
+        on_finish: Callable[[], None] | None = None,
+    ) -> _Stream:
         self.core.add_request(request)  # raises ValueError on requests that can never run
+        # Every life of a request in the core ends with exactly one finished event, in
+        # order, whether or not anybody still reads its stream.
+        self._lives.setdefault(request.request_id, deque()).append(on_finish)
         stream = _Stream(request.request_id, asyncio.Queue(), migratable, client_state)
         self._streams[request.request_id] = stream
         self._wakeup.set()
@@ -241,8 +249,7 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
         before = list(request.output_token_ids)
-        stream = self._add(request, True, client_state)
-        stream.on_finish = on_finish
+        stream = self._add(request, True, client_state, on_finish)
         stream.adopted = Continuation(request_id, list(request.prompt_token_ids), before,
                                       client_state, num_cached_tokens, self._consume(stream))
         stream.orphan_timer = asyncio.get_running_loop().call_later(
@@ -282,12 +289,20 @@ class AsyncEngine:
         if self.core.get_request(request_id) is None:
             del self._streams[request_id]  # it finished meanwhile: all events delivered
             return
-        stream.orphaned = True  # its abort event drops the stream (and runs on_finish)
+        stream.orphaned = True  # its abort event drops the stream
         self.core.abort_request(request_id)
         self._wakeup.set()
 
     def _deliver(self, event: TokenEvent) -> None:
         request_id = event.request_id
+        if event.finished:
+            lives = self._lives.get(request_id)
+            if lives:
+                callback = lives.popleft()
+                if not lives:
+                    del self._lives[request_id]
+                if callback is not None:
+                    callback()
         stream = self._departing.get(request_id)
         if stream is not None:
             if event.finished:  # the departed life's last event; later ones are a new life
@@ -301,9 +316,6 @@ class AsyncEngine:
         # A migrated-in request that ends before anybody attached keeps its events queued
         # for whoever attaches before the orphan timer.
         stream.queue.put_nowait(event)
-        if event.finished and stream.on_finish is not None:
-            callback, stream.on_finish = stream.on_finish, None
-            callback()
 
     async def _run(self) -> None:
         # Iterations follow an ideal timeline: a busy engine starts each iteration at the

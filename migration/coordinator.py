@@ -10,6 +10,11 @@ Llumnix's protocol (``llumnix/llumlet/migration_coordinator.py``), over ``Migrat
    are used up): ``Handoff`` — the source stops the request, pushes the rest, commits it on
    the destination with its state and frees it. Only this phase stops the request, so the
    downtime is the copy of a few blocks plus two round trips, whatever the context length.
+   One refinement over Llumnix: the pace of the previous stage (seconds per block, so the
+   link's speed however slow) predicts the stop-and-copy; while it would exceed
+   ``stop_copy_target_s`` and stages remain, one more pre-copy stage runs instead (on a
+   10 Gb/s link, 16 blocks of Llama-3-8B KV take 27 ms; a stage of them shrinks the rest to
+   a block or two).
 
 Abort paths: the request finished, was preempted or is not decoding on the source
 (``not_migratable``); the destination refused the reservation (``refused``) or failed
@@ -64,6 +69,9 @@ class MigrationConfig:
     stage_timeout_s: float = 120.0  # one pre-copy stage (it moves most of the bytes)
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     link: LinkModel | None = None
+    # Predicted stop-and-copy above this: one more pre-copy stage first (None: Llumnix's
+    # rule only, the block count).
+    stop_copy_target_s: float | None = 0.005
 
     def __post_init__(self) -> None:
         if self.max_stages < 0 or self.last_stage_max_blocks < 0:
@@ -124,6 +132,7 @@ class MigrationCoordinator:
         link = config.link.to_proto() if config.link is not None else None
         source_stub = self._pool.stub(source)
         sent = 0
+        seconds_per_block = 0.0  # pace of the last pre-copy stage
         try:
             for _ in range(config.max_stages):
                 state = await source_stub.GetRequestState(
@@ -133,8 +142,13 @@ class MigrationCoordinator:
                         state.phase)
                     await self._abort_destination(destination, migration_id)
                     return result
-                if state.num_full_blocks - sent <= config.last_stage_max_blocks:
+                remaining = state.num_full_blocks - sent
+                if remaining <= config.last_stage_max_blocks and (
+                    config.stop_copy_target_s is None
+                    or remaining * seconds_per_block <= config.stop_copy_target_s
+                ):
                     break
+                stage_began = self._clock()
                 stage = await source_stub.SendBlocks(pb.SendBlocksRequest(
                     migration_id=migration_id, request_id=request_id, destination=destination,
                     start_block=sent, ttl_s=config.reservation_ttl_s, link=link,
@@ -152,6 +166,8 @@ class MigrationCoordinator:
                     await self._abort_destination(destination, migration_id)
                     return result
                 sent += stage.blocks_sent
+                if stage.blocks_sent:
+                    seconds_per_block = (self._clock() - stage_began) / stage.blocks_sent
             handoff = await source_stub.Handoff(pb.HandoffRequest(
                 migration_id=migration_id, request_id=request_id, destination=destination,
                 start_block=sent, ttl_s=config.reservation_ttl_s, link=link,

@@ -253,3 +253,34 @@ async def test_a_late_commit_after_an_abort_is_refused(
     assert not commit.committed
     assert fleet["b"].engine.core.get_request("x") is None
     await _settle(fleet["a"], fleet["b"])
+
+
+async def test_client_gone_after_the_move_frees_everything(
+    make_fleet: Callable[..., object],
+) -> None:
+    """A client that hangs up on the continuation, and one that never follows the move
+    (its continuation is aborted after the orphan timeout): nothing stays pinned."""
+    fleet: Fleet = await make_fleet()  # type: ignore[misc]
+    fleet["b"].handle.orphan_timeout_s = 0.2
+    params = SamplingParams(max_tokens=200)
+    coordinator = fleet.coordinator()
+    # 1. follows the move, then hangs up.
+    events = fleet["a"].engine.generate("r1", PROMPT, params, migratable=True)
+    await events.__anext__()
+    result = await coordinator.migrate("r1", fleet["a"].address, fleet["b"].address)
+    assert result.committed
+    async for event in events:
+        if event.finished:
+            assert event.finish_reason == "migrated"
+    continuation = fleet["b"].engine.attach("r1")
+    assert fleet["b"].engine.core.num_pinned_blocks > 0
+    async for _ in continuation.events:
+        break
+    await continuation.events.aclose()
+    # 2. never follows.
+    events = fleet["a"].engine.generate("r2", PROMPT, params, migratable=True)
+    await events.__anext__()
+    assert (await coordinator.migrate("r2", fleet["a"].address, fleet["b"].address)).committed
+    await events.aclose()
+    await _settle(fleet["a"], fleet["b"])
+    assert not fleet["b"].engine.has_continuation("r2")
