@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,14 +136,8 @@ def run_bench(instances: int, seconds: float, concurrency: int, rounds: int,
                     for mode in order:
                         phases.append(_phase(mode, browser, url, endpoint, bodies, seconds,
                                              chunk, concurrency, gateway.pid))
-                if screenshot is not None:  # the page at full size, as the last phase left it
-                    browser.get(url + "/dashboard")
-                    _wait(lambda: browser.execute_script(
-                        "return window.llmfleetDashboard.messages") >= 2, "dashboard page", 20)
-                    height = browser.execute_script("return document.body.scrollHeight")
-                    browser.set_window_size(1600, min(int(height) + 40, 4000))
-                    time.sleep(1.5)
-                    browser.save_screenshot(str(screenshot))
+                if screenshot is not None:
+                    _screenshot(browser, url, endpoint, concurrency, screenshot)
             finally:
                 browser.quit()
     result = _summarise(phases, instances, seconds, concurrency, rounds)
@@ -150,6 +145,24 @@ def run_bench(instances: int, seconds: float, concurrency: int, rounds: int,
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _screenshot(browser: Any, url: str, endpoint: Endpoint, concurrency: int,
+                path: Path) -> None:
+    """The whole page under load (half the requests streamed, so TTFTs show)."""
+    streamed = [json.dumps({**json.loads(b), "stream": True}).encode() for b in _bodies(64)]
+    bodies = [b for pair in zip(_bodies(64), streamed, strict=True) for b in pair]
+    load = threading.Thread(target=lambda: asyncio.run(
+        run_batch([endpoint], bodies, 6000, concurrency)), daemon=True)
+    load.start()
+    browser.get(url + "/dashboard")
+    _wait(lambda: browser.execute_script("return window.llmfleetDashboard.messages") >= 2,
+          "dashboard page", 20)
+    height = browser.execute_script("return document.body.scrollHeight")
+    browser.set_window_size(1600, min(int(height) + 40, 4000))
+    time.sleep(6)
+    browser.save_screenshot(str(path))
+    load.join()
 
 
 def _phase(mode: str, browser: Any, url: str, endpoint: Endpoint, bodies: list[bytes],
