@@ -6,6 +6,7 @@ README's), else to the test's temporary directory.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
@@ -13,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.responses import JSONResponse
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
+from router.auth import KeyStore
 from router.gateway import Gateway
 from tests.dashboard.fleet import LiveFleet, background_load, chromium_paths, live_fleet
 from tests.fleet import engine_requests_served, wait_until
@@ -27,30 +28,20 @@ pytestmark = pytest.mark.e2e
 ADMIN_TOKEN = "test-admin-token"
 
 
-class _AdminGuard:
-    """Stand-in for the gateway's auth as the dashboard needs it: the page and its scripts
-    open (a browser cannot send a header when it navigates), everything under ``/admin``
-    behind ``Bearer ADMIN_TOKEN``."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/admin"):
-            headers = dict(scope.get("headers", ()))
-            if headers.get(b"authorization") != f"Bearer {ADMIN_TOKEN}".encode():
-                response = JSONResponse({"error": {
-                    "message": "admin token required", "type": "authentication_error",
-                    "param": None, "code": "missing_admin_token"}}, status_code=401)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 @pytest.fixture
 def fleet(redis_url: str, namespace: str) -> Iterator[LiveFleet]:
-    with live_fleet(redis_url, namespace, engines=3, wrap_app=_AdminGuard) as f:
+    # The gateway's own auth (router.auth): the page is open, its data and actions need
+    # the admin token, and requests need an API key.
+    api_key = asyncio.run(_api_key(redis_url, namespace))  # before the gateway reads keys
+    with live_fleet(redis_url, namespace, engines=3, admin_token=ADMIN_TOKEN) as f:
+        f.api_key = api_key
         yield f
+
+
+async def _api_key(redis_url: str, namespace: str) -> str:
+    async with KeyStore(redis_url, namespace) as keys:
+        _, secret = await keys.create("dashboard-test")
+    return secret
 
 
 @pytest.fixture
