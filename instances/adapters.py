@@ -336,7 +336,8 @@ class ExternalReplicaAgent:
                 for key, value in self._reader.read(metrics_text).items():
                     load.setdefault(key, value)
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-            log.info("external replica %s not ready: %r", self.url, exc)
+            # Every poll while it is down: DEBUG (joining and leaving are logged at INFO).
+            log.debug("external replica %s not ready: %r", self.url, exc)
             return None
         block_size = self.block_size or int(load.pop("block_size", 0)) or 16
         load.pop("block_size", None)
