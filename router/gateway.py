@@ -359,6 +359,11 @@ class Gateway:
                              "rate_limit_error", "fleet_busy",
                              headers=[(b"retry-after", str(max(1, round(exc.retry_after_s)))
                                        .encode())])
+        except Exception as exc:
+            # A bug, not bad input: still an OpenAI-style body, if the answer has not begun.
+            log.exception("unexpected error serving %s", endpoint)
+            with contextlib.suppress(Exception):
+                await send_error(send, 500, f"Internal error: {exc!r}", "server_error")
         finally:
             self._count(endpoint, status)
 
