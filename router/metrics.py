@@ -30,6 +30,9 @@ DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 1e-3, 1e-2)
 DOWNTIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 ADMISSION_CLASSES = ("short", "long")  # LAPS: by uncached prefill tokens
+# Why LAPS releases a queued request and why the rebalancer moves one (router.admission).
+ADMISSION_RELEASE_REASONS = ("room", "aged")
+ADMISSION_MOVE_REASONS = ("rebalance_ttft", "rebalance_wait")
 MIGRATION_OUTCOMES = ("committed", "aborted", "failed")
 
 
@@ -95,6 +98,10 @@ class GatewayMetrics:
         for name in ADMISSION_CLASSES:
             self.queue_length.labels(queue=name).set(0)
             self.queue_wait.labels(queue=name)
+        for reason in ADMISSION_RELEASE_REASONS:
+            self.admission_releases.labels(reason=reason)
+        for reason in ADMISSION_MOVE_REASONS:
+            self.admission_moves.labels(reason=reason)
         for outcome in MIGRATION_OUTCOMES:
             self.migrations.labels(outcome=outcome)
         for state in ("healthy", "unhealthy"):
