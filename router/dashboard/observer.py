@@ -1,16 +1,16 @@
 """What the dashboard shows, read from a gateway without slowing it down.
 
 ``FleetObserver`` reads only a gateway's public state (``snapshot``, ``records``,
-``policy``, ``metrics``, ``is_leader``, ``config``; ``admission`` and ``migrations`` once
-they exist) and keeps:
+``policy``, ``metrics``, ``is_leader``, ``config``, the admission policy in ``gate``, and
+``migrations`` once it exists) and keeps:
 
 * **on the request path**: ``on_decision`` appends one tuple to a bounded deque (the last
   requests, with their ring key for the ring picture). Nothing else runs per request: rates
   and latencies come from the gateway's own Prometheus counters and histograms.
 * **once a second** (``tick``): the raw cumulative counters (a few reads), the event log
   (joins, leaves, health changes, drains, epoch bumps, leader changes, failovers, found by
-  diffing the snapshot, the records and the leader id against the last tick: O(instances)),
-  and the leader id (one Redis GET).
+  diffing the snapshot, the records and the leader id against the last tick: O(instances);
+  the caller reads the leader id from Redis) and the admission queue lengths (a gauge).
 * **only while someone watches** (``build_state``): the aggregation: per-second series of
   request rate, routing decisions by reason and windowed TTFT p50/p99 from the counters'
   deltas, the per-instance table, the ring arcs (recomputed only when membership or
@@ -44,14 +44,17 @@ RATE_WINDOW_S = 10  # per-instance routed rate and prefix hit rate window
 
 
 class ObservedGateway(Protocol):
-    """The part of ``router.gateway.Gateway`` the dashboard reads."""
+    """The part of ``router.gateway.Gateway`` the dashboard reads (and, for the admin
+    actions, ``policy`` and ``config`` it sets)."""
 
     snapshot: ClusterSnapshot
     records: Mapping[str, Any]  # instance id -> proto.registry.InstanceRecord
     policy: RoutingPolicy
     metrics: GatewayMetrics
-    is_leader: bool
-    config: Any
+    config: Any  # router.gateway.GatewayConfig
+
+    @property
+    def is_leader(self) -> bool: ...
 
 
 @dataclass(frozen=True)
