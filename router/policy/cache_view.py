@@ -195,3 +195,61 @@ class PrefixCacheView:
         entry = cache.engine_to_prefix.pop(engine_hash, None)
         if entry is not None:
             cache.blocks.discard(entry[0])
+
+
+class LastHolderIndex:
+    """Fleet-wide: which instance a prompt through each prefix was last routed to.
+
+    Maps prefix-block hashes to the id of the instance that last received a prompt through
+    that prefix (``record``: every block of a routed prompt, one C-level ``dict.update``).
+    Every recorded prompt adds all its prefixes, so the held hashes are closed under taking
+    shorter prefixes and ``deepest`` can binary-search a prompt's prefix hashes for the
+    deepest one held: the last holder of the longest routed prefix of the prompt. For a
+    conversation's next turn that is the previous turn's prompt, held by the instance that
+    served it, wherever that was (a ring home, a load fallback, before a key or membership
+    change). It is a hint: the caller checks the instance's own cache view, which knows
+    about evictions; the index forgets by generations instead (when the newer of two dicts
+    holds ``capacity_blocks / 2`` hashes it becomes the older and the oldest is dropped),
+    which keeps prefix closure: each generation is a union of whole recorded prompts.
+    """
+
+    __slots__ = ("_new", "_old", "capacity_blocks")
+
+    def __init__(self, capacity_blocks: int = 1 << 20) -> None:
+        if capacity_blocks < 2:
+            raise ValueError("capacity_blocks must be >= 2")
+        self.capacity_blocks = capacity_blocks
+        self._new: dict[int, str] = {}
+        self._old: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._new) + len(self._old)
+
+    def record(self, prefix_hashes: PrefixHashes, instance_id: str) -> None:
+        """A prompt with ``prefix_hashes`` was routed to ``instance_id``."""
+        values = np.frombuffer(prefix_hashes, dtype="<u8").tolist()
+        new = self._new
+        new.update(dict.fromkeys(values, instance_id))
+        if len(new) >= self.capacity_blocks // 2:
+            self._old, self._new = new, {}
+
+    def deepest(self, prefix_hashes: PrefixHashes, lo: int = 0) -> tuple[str | None, int]:
+        """(the last holder of the prompt's deepest held prefix, that prefix's length in
+        blocks); ``(None, 0)`` if no prefix is held. ``lo``: blocks known to be held (a
+        lower bound that shortens the search; 0 if none is known)."""
+        hashes = memoryview(prefix_hashes).cast("B").cast("Q")
+        new, old = self._new, self._old
+        hi = len(hashes)
+        # invariant: prefix lo is held (or lo == 0), prefix hi + 1 is not
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1
+            value = hashes[mid - 1]
+            if value in new or value in old:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == 0:
+            return None, 0
+        value = hashes[lo - 1]
+        holder = new.get(value)
+        return (holder if holder is not None else old.get(value)), lo

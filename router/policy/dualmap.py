@@ -42,6 +42,7 @@ from proto.defaults import (
 )
 from router.policy.base import PreparedPrompt
 from router.policy.cache_tracking import CacheTrackingPolicy
+from router.policy.cache_view import LastHolderIndex
 from router.policy.fastpath import affinity_pick
 from router.policy.interfaces import ClusterSnapshot, Decision, RoutingRequest
 from router.policy.keys import PrefixKeyBuilder
@@ -59,11 +60,11 @@ class DualMapPolicy(CacheTrackingPolicy):
         slo_ttft_s: float = DEFAULT_SLO_TTFT_S,
         slo_factor: float = 0.5,
         slo_aware: bool = True,
-        key_blocks: int = 2,
-        key_block_size: int = 512,
-        max_key_blocks: int = 16,
+        key_blocks: int = 1,
+        key_block_size: int = 16,
+        max_key_blocks: int = 512,
         adaptive_key: bool = True,
-        hot_step: int = 128,
+        hot_step: int = 16,
         hot_share: float | None = None,
         hot_window: int = 2048,
         hot_min_count: int = 16,
@@ -76,6 +77,8 @@ class DualMapPolicy(CacheTrackingPolicy):
         rebalance_ttft_factor: float = 1.0,
         fallback_probes: int = 4,
         load_switch_margin: float = 0.2,
+        continuity: bool = True,
+        continuity_index_blocks: int = 1 << 20,
     ) -> None:
         if slo_ttft_s <= 0 or slo_factor <= 0:
             raise ValueError("slo_ttft_s and slo_factor must be positive")
@@ -101,6 +104,8 @@ class DualMapPolicy(CacheTrackingPolicy):
         )
         self.rings = KeyedRings(RING_SEEDS, vnodes_per_weight, keys)
         assert keys.hasher.block_size == self.cache.block_size  # locate's hashes serve both
+        self.continuity = continuity
+        self.last_holder = LastHolderIndex(continuity_index_blocks)
 
     @property
     def slo_bound_s(self) -> float:
@@ -127,10 +132,14 @@ class DualMapPolicy(CacheTrackingPolicy):
         # in the TTFT tie-break, makes the first instances that happened to receive it win
         # every new conversation while the others stay cold. Compiled (the hot path):
         # _fastpath.affinity_pick states the arithmetic, == predicted_ttft per home.
+        cover = prepared.key.length  # type: ignore[union-attr]  # locate set the key
         best, estimates = affinity_pick(
             homes, cached_blocks, board.index, self.fixed_seconds, board.prefill_tokens,
-            self.seconds_per_token, self.cache.block_size, prepared.num_tokens,
-            prepared.key.length)  # type: ignore[union-attr]  # locate set the key
+            self.seconds_per_token, self.cache.block_size, prepared.num_tokens, cover)
+        if self.continuity:
+            holder = self._continuity(prepared, homes, cached_blocks, cover)
+            if holder is not None:
+                return self._pick_with_holder(prepared, homes, estimates, best, cover, holder)
         cached, ttft = estimates[best]
         if not self.slo_aware or ttft <= self.slo_bound_s:
             return Decision(homes[best], "affinity", homes, ttft, cached)
@@ -139,6 +148,54 @@ class DualMapPolicy(CacheTrackingPolicy):
             if other_ttft <= self.slo_bound_s:
                 return Decision(homes[1 - best], "slo_fallback", homes, other_ttft, other_cached)
         return self._lowest_ttft(prepared, homes, estimates)
+
+    def _continuity(
+        self, prepared: PreparedPrompt, homes: tuple[str, ...], cached_blocks: tuple[int, ...],
+        cover: int,
+    ) -> tuple[str, int, float] | None:
+        """The continuity candidate: the routable instance, not a home, that holds a longer
+        cached prefix of the prompt than either home, found through the fleet-wide
+        ``last_holder`` index and checked in its own cache view; ``(id, cached tokens,
+        predicted TTFT)``, or None. Its prefix must cover the key, as a home's must to
+        count: a shorter one (a shared system prompt) is no conversation's own."""
+        hashes = prepared.prefix_hashes
+        assert hashes is not None  # locate set them
+        home_blocks = max(cached_blocks)
+        holder, depth = self.last_holder.deepest(hashes, home_blocks)
+        block_size = self.cache.block_size
+        if (holder is None or depth <= home_blocks or depth * block_size < cover
+                or holder in homes or holder not in self.board.eligible_set):
+            return None
+        table = self.cache.held.get(holder)
+        if table is None:
+            return None
+        blocks = table.cached_blocks(hashes, depth)
+        cached = min(blocks * block_size, max(0, prepared.num_tokens - 1))
+        if blocks <= home_blocks or cached < cover:
+            return None
+        return holder, cached, self.predicted_ttft(holder, prepared.num_tokens - cached)
+
+    def _pick_with_holder(
+        self, prepared: PreparedPrompt, homes: tuple[str, ...],
+        estimates: Sequence[tuple[int, float]], best: int, cover: int,
+        holder: tuple[str, int, float],
+    ) -> Decision:
+        """The affinity rule and the SLO switch over the homes and the continuity candidate
+        (``holder``, last): the largest cached prefix that covers the key, ties to the lower
+        predicted TTFT, then ring order. The holder's prefix is longer than either home's,
+        so it is the affinity pick (reason ``continuity``); past the SLO bound, the best
+        other candidate within it (``slo_fallback``), else the fleet's fastest (``load``)."""
+        holder_id, holder_cached, holder_ttft = holder
+        candidates = (*homes, holder_id)
+        all_estimates = (*estimates, (holder_cached, holder_ttft))
+        if not self.slo_aware or holder_ttft <= self.slo_bound_s:
+            return Decision(holder_id, "continuity", candidates, holder_ttft, holder_cached)
+        # The homes, in the affinity pick's order: their own pick first.
+        for i in (best, 1 - best) if len(homes) == 2 else (best,):
+            cached, ttft = estimates[i]
+            if ttft <= self.slo_bound_s:
+                return Decision(homes[i], "slo_fallback", candidates, ttft, cached)
+        return self._lowest_ttft(prepared, candidates, all_estimates)
 
     def _lowest_ttft(
         self,
@@ -195,6 +252,8 @@ class DualMapPolicy(CacheTrackingPolicy):
     ) -> None:
         super().after_dispatch(request, prepared, decision, now)
         self.rings.record(prepared)
+        if self.continuity:
+            self.last_holder.record(self.prefix_hashes(prepared), decision.instance_id)
 
     def plan_rebalance(
         self, queued: Sequence[QueuedRequest], snapshot: ClusterSnapshot, now: float

@@ -192,7 +192,7 @@ def test_rebalance_moves_queued_requests_off_a_hotspot() -> None:
 def test_the_fleet_fallback_finds_a_cached_copy_off_the_rings() -> None:
     rng = np.random.default_rng(10)
     prompt = tokens(rng, 2000)
-    policy = _policy()
+    policy = _policy(continuity=False)  # the fleet fallback's probes, not the continuity index
     c1, c2 = _homes(policy, prompt, snapshot(8))
     holder, idle, *others = [i for i in ids(8) if i not in (c1, c2)]
     _seed_cache(policy, holder, prompt, "seed")  # e.g. an earlier fallback left it there
@@ -202,7 +202,7 @@ def test_the_fleet_fallback_finds_a_cached_copy_off_the_rings() -> None:
     assert (decision.instance_id, decision.reason) == (holder, "load")
     assert decision.cached_tokens_estimate == 1999
     assert decision.predicted_ttft_s == pytest.approx(1001 * S_PER_TOKEN)
-    blind = _policy(fallback_probes=1)
+    blind = _policy(fallback_probes=1, continuity=False)
     blind.on_dispatched(request("seed", prompt), Decision(holder, "test"), 0.0)
     blind.on_finished("seed", holder, 0.0)
     decision = blind.route(request("r", prompt), _with_backlog(snapshot(8), backlog), 0)

@@ -84,10 +84,10 @@ def test_512_token_system_prompt_spreads_conversations_and_keeps_each_on_its_pai
     assert set(loads) == set(ids(8))
     assert _imbalance(loads) <= 1.2
     for conv in convs:
-        pair = conv.decisions[0].candidates
-        assert len(pair) == 2
-        assert all(d.instance_id in pair and d.candidates == pair for d in conv.decisions)
-        # After the first turn the conversation returns to where its cache is.
+        assert len(conv.decisions[0].candidates) == 2
+        assert all(d.instance_id in d.candidates for d in conv.decisions)
+        # After the first turn the conversation returns to where its cache is (a home, or
+        # the continuity candidate when the key lengthened after its first turn).
         assert all(d.instance_id == conv.decisions[0].instance_id for d in conv.decisions)
 
 
