@@ -32,6 +32,7 @@ from instances.launcher import (
 )
 from proto.defaults import (
     DEFAULT_HEARTBEAT_TTL_S,
+    DEFAULT_LEADER_LEASE_S,
     DEFAULT_NAMESPACE,
     DEFAULT_POLICY,
     DEFAULT_SLO_TTFT_S,
@@ -86,6 +87,9 @@ def _gateway_config(args: argparse.Namespace, redis_url: str) -> Any:
                          policy_params=parse_params(args.policy_param),
                          slo_ttft_s=args.slo_ttft, profile=args.profile,
                          heartbeat_ttl_s=args.heartbeat_ttl, admission=args.admission,
+                         namespace=args.namespace, leader_lease_s=args.leader_lease,
+                         **({"gateway_id": args.gateway_id} if getattr(args, "gateway_id", None)
+                            else {}),
                          max_inflight_per_instance=args.max_inflight_per_instance,
                          tokenizer=getattr(args, "tokenizer", None),
                          max_body_bytes=args.max_body_bytes,
@@ -118,6 +122,10 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None,
                         help="hardware profile of the replicas (prefill cost, KV capacity)")
     parser.add_argument("--heartbeat-ttl", type=float, default=DEFAULT_HEARTBEAT_TTL_S)
+    parser.add_argument("--namespace", default=DEFAULT_NAMESPACE,
+                        help="Redis key prefix of this fleet's state")
+    parser.add_argument("--leader-lease", type=float, default=DEFAULT_LEADER_LEASE_S,
+                        help="seconds the control-loop leader's lease lasts (takeover time)")
     parser.add_argument("--admission", default="none", choices=ADMISSION_MODES,
                         help="admission queues between routing and forwarding "
                              "(docs/admission.md)")
@@ -162,7 +170,7 @@ def run_up(args: argparse.Namespace) -> int:
         specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), executor=args.executor,
                             profile=args.profile, speedup=args.speedup, redis_url=redis_url,
                             model=args.model, heartbeat_ttl_s=args.heartbeat_ttl,
-                            tokenizer=args.tokenizer,
+                            namespace=args.namespace, tokenizer=args.tokenizer,
                             extra_args=["--log-format", args.log_format])
                  for i in range(args.engines)]
         supervisor = EngineSupervisor(specs, log_dir=os.path.join(workdir, "logs"))
@@ -170,7 +178,7 @@ def run_up(args: argparse.Namespace) -> int:
         supervisor.start()
         print_event("engines_ready", engines=supervisor.describe())
         externals = backend_specs(args.backend, args.fleet)
-        watch_external_backends(externals, redis_url, DEFAULT_NAMESPACE, args.heartbeat_ttl,
+        watch_external_backends(externals, redis_url, args.namespace, args.heartbeat_ttl,
                                 tokenizer=args.tokenizer)
 
         host = args.host
@@ -284,5 +292,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=0)
     add_gateway_arguments(gw)
+    gw.add_argument("--gateway-id", default=None,
+                    help="this replica's id (leader lease, logs); default: a random one")
     add_log_format_argument(gw)
     gw.set_defaults(func=run_gateway)
