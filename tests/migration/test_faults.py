@@ -51,10 +51,10 @@ class Fleet:
         return MigrationCoordinator(MigrationConfig(**config), self.pool)  # type: ignore[arg-type]
 
 
-async def _fleet(**faults: Faults) -> Fleet:
+async def _fleet(ttl_s: float = 0.3, **faults: Faults) -> Fleet:
     replicas = {}
     for name in ("a", "b"):
-        replicas[name] = await start_replica(name, ttl_s=0.3, faults=faults.get(name))
+        replicas[name] = await start_replica(name, ttl_s=ttl_s, faults=faults.get(name))
     fleet = Fleet(replicas)
     await connect_all(replicas.values(), fleet.pool)
     return fleet
@@ -64,8 +64,8 @@ async def _fleet(**faults: Faults) -> Fleet:
 async def make_fleet() -> AsyncIterator[Callable[..., object]]:
     made: list[Fleet] = []
 
-    async def make(**faults: Faults) -> Fleet:
-        fleet = await _fleet(**faults)
+    async def make(ttl_s: float = 0.3, **faults: Faults) -> Fleet:
+        fleet = await _fleet(ttl_s, **faults)
         made.append(fleet)
         return fleet
 
@@ -189,12 +189,14 @@ async def test_coordinator_dies_during_the_precopy(make_fleet: Callable[..., obj
         if block >= 2:
             pushing.set()
 
-    fleet: Fleet = await make_fleet(a=Faults(on_push_batch=on_batch))  # type: ignore[misc]
+    # Leases long enough for a loaded machine to get from the push to the checks below.
+    fleet: Fleet = await make_fleet(  # type: ignore[misc]
+        ttl_s=1.0, a=Faults(on_push_batch=on_batch))
     progress: asyncio.Queue[int] = asyncio.Queue()
     client = fleet.start_client("r", 200, progress)
     await fleet.wait_for_tokens(progress, 2)
     coordinator = fleet.coordinator(
-        last_stage_max_blocks=0, max_batch_bytes=TINY_BLOCK_BYTES, reservation_ttl_s=0.3,
+        last_stage_max_blocks=0, max_batch_bytes=TINY_BLOCK_BYTES, reservation_ttl_s=1.0,
         link=LinkModel(gbytes_per_s=0.01, modelled_bytes_per_block=500_000))
     migration = asyncio.create_task(
         coordinator.migrate("r", fleet["a"].address, fleet["b"].address))
@@ -206,7 +208,7 @@ async def test_coordinator_dies_during_the_precopy(make_fleet: Callable[..., obj
     log = await client
     assert log.tokens == reference_tokens(PROMPT, 200, 0.0, "r") and log.hops == ["a"]
     # The destination's lease ran out: reservation and pinned blocks are gone.
-    await _settle(fleet["a"], fleet["b"])
+    await _settle(fleet["a"], fleet["b"], seconds=1.3)
 
 
 async def test_coordinator_dies_during_the_handoff(make_fleet: Callable[..., object]) -> None:

@@ -56,8 +56,14 @@ async def _run_plan(
                     getter.cancel()
             if client.done() or destination == location:
                 continue
-            result = await coordinator.migrate(
-                request_id, replicas[location].address, replicas[destination].address)
+            for _ in range(50):
+                result = await coordinator.migrate(
+                    request_id, replicas[location].address, replicas[destination].address)
+                # Right after a move the request is briefly not decoding (its first step
+                # on the new replica recomputes the last partial block): try again.
+                if result.status != "not_migratable" or client.done():
+                    break
+                await asyncio.sleep(0.005)
             results.append(result)
             if result.committed:
                 location = destination
@@ -117,6 +123,6 @@ async def test_several_moves_and_back_to_the_first_replica(
 
 @pytest.fixture
 async def fleet() -> AsyncIterator[dict[str, Replica]]:
-    replicas = await start_replicas_named(["a", "b", "c"])
+    replicas = await start_replicas_named(["a", "b", "c"], speedup=0.05)
     yield replicas
     await stop_replicas(list(replicas.values()))
