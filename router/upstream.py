@@ -190,9 +190,18 @@ class UpstreamResponse:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; raises ``UpstreamError`` if the replica breaks off."""
+        chunks = self._chunks
         while True:
-            while self._chunks:
-                yield self._chunks.popleft()
+            if chunks:
+                # Everything that has arrived goes on as one piece: one write downstream
+                # instead of one per upstream read. Nothing waits for more to arrive.
+                if len(chunks) == 1:
+                    yield chunks.popleft()
+                else:
+                    joined = b"".join(chunks)
+                    chunks.clear()
+                    yield joined
+                continue
             if self._done:
                 return
             if self._error_message is not None:
