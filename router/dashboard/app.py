@@ -125,6 +125,7 @@ class DashboardHub:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         state = self.observer.build_state(include_rings=False)
+        state["publish_ms"] = round(self.publish_ms, 3)  # the previous tick's cost
         version = self.observer.rings.version
         plain = _sse(state)
         full: bytes | None = None

@@ -196,7 +196,10 @@ def _phase(mode: str, browser: Any, url: str, endpoint: Endpoint, bodies: list[b
         stats = browser.execute_script("return window.llmfleetDashboard.stats()")
         row.update({
             "page_updates": stats["messages"],
-            "page_updates_per_second": round(stats["messages"] / (stats["elapsedMs"] / 1e3), 3),
+            # Between the first and the last update of the phase (no fencepost error).
+            "page_updates_per_second": round(
+                (stats["messages"] - 1) / max(1e-3, (stats["last"] - stats["first"]) / 1e3), 3),
+            "server_publish_ms_max": stats["maxPublishMs"],
             "page_max_gap_ms": round(stats["maxGapMs"], 1),
             "page_render_ms_max": round(stats["maxRenderMs"], 2),
             "page_render_ms_mean": round(stats["renderMs"] / max(1, stats["messages"]), 2),
@@ -232,6 +235,7 @@ def _summarise(phases: list[dict[str, Any]], instances: int, seconds: float,
                  "page_updates_per_second_min": min_rate,
                  "page_max_gap_ms": max_gap,
                  "page_render_ms_max": max(p["page_render_ms_max"] for p in opened),
+                 "server_publish_ms_max": max(p["server_publish_ms_max"] for p in opened),
                  "page_instances_shown": min(p["page_instances_shown"] for p in opened),
                  "page_ring_arcs": min(p["page_ring_arcs"] for p in opened)},
         "cpu_ratio_open_to_closed": round(ratio, 4),

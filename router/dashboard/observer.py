@@ -197,9 +197,9 @@ class FleetObserver:
         self.gateway = gateway
         self._clock = clock
         self._wall = wall
-        # (monotonic time, request id, instance, reason, candidates, key hash or -1)
-        self._decisions: deque[tuple[float, str, str, str, tuple[str, ...], int]] = \
-            deque(maxlen=recent)
+        # (monotonic time, request id, the decision, its ring key hash or -1)
+        self._decisions: deque[tuple[float, str, Decision, int]] = deque(maxlen=recent)
+        self._record = self._decisions.append
         self._samples: deque[_Sample] = deque(maxlen=history)
         self.events: deque[FleetEvent] = deque(maxlen=events)
         self._instances: dict[str, _InstanceState] | None = None
@@ -226,13 +226,9 @@ class FleetObserver:
         (between ``route`` and ``on_dispatched``), so it costs no hashing here.
         """
         prepared = self._prepared
-        key = -1
-        if prepared is not None:
-            entry = prepared.get(request_id)
-            if entry is not None and entry.key is not None:
-                key = entry.key[0]
-        self._decisions.append((self._clock(), request_id, decision.instance_id,
-                                decision.reason, decision.candidates, key))
+        entry = prepared.get(request_id) if prepared is not None else None
+        key = entry.key[0] if entry is not None and entry.key is not None else -1
+        self._record((self._clock(), request_id, decision, key))
 
     # -- once a second --------------------------------------------------------------------
     def note(self, kind: str, message: str, instance_id: str | None = None) -> None:
@@ -358,7 +354,7 @@ class FleetObserver:
         records = self.gateway.records
         decisions = list(self._decisions)
         since = bisect.bisect_left(decisions, now_mono - RATE_WINDOW_S, key=itemgetter(0))
-        routed = Counter(map(itemgetter(2), decisions[since:]))
+        routed = Counter(d[2].instance_id for d in decisions[since:])
         window = self._window_start(RATE_WINDOW_S)
         last = self._samples[-1] if self._samples else None
         wall = self._wall()
@@ -433,10 +429,10 @@ class FleetObserver:
 
     def _recent(self, now_mono: float) -> list[dict[str, Any]]:
         rows = []
-        for when, request_id, instance_id, reason, candidates, key in \
-                list(self._decisions)[-RECENT_KEYS:]:
-            rows.append({"id": request_id, "instance": instance_id, "reason": reason,
-                         "candidates": list(candidates), "age_s": now_mono - when,
+        for when, request_id, decision, key in list(self._decisions)[-RECENT_KEYS:]:
+            rows.append({"id": request_id, "instance": decision.instance_id,
+                         "reason": decision.reason, "candidates": list(decision.candidates),
+                         "age_s": now_mono - when,
                          "position": key / RING_SPACE if key >= 0 else None})
         return rows
 

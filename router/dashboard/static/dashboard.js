@@ -116,18 +116,24 @@ window.addEventListener("pageshow", (ev) => { if (ev.persisted) connect(); });
 
 // What the page itself measures (benchmarks and tests read it): updates received since
 // the last reset, the longest gap between two, and the time spent drawing them.
-const pageStats = { since: performance.now(), last: null, messages: 0, maxGapMs: 0, renderMs: 0, maxRenderMs: 0 };
+// ``first``/``last``: arrival of the first and last update since the reset, so the rate is
+// (messages - 1) / (last - first), with no fencepost error at either end.
+const freshStats = () => ({ since: performance.now(), first: null, last: null, messages: 0,
+  maxGapMs: 0, renderMs: 0, maxRenderMs: 0, maxPublishMs: 0 });
+const pageStats = freshStats();
 window.llmfleetDashboard = {
   get messages() { return state.messages; },
-  resetStats() { Object.assign(pageStats, { since: performance.now(), last: null, messages: 0, maxGapMs: 0, renderMs: 0, maxRenderMs: 0 }); },
+  resetStats() { Object.assign(pageStats, freshStats()); },
   stats() { return Object.assign({ elapsedMs: performance.now() - pageStats.since }, pageStats); },
 };
 
 function onState(data) {
   const t0 = performance.now();
   if (pageStats.last !== null) pageStats.maxGapMs = Math.max(pageStats.maxGapMs, t0 - pageStats.last);
+  if (pageStats.first === null) pageStats.first = t0;
   pageStats.last = t0;
   pageStats.messages += 1;
+  if (data.publish_ms !== undefined) pageStats.maxPublishMs = Math.max(pageStats.maxPublishMs, data.publish_ms);
   render(data);
   const took = performance.now() - t0;
   pageStats.renderMs += took;
