@@ -209,7 +209,7 @@ async def run_live(
     pool = ChannelPool()
     coordinator = MigrationCoordinator(config, pool)
     result: dict[str, Any] = {}
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=300) as client:
 
         async def open_continuation(resume: Resume) -> AsyncIterator[bytes]:
             response = await client.send(client.build_request("GET", resume.continuation_url),
@@ -247,7 +247,7 @@ async def run_replay(a: Replica, b: Replica, context: int, seed: int) -> Observa
     stitcher = StreamStitcher()
     arrivals: list[tuple[float, int]] = []
     info: dict[str, Any] = {}
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=300) as client:
         request = client.build_request("POST", f"{a.url}/v1/completions", json=body,
                                        headers={REQUEST_ID_HEADER: request_id})
         response = await client.send(request, stream=True)
@@ -523,7 +523,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", default="1024,4096,16384,32768")
-    parser.add_argument("--tiny-contexts", default="1024,4096",
+    parser.add_argument("--tiny-contexts", default="1024",
                         help="contexts also run with the tiny executor (real K/V tensors)")
     parser.add_argument("--links", default=",".join(f"{x:g}" for x in LINKS_GBYTES_PER_S),
                         help="modelled link bandwidths, GB/s")
