@@ -78,7 +78,9 @@ def _wait(check: Any, what: str, timeout_s: float = 60.0) -> None:
     raise TimeoutError(f"{what} not ready after {timeout_s}s")
 
 
-def _browser() -> Any:
+def open_browser(width: int = 1600, height: int = 1400) -> Any:
+    """Headless Chromium under selenium: the system's browser and driver (Debian packages
+    ``chromium`` and ``chromium-driver``, which ``make install`` gets), nothing downloaded."""
     import shutil
 
     from selenium import webdriver
@@ -87,12 +89,12 @@ def _browser() -> Any:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if binary is None or driver is None:
-        raise SystemExit("bench dashboard needs Chromium and chromedriver "
-                         "(apt-get install -y chromium chromium-driver; make install does)")
+        raise RuntimeError("Chromium and chromedriver are needed: "
+                           "apt-get install -y chromium chromium-driver (make install does)")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1600,1400"):
+                "--hide-scrollbars", f"--window-size={width},{height}"):
         options.add_argument(arg)
     browser = webdriver.Chrome(service=Service(driver), options=options)
     # The page competes for the CPU with the load; a reading may wait for its renderer.
@@ -129,7 +131,7 @@ def run_bench(instances: int, seconds: float, concurrency: int, rounds: int,
                   == instances, "gateway")
             endpoint = Endpoint("127.0.0.1", port)
             asyncio.run(run_batch([endpoint], bodies, chunk, concurrency))  # warm up
-            browser = _browser()
+            browser = open_browser()
             try:
                 for r in range(rounds):
                     order = ("closed", "open") if r % 2 == 0 else ("open", "closed")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -99,13 +98,3 @@ def background_load(fleet: LiveFleet, interval_s: float = 0.05) -> Iterator[None
     finally:
         stop.set()
         thread.join(timeout=30)
-
-
-def chromium_paths() -> tuple[str, str]:
-    """The system Chromium and its driver (Debian packages chromium, chromium-driver)."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if browser is None or driver is None:
-        raise RuntimeError("the browser test needs Chromium and its driver: "
-                           "apt-get install -y chromium chromium-driver (make install does)")
-    return browser, driver

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from router.auth import KeyStore
+from router.dashboard.bench import open_browser
 from router.gateway import Gateway
-from tests.dashboard.fleet import LiveFleet, background_load, chromium_paths, live_fleet
+from tests.dashboard.fleet import LiveFleet, background_load, live_fleet
 from tests.fleet import engine_requests_served, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -46,13 +46,7 @@ async def _api_key(redis_url: str, namespace: str) -> str:
 
 @pytest.fixture
 def browser() -> Iterator[webdriver.Chrome]:
-    binary, driver_path = chromium_paths()
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1600,1400", "--hide-scrollbars"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = open_browser()
     try:
         yield driver
     finally:
