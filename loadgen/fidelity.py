@@ -43,7 +43,7 @@ import numpy as np
 from loadgen.config import RunConfig, load_workload
 from loadgen.metrics import RequestOutcome
 from loadgen.request import TraceRequest
-from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_SLO_TTFT_S
+from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_PROFILE, DEFAULT_SLO_TTFT_S
 
 DEFAULT_TRACE = "/work/shared/traces/synthetic_trace.jsonl"
 # Fields compared between the two sides (ratio = live / sim).
@@ -128,6 +128,8 @@ def live_fleet(config: RunConfig, *, heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_
             [sys.executable, "-m", "loadgen.fidelity", "--serve-gateway",
              "--redis-url", redis_url, "--port", str(port), "--policy", config.policy,
              "--policy-params", json.dumps(policy_params(config)),
+             "--slo-ttft", repr(config.slo_ttft_s), "--admission", config.admission,
+             "--admission-params", json.dumps(config.admission_params),
              "--heartbeat-ttl", repr(heartbeat_ttl_s),
              "--refresh-interval", repr(refresh_interval_s)],
             stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
@@ -162,13 +164,16 @@ def _serve_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     from router.gateway import Gateway, GatewayConfig, create_gateway_app
+    from router.up import FAST_SERVER
 
     config = GatewayConfig(redis_url=args.redis_url, policy=args.policy,
                            policy_params=json.loads(args.policy_params),
+                           slo_ttft_s=args.slo_ttft, admission=args.admission,
+                           admission_params=json.loads(args.admission_params),
                            heartbeat_ttl_s=args.heartbeat_ttl,
                            refresh_interval_s=args.refresh_interval)
     uvicorn.run(create_gateway_app(Gateway(config)), host="127.0.0.1", port=args.port,
-                log_level="warning", access_log=False)
+                log_level="warning", access_log=False, **FAST_SERVER)
     return 0
 
 
@@ -357,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic workload field override (JSON value)")
     p.add_argument("--instances", type=int, default=4)
     p.add_argument("--policy", default="dualmap")
-    p.add_argument("--profile", default="h100-llama3-8b")
+    p.add_argument("--admission", default="none", choices=("none", "laps", "laps-spatial"),
+                   help="admission queues, in the live gateway and the simulator alike")
+    p.add_argument("--profile", default=DEFAULT_PROFILE)
     p.add_argument("--slo-ttft", type=float, default=DEFAULT_SLO_TTFT_S)
     p.add_argument("--warmup-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
@@ -379,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--policy-params", default="{}", help=argparse.SUPPRESS)
+    p.add_argument("--admission-params", default="{}", help=argparse.SUPPRESS)
     return p
 
 
@@ -397,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        max_requests=args.max_requests, seed=args.seed,
                        workload_params=params, slo_ttft_s=args.slo_ttft,
                        warmup_fraction=args.warmup_fraction, instances=args.instances,
-                       policy=args.policy, profile=args.profile)
+                       policy=args.policy, profile=args.profile, admission=args.admission)
     result = run_fidelity(config, heartbeat_ttl_s=args.heartbeat_ttl,
                           refresh_interval_s=args.refresh_interval,
                           report_interval_s=args.report_interval,
