@@ -35,10 +35,11 @@ class LiveFleet:
 
 
 def send(url: str, i: int, stream: bool, api_key: str | None = None) -> httpx.Response:
-    """One request of a multi-turn workload: 6 conversations, growing prompts."""
-    conversation = i % 6
-    prompt = (f"system: you are assistant {conversation}. " * 30
-              + " ".join(f"turn {t}" for t in range(i // 6 + 1)))
+    """One request of a multi-turn workload: 16 conversations, each with its own opening
+    (so their ring keys, and their homes, differ), growing turn by turn."""
+    conversation = i % 16
+    opening = f"conversation {conversation * 7919 % 1000:03d} about topic {conversation}: "
+    prompt = opening * 24 + " ".join(f"turn {t}" for t in range(i // 16 + 1))
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.post(url + "/v1/completions", timeout=30, headers=headers,
                       json={"model": MODEL, "prompt": prompt, "max_tokens": 6, "stream": stream})

@@ -42,8 +42,8 @@ function esc(s) {
 function fmtSeconds(s) {
   if (s === null || s === undefined) return "—";
   if (s === 0) return "0";
-  if (s < 1) return (s * 1000).toFixed(s < 0.1 ? 1 : 0) + " ms";
-  return s.toFixed(2) + " s";
+  if (s < 1) return (s * 1000).toFixed(s < 0.01 ? 1 : 0) + " ms";
+  return s.toFixed(s >= 10 ? 0 : 2) + " s";
 }
 function fmtRate(x) { return x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2).replace(/\.?0+$/, "") || "0"; }
 function fmtTime(t) { return new Date(t * 1000).toLocaleTimeString([], { hour12: false }); }
@@ -325,15 +325,26 @@ function lineChart(svg, times, series, opts) {
   const W = 640, H = 200, left = 44, right = 8, top = 8, bottom = 20;
   const values = series.flatMap((s) => s.values.filter((v) => v !== null));
   if (opts.reference !== undefined) values.push(opts.reference);
-  const max = niceMax(Math.max(opts.minMax || 1, ...values) * 1.05);
   const t1 = times.length ? times[times.length - 1] : 0;
   const t0 = t1 - (opts.span || 120);
   const x = (t) => left + ((t - t0) / (t1 - t0 || 1)) * (W - left - right);
-  const y = (v) => top + (1 - v / max) * (H - top - bottom);
-  for (let i = 0; i <= 4; i++) {
-    const v = (max / 4) * i;
+  let y, ticks;
+  if (opts.log) {
+    // Decades from opts.log (the floor) to the first power of ten above every value: a
+    // TTFT of 20 ms and an SLO of 3 s are both readable on one axis.
+    const lo = Math.log10(opts.log);
+    const hi = Math.max(lo + 1, Math.ceil(Math.log10(Math.max(opts.log, ...values) * 1.01)));
+    y = (v) => top + (1 - (Math.log10(Math.max(v, opts.log)) - lo) / (hi - lo)) * (H - top - bottom);
+    ticks = [];
+    for (let e = lo; e <= hi; e++) ticks.push(Math.pow(10, e));
+  } else {
+    const max = niceMax(Math.max(opts.minMax || 1, ...values) * 1.05);
+    y = (v) => top + (1 - v / max) * (H - top - bottom);
+    ticks = [0, 1, 2, 3, 4].map((i) => (max / 4) * i);
+  }
+  for (const v of ticks) {
     svg.appendChild(el("line", { x1: left, x2: W - right, y1: y(v), y2: y(v), class: "grid" }));
-    svg.appendChild(el("text", { x: left - 4, y: y(v) + 3, "text-anchor": "end", class: "axis-label" }, opts.fmt(v)));
+    svg.appendChild(el("text", { x: left - 4, y: y(v) + 3, "text-anchor": "end", class: "axis-label" }, (opts.tickFmt || opts.fmt)(v)));
   }
   for (let s = 0; s <= 120; s += 30) {
     svg.appendChild(el("text", { x: s === 120 ? left + 2 : x(t1 - s), y: H - 5, "text-anchor": s === 0 ? "end" : s === 120 ? "start" : "middle", class: "axis-label" }, s === 0 ? "now" : `-${s}s`));
@@ -377,7 +388,8 @@ function renderReasons(series) {
 function renderTtft(series, slo) {
   const lines = [{ name: "p50", values: series.ttft_p50, color: "#2f6fed" },
     { name: "p99", values: series.ttft_p99, color: "#8e44ad" }];
-  lineChart($("chart-ttft"), series.t, lines, { fmt: (v) => fmtSeconds(v), reference: slo, minMax: 0.05 });
+  lineChart($("chart-ttft"), series.t, lines, { fmt: (v) => fmtSeconds(v), reference: slo, log: 0.001,
+    tickFmt: (v) => (v < 1 ? `${Math.round(v * 1000)} ms` : `${Math.round(v)} s`) });
   $("legend-ttft").innerHTML = lines.map((l) =>
     `<span><span class="swatch" style="background:${l.color}"></span>${l.name} ${fmtSeconds(lastValue(l.values))}</span>`).join("") +
     `<span><span class="swatch" style="background:#d23c3c"></span>SLO ${fmtSeconds(slo)}</span>`;
