@@ -230,7 +230,9 @@ function renderInstances(d) {
     if (tbody.rows[index] !== row) tbody.insertBefore(row, tbody.rows[index] || null);
   });
   existing.forEach((row) => row.remove());
-  $("instances-note").textContent = `${d.instances.length} registered`;
+  const byClass = Object.entries(d.admission.queued || {}).map(([k, v]) => `${v} ${k}`).join(", ");
+  $("instances-note").textContent = `${d.instances.length} registered` +
+    (d.admission.enabled ? ` · admission ${d.admission.mode}: ${byClass || "nothing"} queued` : "");
   const target = $("migrate-target");
   const wanted = ["", ...d.instances.filter((i) => i.healthy && !i.draining).map((i) => i.id)];
   if (target.options.length !== wanted.length) {
