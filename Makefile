@@ -13,7 +13,7 @@ VLLM_VENV    := build/vllm-venv
 VLLM_VERSION := 0.32.0
 VLLM_STAMP   := $(VLLM_VENV)/.installed-$(VLLM_VERSION)
 
-.PHONY: up test lint typecheck pytest install vllm clean
+.PHONY: up test lint typecheck pytest install vllm guidellm clean
 
 # The install compiles router/policy/_fastpath.c in place where a C compiler is present (else
 # routing uses the same kernels in Python): edit it, and the next make rebuilds.
@@ -50,6 +50,15 @@ $(VLLM_STAMP):
 	touch $(VLLM_STAMP)
 
 vllm: $(VLLM_STAMP)
+
+# guidellm for `python -m loadgen.guidellm_tokens` (a bench, not part of `make test`).
+GUIDELLM_VENV := build/guidellm-venv
+$(GUIDELLM_VENV)/.installed-0.8.1:
+	test -x $(GUIDELLM_VENV)/bin/python || $(PYTHON) -m venv $(GUIDELLM_VENV)
+	$(GUIDELLM_VENV)/bin/python -m pip install -q guidellm==0.8.1 torch==2.13.0
+	touch $@
+
+guidellm: $(GUIDELLM_VENV)/.installed-0.8.1
 
 up: $(STAMP)
 	$(BIN)/llmfleet up $(UP_ARGS)
