@@ -794,29 +794,42 @@ def _summarise(options: BenchOptions, targets: dict[str, Target], order: list[st
 def _limits(rows: list[PhaseSample], options: BenchOptions) -> dict[str, Any]:
     """Where the cores went during the max-throughput phase, and what bounded it."""
     def cores(attr: str) -> float:
-        return _median([getattr(s, attr) / s.wall_s for s in rows])
+        return round(_median([getattr(s, attr) / s.wall_s for s in rows]), 3)
 
-    gateway, busiest, waiting = cores("gateway_cpu_s"), cores("busiest_cpu_s"), \
-        cores("busiest_wait_s")
-    engines, client, machine = cores("engines_cpu_s"), cores("client_cpu_s"), \
-        cores("machine_busy_s")
-    total = os.cpu_count() or 1
-    if busiest + waiting >= 0.85:
-        bound = (f"one gateway process, always busy: it ran {busiest:.2f} of the time and "
-                 f"waited {waiting:.2f} of it, runnable, for a CPU")
-    elif machine >= 0.85 * total:
-        bound = (f"the machine: all {total} cores busy (gateway, engines, load generator "
-                 "and other tenants share them)")
-    elif engines >= 0.85 * options.engines:
-        bound = "the engine replicas (each a single-threaded event loop)"
-    else:
-        bound = f"latency: {options.high_concurrency} requests in flight / latency"
-    return {"gateway_cores": round(gateway, 3), "busiest_gateway_process_cores": round(busiest, 3),
-            "busiest_gateway_process_waiting_for_cpu": round(waiting, 3),
-            "engines_cores": round(engines, 3), "client_cores": round(client, 3),
-            "machine_busy_cores": round(machine, 3),
-            "other_tenants_cores": round(max(0.0, machine - gateway - engines - client), 3),
-            "machine_cores": total, "bound": bound}
+    limits: dict[str, Any] = {
+        "gateway_cores": cores("gateway_cpu_s"),
+        "busiest_gateway_process_cores": cores("busiest_cpu_s"),
+        "busiest_gateway_process_waiting_for_cpu": cores("busiest_wait_s"),
+        "engines_cores": cores("engines_cpu_s"),
+        "client_cores": cores("client_cpu_s"),
+        "machine_busy_cores": cores("machine_busy_s"),
+        "machine_cores": os.cpu_count() or 1,
+    }
+    limits["other_cores"] = round(max(0.0, limits["machine_busy_cores"] - limits["gateway_cores"]
+                                      - limits["engines_cores"] - limits["client_cores"]), 3)
+    limits["bound"] = bound(limits, options.engines, options.high_concurrency)
+    return limits
+
+
+def bound(limits: dict[str, Any], engines: int, concurrency: int) -> str:
+    """What held the throughput, in words, from the figures ``_limits`` collects (shares
+    of the phase's wall time; "other" is Redis, Ray's own processes, idle targets'
+    background work and other tenants of the machine)."""
+    facts = []
+    ran = limits["busiest_gateway_process_cores"]
+    waited = limits["busiest_gateway_process_waiting_for_cpu"]
+    if ran + waited >= 0.85:
+        facts.append(f"one gateway process never idle: ran {ran:.2f} of the time and waited "
+                     f"{waited:.2f}, runnable, for a CPU (one event loop wants a whole core)")
+    total = limits["machine_cores"]
+    if limits["machine_busy_cores"] >= 0.85 * total:
+        facts.append(f"all {total} cores busy ({limits['machine_busy_cores']:.2f}: gateway "
+                     f"{limits['gateway_cores']:.2f}, engines {limits['engines_cores']:.2f}, "
+                     f"load generator {limits['client_cores']:.2f}, other "
+                     f"{limits['other_cores']:.2f})")
+    if limits["engines_cores"] >= 0.85 * engines:
+        facts.append("the engine replicas at a core each")
+    return "; ".join(facts) or f"latency: {concurrency} requests in flight / latency"
 
 
 # -- CLI ------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ CONTRACT = ("added_latency_ms_p50", "added_latency_ms_p99", "added_ttft_ms_p50",
 
 @pytest.mark.e2e
 def test_gateway_bench_small_run() -> None:
-    options = BenchOptions(rounds=2, requests_c1=20, requests_c32=96, ttft_requests=10,
+    options = BenchOptions(rounds=1, requests_c1=20, requests_c32=64, ttft_requests=10,
                            stream_requests=4, stream_concurrency=2, stream_tokens=32,
                            distinct_prompts=16, prompt_tokens=256, skip_ray=True,
                            progress=False)
