@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 
 from router.auth import KeyStore
 from router.dashboard.bench import open_browser
@@ -146,7 +147,28 @@ def test_dashboard_shows_the_fleet_live_and_drains_from_the_page(
         assert after[victim] == before[victim]
         assert sum(after[i] - before[i] for i in others) >= 16
         browser.save_screenshot(str(shots / "dashboard-drained.png"))
+
+        # The other admin actions from the page: admission mode, routing policy, migrate.
+        Select(browser.find_element(By.ID, "admission-select")).select_by_visible_text("laps")
+        browser.find_element(By.ID, "admission-apply").click()
+        wait_until(lambda: browser.find_element(By.ID, "kpi-admission").text == "laps",
+                   timeout_s=10)
+        wait_until(lambda: "admission laps" in browser.find_element(By.ID, "instances-note")
+                   .text, timeout_s=5)
+        Select(browser.find_element(By.ID, "policy-select")).select_by_visible_text("least_loaded")
+        browser.find_element(By.ID, "policy-apply").click()
+        wait_until(lambda: browser.find_element(By.ID, "kpi-policy").text == "least_loaded",
+                   timeout_s=10)
+        wait_until(lambda: browser.find_element(By.ID, "rings").get_attribute("data-arcs")
+                   == "0", timeout_s=5)
+        browser.find_element(By.ID, "migrate-request").send_keys("some-request")
+        browser.find_element(By.CSS_SELECTOR, "#migrate-form button").click()
+        wait_until(lambda: "not available" in browser.find_element(By.ID, "banner").text,
+                   timeout_s=5)
+        sent_before = fleet.sent  # requests still flow under the new policy and admission
+        wait_until(lambda: fleet.sent >= sent_before + 5, timeout_s=30)
     assert fleet.failed == []
     # The drain lives in Redis, so every gateway replica (not just this page's) applies it.
     gateway: Gateway = fleet.gateway
     assert {v.instance_id for v in gateway.snapshot.instances if v.draining} == {victim}
+    assert gateway.policy.name == "least_loaded" and gateway.gate.admission.mode == "laps"
