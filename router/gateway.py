@@ -72,6 +72,7 @@ from router.policy.interfaces import (
     RoutingRequest,
 )
 from router.state import ClusterStateStore
+from router.stream_resume import MigrationResumer
 from router.upstream import Header, UpstreamClient, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("llmfleet.gateway")
@@ -146,6 +147,8 @@ class Gateway:
         self._hot_keys_version = -1
         self.relay = Relay(self._first_token, clock)
         self.upstream = UpstreamClient(config.connect_timeout_s)
+        # Streams follow live migrations and outlive a replica dying mid-stream.
+        self.relay.resumer = MigrationResumer(self.upstream, lambda: self.records)
         # The dashboard's observer (router.dashboard), told of every routing decision.
         self.observer: FleetObserver | None = None
         self._suspect_until: dict[str, float] = {}
