@@ -5,10 +5,12 @@ and streamed) unchanged, counts the same tokens as vLLM (the model's tokenizer a
 template), reads each replica's load from vLLM's own /metrics, keeps a conversation on the
 replica that holds its prefix (vLLM's own prefix-cache hit counter shows it), and its
 precise cache view follows vLLM's KV events over ZMQ: what the view says a replica holds is
-what vLLM then serves from cache, before and after vLLM evicts.
+what vLLM then serves from cache, before and after vLLM evicts. And a replica killed in the
+middle of a stream is survived: the gateway replays the request on the other replica and
+the client's stream goes on.
 
 Needs the vLLM environment ``make vllm`` builds (``build/vllm-venv``; ``make test`` builds
-it first). Both replicas start in parallel (~25 s each on an idle machine).
+it first). Both replicas start in parallel.
 """
 
 from __future__ import annotations
@@ -365,6 +367,45 @@ def test_precise_cache_view_follows_vllm_kv_events(fleet: Fleet) -> None:
     batches = sum(v for k, v in _gateway_metrics(fleet).items()
                   if k.startswith("llmfleet_kv_event_batches"))
     assert batches > 0
+
+
+def test_a_replica_killed_mid_stream_is_survived_by_token_replay(fleet: Fleet) -> None:
+    # Last in this module: it kills one of the two replicas.
+    from router.stream_resume import MigrationResumer
+
+    resumer = fleet.gateway.relay.resumer
+    assert isinstance(resumer, MigrationResumer)
+    replays = resumer.resumed["replay"]
+    body = {"model": MODEL, "prompt": "Tell me a very long story about a replica router.",
+            "max_tokens": 1200, "ignore_eos": True, "stream": True}
+    before_kill: list[str] = []
+    after_kill: list[str] = []
+    chunks: list[dict[str, Any]] = []
+    done = False
+    with httpx.Client(timeout=120) as client, client.stream(
+            "POST", fleet.url + "/v1/completions", json=body) as stream:
+        assert stream.status_code == 200
+        home = stream.headers["x-llmfleet-instance"]
+        other = next(name for name in fleet.replicas if name != home)
+        served_before = _metric(fleet.replicas[other], "vllm:generation_tokens_total")
+        killed = False
+        for line in stream.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                chunk = json.loads(line[6:])
+                chunks.append(chunk)
+                text = "".join(c.get("text", "") for c in chunk.get("choices", []))
+                (after_kill if killed else before_kill).append(text)
+                if not killed and len(before_kill) == 40:
+                    os.killpg(fleet.replicas[home].proc.pid, 9)  # the replica dies now
+                    fleet.replicas[home].proc.wait()
+                    killed = True
+    assert killed and done
+    assert not [c for c in chunks if "error" in c]
+    assert "".join(after_kill)  # the story went on, from the other replica
+    assert resumer.resumed["replay"] == replays + 1
+    assert _metric(fleet.replicas[other], "vllm:generation_tokens_total") > served_before
 
 
 def _gateway_metrics(fleet: Fleet) -> dict[str, float]:
