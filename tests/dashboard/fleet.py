@@ -63,7 +63,7 @@ def live_fleet(redis_url: str, namespace: str, engines: int = 3, policy: str = "
     try:
         with serve_in_thread(create_gateway_app(gateway), free_port()) as url:
             wait_until(lambda: httpx.get(url + "/health").json().get("healthy_instances")
-                       == engines, timeout_s=15)
+                       == engines, timeout_s=30)
             yield LiveFleet(url, gateway, supervisor)
     finally:
         supervisor.stop()
