@@ -33,6 +33,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -48,14 +49,18 @@ WORKLOADS: dict[str, MultiTurnConfig] = {
     "short": MultiTurnConfig(
         num_system_prompts=4, system_prompt_len=24, system_zipf_exponent=1.0,
         turns_min=3, turns_max=12, user_len_mean=50.0, user_len_sigma=0.6,
-        output_len_mean=80.0, output_len_sigma=0.6, think_time_mean_s=10.0,
+        output_len_mean=80.0, output_len_sigma=0.6, think_time_mean_s=0.5,
         max_prompt_len=3000),
     "long": MultiTurnConfig(
         num_system_prompts=16, system_prompt_len=2048, system_zipf_exponent=1.0,
         turns_min=2, turns_max=20, user_len_mean=400.0, user_len_sigma=1.2,
-        output_len_mean=250.0, output_len_sigma=1.0, think_time_mean_s=15.0,
+        output_len_mean=250.0, output_len_sigma=1.0, think_time_mean_s=2.0,
         max_prompt_len=24_000),
 }
+# Per workload: (requests, the rate it is generated at and the capacity search starts
+# from). Generated near its capacity, so re-timing to the probed rates keeps think times
+# about as generated, and with many more requests than one session spans (steady state).
+SIZES: dict[str, tuple[int, float]] = {"short": (3000, 250.0), "long": (1500, 30.0)}
 
 # Variants: (label, policy, policy params).
 # DualMap's keys before this work: the first two 512-token blocks, lengthened in 128-token
@@ -70,6 +75,9 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("cache_aware", "cache_aware", {}),
     ("least_loaded", "least_loaded", {}),
 )
+
+# The variants whose capacity is searched (the ablations run at the common rate only).
+CAPACITY_VARIANTS = ("dualmap", "dualmap_before", "cache_aware", "least_loaded")
 
 
 @dataclass
@@ -181,29 +189,31 @@ def simulate(config: RunConfig, requests: Sequence[TraceRequest]) -> dict[str, A
 def run_workload(
     name: str, workload: MultiTurnConfig, base: RunConfig, variants: Sequence[
         tuple[str, str, dict[str, Any]]], *, load: float, capacity: bool, max_probes: int,
-    log: bool,
+    log: bool, capacity_variants: Sequence[str] = CAPACITY_VARIANTS,
 ) -> dict[str, Any]:
     """Capacities, the ideal bound, then every variant at ``load`` x the best capacity."""
-    count = base.max_requests or 1000
-    requests = multi_turn(count, base.rate or 1.0, base.seed, base.cv, workload)
+    count, generated_at = SIZES[name]
+    count = base.max_requests or count
+    requests = multi_turn(count, base.rate or generated_at, base.seed, base.cv, workload)
     result: dict[str, Any] = {
         "workload": {"name": name, "requests": len(requests), **workload.__dict__},
         "ideal": ideal_bound_rps(requests, base.instances, base.profile),
         "policies": {},
     }
     capacities: dict[str, float] = {}
-    initial = base.rate or 1.0
+    initial = 0.7 * (base.rate or generated_at)
     if capacity:
         for label, policy, params in variants:
+            if label not in capacity_variants:
+                continue
             config = replace(base, policy=policy, policy_params=params, warmup_fraction=0.1)
             search, _ = capacity_for_policy(config, requests=requests, initial_rate=initial,
-                                            max_probes=max_probes, growth=1.5)
+                                            max_probes=max_probes, growth=1.5, rel_tol=0.05)
             capacities[label] = search.capacity_rps
-            initial = search.capacity_rps or initial
             if log:
                 print(f"[affinity] {name} {label}: capacity {search.capacity_rps:.3f} req/s",
                       file=sys.stderr, flush=True)
-    rate = load * max(capacities.values()) if capacities else (base.rate or 1.0)
+    rate = load * max(capacities.values()) if capacities else (base.rate or generated_at)
     result["rate"] = round(rate, 4)
     result["load"] = load
     timed = retime(requests, rate)
@@ -211,7 +221,7 @@ def run_workload(
         config = replace(base, policy=policy, policy_params=params, rate=rate,
                          warmup_fraction=0.1)
         entry = simulate(config, timed)
-        if capacities:
+        if label in capacities:
             entry["effective_capacity_rps"] = round(capacities[label], 4)
         entry["policy"], entry["params"] = policy, params
         result["policies"][label] = entry
@@ -227,9 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workloads", default="short,long")
     parser.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
     parser.add_argument("--instances", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=1200)
-    parser.add_argument("--rate", type=float, default=2.0,
-                        help="generation rate and first capacity probe (req/s)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per workload (default: SIZES)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="generation rate, 1/0.7 x the first capacity probe (req/s; "
+                        "default: SIZES)")
     parser.add_argument("--load", type=float, default=0.8,
                         help="share of the best capacity the side-by-side runs use")
     parser.add_argument("--slo-ttft", type=float, default=1.0)
@@ -237,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-capacity", action="store_true",
                         help="skip the capacity searches; run at --rate")
-    parser.add_argument("--max-probes", type=int, default=8)
+    parser.add_argument("--max-probes", type=int, default=10)
+    parser.add_argument("--jobs", type=int, default=2, help="workloads run in parallel")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -255,10 +268,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "instances": args.instances, "slo_ttft_s": args.slo_ttft, "profile": base.profile,
         "seed": args.seed, "workloads": {},
     }
-    for name in args.workloads.split(","):
-        out["workloads"][name] = run_workload(
-            name, WORKLOADS[name], base, variants, load=args.load,
+    names = args.workloads.split(",")
+    with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(names)))) as pool:
+        futures = {name: pool.submit(
+            run_workload, name, WORKLOADS[name], base, variants, load=args.load,
             capacity=not args.no_capacity, max_probes=args.max_probes, log=True)
+            for name in names}
+        for name in names:
+            out["workloads"][name] = futures[name].result()
     out["wall_seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(out, indent=2)
     if args.out:

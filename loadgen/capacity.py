@@ -172,6 +172,7 @@ def capacity_for_policy(
     policy_factory: PolicyFactory = default_policy_factory,
     on_probe: Callable[[float, dict[str, Any]], None] | None = None,
     growth: float = 2.0,
+    max_rate: float = 1e6,
 ) -> tuple[CapacitySearch, dict[str, Any] | None]:
     """Capacity of ``config.policy`` by simulation; also returns the full sim summary at the
     capacity rate (None if no rate passed). The workload (``requests``, else the config's,
@@ -195,7 +196,8 @@ def capacity_for_policy(
         return 0.0 if value is None or summary["early_stopped"] else float(value)
 
     search = find_capacity(attainment_at, initial_rate=initial_rate, target=target,
-                           rel_tol=rel_tol, max_probes=max_probes, growth=growth)
+                           rel_tol=rel_tol, max_probes=max_probes, growth=growth,
+                           max_rate=max_rate)
     return search, summaries.get(search.capacity_rps)
 
 

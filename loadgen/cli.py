@@ -216,7 +216,7 @@ def _run_admission_experiment(args: argparse.Namespace) -> int:
             lx.plot_laps(result, args.plot)
     else:
         result = lx.run_rebalance_experiment(
-            requests=args.max_requests or 1500, instances=args.instances, profile=args.profile,
+            requests=args.max_requests or 2000, instances=args.instances, profile=args.profile,
             slo_ttft_s=args.slo_ttft, target=args.target, rel_tol=args.rel_tol,
             max_probes=args.max_probes, seed=args.seed, progress=progress)
     _emit(result, args, ())

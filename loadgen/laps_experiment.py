@@ -22,6 +22,7 @@ bracket from a quarter of the ideal bound, bisection to ``rel_tol``.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -333,14 +334,22 @@ def plot_laps(result: dict[str, Any], path: str | Path) -> Path:
     return out
 
 
-ZIPF_PARAMS: dict[str, Any] = {"zipf_exponent": 1.2, "num_prefixes": 200, "prefix_len": 4096}
+# Zipf-popular 4k-token documents with 2k-token unique questions: prefill work on every
+# request, so the ideal bound stays low enough for runs of a few thousand requests to span
+# tens of seconds on 8 instances (where the head document is 2x an instance's fair share).
+ZIPF_PARAMS: dict[str, Any] = {"zipf_exponent": 1.2, "num_prefixes": 200, "prefix_len": 4096,
+                               "suffix_len_mean": 2000.0, "output_len_mean": 256.0}
 
 
 def _capacity_entry(config: RunConfig, requests: list[TraceRequest], initial_rate: float,
-                    *, target: float, rel_tol: float, max_probes: int) -> dict[str, Any]:
+                    *, target: float, rel_tol: float, max_probes: int,
+                    max_rate: float) -> dict[str, Any]:
+    # Steps of 25 % from the initial rate, never past max_rate (a capacity above the ideal
+    # bound can only be a transient: the run was too short at that rate).
     search, at_capacity = capacity_for_policy(config, requests=requests,
                                               initial_rate=initial_rate, target=target,
-                                              rel_tol=rel_tol, max_probes=max_probes)
+                                              rel_tol=rel_tol, max_probes=max_probes,
+                                              growth=1.25, max_rate=max_rate)
     return {"effective_capacity_rps": round(search.capacity_rps, 4),
             "failed_at_rps": None if search.upper_rps == float("inf")
             else round(search.upper_rps, 4),
@@ -353,11 +362,12 @@ def _capacity_entry(config: RunConfig, requests: list[TraceRequest], initial_rat
 
 def run_rebalance_experiment(
     *,
-    requests: int = 1500,
+    requests: int = 2000,
     instances: int = 16,
+    zipf_instances: int = 8,
     profile: str = "h100-llama3-8b",
     slo_ttft_s: float = 3.0,
-    dualmap_setting_requests: int = 600,
+    dualmap_setting_requests: int = 2000,
     target: float = 0.9,
     rel_tol: float = 0.06,
     max_probes: int = 7,
@@ -374,9 +384,9 @@ def run_rebalance_experiment(
     SLO 5 s, DualMap with admission and rebalancing against cache_aware without."""
     wall = time.perf_counter()
     zipf = build_synthetic("zipf", requests, 8.0, seed, params=ZIPF_PARAMS)
-    base = RunConfig(instances=instances, profile=profile, slo_ttft_s=slo_ttft_s, seed=seed,
-                     warmup_fraction=0.1, policy="dualmap")
-    bound = ideal_bound_rps(zipf, instances, profile)["ideal_bound_rps"]
+    base = RunConfig(instances=zipf_instances, profile=profile, slo_ttft_s=slo_ttft_s,
+                     seed=seed, warmup_fraction=0.1, policy="dualmap")
+    bound = ideal_bound_rps(zipf, zipf_instances, profile)["ideal_bound_rps"]
     variants = {
         "none": replace(base, admission="none"),
         "laps_rebalance_off": replace(base, admission="laps", rebalance=False),
@@ -387,21 +397,22 @@ def run_rebalance_experiment(
         "dualmap+laps-spatial": "laps-spatial",
     }
     total = 2 * len(variants) + len(setting_variants)
-    result: dict[str, Any] = {"instances": instances, "target": target, "seed": seed}
+    result: dict[str, Any] = {"instances": instances, "target": target, "seed": seed,
+                              "rel_tol": rel_tol, "max_probes": max_probes}
     with tqdm(total=total, desc="rebalance", unit="run", file=sys.stderr,
               disable=not progress) as bar:
         zipf_out: dict[str, Any] = {
             "workload": {"name": "zipf", **ZIPF_PARAMS, "requests": len(zipf)},
-            "profile": profile, "slo_ttft_s": slo_ttft_s,
+            "profile": profile, "slo_ttft_s": slo_ttft_s, "instances": zipf_instances,
             "ideal_bound_rps": round(bound, 4), "variants": {},
         }
         for name, config in variants.items():
             zipf_out["variants"][name] = _capacity_entry(
-                config, zipf, bound / 2.0, target=target, rel_tol=rel_tol,
-                max_probes=max_probes)
+                config, zipf, 0.6 * bound, target=target, rel_tol=rel_tol,
+                max_probes=max_probes, max_rate=bound)
             bar.update(1)
         common = 0.8 * (zipf_out["variants"]["laps_rebalance_off"]["effective_capacity_rps"]
-                        or bound / 2.0)
+                        or 0.5 * bound)
         zipf_out["common_rate_rps"] = round(common, 4)
         for name, config in variants.items():
             summary = run_sim(replace(config, rate=common), requests=retime(zipf, common))
@@ -427,7 +438,8 @@ def run_rebalance_experiment(
             policy = name.split("+")[0]
             setting_out["variants"][name] = _capacity_entry(
                 replace(setting, policy=policy, admission=admission), mooncake,
-                setting_bound / 2.0, target=target, rel_tol=rel_tol, max_probes=max_probes)
+                0.6 * setting_bound, target=target, rel_tol=rel_tol, max_probes=max_probes,
+                max_rate=setting_bound)
             bar.update(1)
         ca = setting_out["variants"]["cache_aware"]["effective_capacity_rps"] or 0.0
         best = max(setting_out["variants"][n]["effective_capacity_rps"] or 0.0
@@ -436,3 +448,53 @@ def run_rebalance_experiment(
         result["dualmap_setting"] = setting_out
     result["wall_seconds"] = round(time.perf_counter() - wall, 1)
     return result
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def laps_tables(result: dict[str, Any]) -> str:
+    """Markdown tables of a ``sim laps`` result (``python -m loadgen.laps_experiment``)."""
+    lines: list[str] = []
+    for name, workload in result["workloads"].items():
+        lines += [f"### {name}: ideal bound {workload['ideal_bound_rps']:.1f} req/s, "
+                  f"{workload['requests']} requests, prompt p50/p90/p99 "
+                  f"{workload['prompt_p50']:.0f}/{workload['prompt_p90']:.0f}/"
+                  f"{workload['prompt_p99']:.0f}", "",
+                  "| policy | admission | capacity rps | % of ideal | hit rate | "
+                  "short TTFT p99 at 80 % (s) | span / E2E p90 |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for policy, entry in workload["policies"].items():
+            for admission in ADMISSIONS:
+                row = entry.get(admission)
+                if row is None:
+                    continue
+                at80 = entry.get("at_80pct", {}).get(admission, {})
+                lines.append(
+                    f"| {policy} | {admission} | {_fmt(row['effective_capacity_rps'], 1)} | "
+                    f"{_fmt(100 * (row.get('fraction_of_ideal') or 0), 0)}% | "
+                    f"{_fmt(row.get('cache_hit_rate'), 3)} | "
+                    f"{_fmt(at80.get('ttft_p99_short'), 3)} | "
+                    f"{_fmt(row.get('span_over_e2e_p90'), 1)} |")
+        cliffs = [(p, a, c) for p, e in workload["policies"].items()
+                  for a, c in e.get("cliff", {}).items()]
+        if cliffs:
+            factors = [c["factor"] for c in cliffs[0][2]]
+            lines += ["", "| policy | admission | " + " | ".join(
+                f"attainment at {f}x" for f in factors) + " |",
+                "|---|---|" + "---:|" * len(factors)]
+            for policy, admission, cliff in cliffs:
+                lines.append(f"| {policy} | {admission} | " + " | ".join(
+                    _fmt(c["slo_attainment"], 3) for c in cliff) + " |")
+        lines.append("")
+    if result.get("goal"):
+        lines.append(f"goal: {json.dumps(result['goal'])}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m loadgen.laps_experiment RESULT.json [PLOT.png]
+    loaded = json.loads(Path(sys.argv[1]).read_text())
+    print(laps_tables(loaded))
+    if len(sys.argv) > 2:
+        plot_laps(loaded, sys.argv[2])
