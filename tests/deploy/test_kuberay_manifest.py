@@ -42,7 +42,9 @@ def _strict(schema: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def rayservice_schema() -> dict[str, Any]:
-    crd = yaml.safe_load(gzip.decompress(CRD.read_bytes()))
+    # libyaml's loader where PyYAML has it: the CRD is 1 MB of YAML.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load(gzip.decompress(CRD.read_bytes()), Loader=loader)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return _strict(version["schema"]["openAPIV3Schema"])
 
