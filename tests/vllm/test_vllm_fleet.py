@@ -156,8 +156,9 @@ def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         pytest.fail(f"no vLLM environment at {VLLM_PYTHON}: run `make vllm` "
                     "(`make test` does it first)")
     # The model and tokenizer, built offline with the vLLM environment's transformers.
-    subprocess.run([str(VLLM_PYTHON), str(ROOT / "instances" / "tiny_llama.py"),
-                    str(MODEL_DIR)], check=True, capture_output=True, timeout=300)
+    built = subprocess.run([str(VLLM_PYTHON), str(ROOT / "instances" / "tiny_llama.py"),
+                            str(MODEL_DIR)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
     log_dir = tmp_path_factory.mktemp("vllm-logs")
     replicas = {r.name: r for r in (_start("vllm-0", log_dir), _start("vllm-1", log_dir))}
     namespace = f"vllm{os.getpid()}"
