@@ -366,57 +366,61 @@ def _tree(pid: int) -> list[int]:
     return [pid]
 
 
-@contextlib.contextmanager
-def _subprocess(cmd: list[str], what: str, ready: Callable[[], bool]
-                ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``cmd`` in its own session until ``ready``; its stderr goes to a temp file, whose
-    tail the error shows if it does not come up."""
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
-                                start_new_session=True)
+class _Child:
+    """A target run as a child process in its own session; its stderr goes to a temp file,
+    whose tail the error shows if it does not come up. Started at once, so several start
+    side by side; ``wait_ready`` then waits for each."""
+
+    def __init__(self, cmd: list[str], what: str, ready: Callable[[], bool]) -> None:
+        self.what = what
+        self.ready = ready
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log,
+                                     start_new_session=True)
+
+    def wait_ready(self) -> None:
         try:
-            try:
-                _wait_ready(ready, what, proc=proc)
-            except (RuntimeError, TimeoutError) as exc:
-                log.seek(0)
-                tail = log.read()[-3000:].decode(errors="replace")
-                raise RuntimeError(f"{exc}\n--- its stderr ---\n{tail}") from exc
-            yield proc
-        finally:
+            _wait_ready(self.ready, self.what, proc=self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            self.log.seek(0)
+            tail = self.log.read()[-3000:].decode(errors="replace")
+            raise RuntimeError(f"{exc}\n--- its stderr ---\n{tail}") from exc
+
+    def pids(self) -> list[int]:
+        return _tree(self.proc.pid)
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, 15)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:  # never leave a gateway behind
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 15)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:  # never leave a gateway behind
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 9)
-                proc.wait()
+                os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        self.log.close()
 
 
-@contextlib.contextmanager
-def _uvicorn_gateway(redis_url: str, policy: str, engines: int) -> Iterator[Target]:
+def _uvicorn_gateway(redis_url: str, policy: str, engines: int) -> tuple[_Child, Target]:
     port = free_port()
     cmd = [sys.executable, "-m", "router.cli", "gateway", "--redis-url", redis_url,
            "--port", str(port), "--policy", policy]
     url = f"http://127.0.0.1:{port}"
-    with _subprocess(cmd, "llmfleet gateway", lambda: _healthy(url, engines)) as proc:
-        yield Target("uvicorn", [Endpoint("127.0.0.1", port)], lambda: _tree(proc.pid),
-                     f"llmfleet gateway (uvicorn), policy {policy}")
+    child = _Child(cmd, "llmfleet gateway", functools.partial(_healthy, url, engines))
+    return child, Target("uvicorn", [Endpoint("127.0.0.1", port)], child.pids,
+                         f"llmfleet gateway (uvicorn), policy {policy}")
 
 
-@contextlib.contextmanager
-def _rust_router(name: str, engine_urls: list[str], policy: str) -> Iterator[Target]:
+def _rust_router(name: str, engine_urls: list[str], policy: str) -> tuple[_Child, Target]:
     _, entry, log_level = RUST_ROUTERS[name]
     port = free_port()
     cmd = [sys.executable, "-m", entry, "--host", "127.0.0.1", "--port", str(port),
            "--worker-urls", *engine_urls, "--policy", policy, "--log-level", log_level,
            # Both default to metrics on 0.0.0.0:29000: two routers (or another tenant) clash.
            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
-    url = f"http://127.0.0.1:{port}"
-    with _subprocess(cmd, name, lambda: _completes(url)) as proc:
-        version = _package_version(name)
-        yield Target(name, [Endpoint("127.0.0.1", port)], lambda: _tree(proc.pid),
-                     f"{name} {version}, policy {policy}")
+    child = _Child(cmd, name, functools.partial(_completes, f"http://127.0.0.1:{port}"))
+    return child, Target(name, [Endpoint("127.0.0.1", port)], child.pids,
+                         f"{name} {_package_version(name)}, policy {policy}")
 
 
 def _package_version(dist: str) -> str:
@@ -585,13 +589,16 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         targets: dict[str, Target] = {"direct": Target(
             "direct", [Endpoint("127.0.0.1", s.port) for s in specs],
             description=f"client round-robin over the {options.engines} replicas")}
+        children = []
         if "uvicorn" in wanted:
-            targets["uvicorn"] = stack.enter_context(
-                _uvicorn_gateway(redis_url, options.policy, options.engines))
-        for name in RUST_ROUTERS:
-            if name in wanted:
-                targets[name] = stack.enter_context(
-                    _rust_router(name, engine_urls, options.rust_policy))
+            children.append(_uvicorn_gateway(redis_url, options.policy, options.engines))
+        children += [_rust_router(name, engine_urls, options.rust_policy)
+                     for name in RUST_ROUTERS if name in wanted]
+        for child, target in children:
+            stack.callback(child.stop)
+            targets[target.name] = target
+        for child, _ in children:
+            child.wait_ready()
         if any(n in wanted for n in RAY_TARGETS):
             for target in stack.enter_context(
                     _ray_gateways(redis_url, options.policy, options.engines)):
