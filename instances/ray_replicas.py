@@ -313,7 +313,11 @@ def run_replicas(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address=args.ray_address, namespace="llmfleet", log_to_driver=False)
+    init: dict[str, Any] = {"address": args.ray_address, "namespace": "llmfleet",
+                            "log_to_driver": False}
+    if args.node_ip_address:
+        init["_node_ip_address"] = args.node_ip_address
+    ray.init(**init)
     server_args = tuple(a for a in args.server_args if a != "--")
     specs = []
     for i in range(args.count):
@@ -345,7 +349,11 @@ def run_replicas(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser("replicas", help="run replicas as Ray actors on a Ray cluster")
-    p.add_argument("--ray-address", default="auto", help="Ray cluster to join (auto: local)")
+    p.add_argument("--ray-address", default="auto",
+                   help="Ray cluster to join (auto: the one `ray start` started here; "
+                        "local: a new one in this process; ray://HEAD:10001: Ray Client)")
+    p.add_argument("--node-ip-address", default=None,
+                   help="this node's address for a --ray-address local cluster")
     p.add_argument("--redis-url", required=True, help="the fleet's registry")
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     p.add_argument("--kind", choices=KINDS, default="llmfleet")

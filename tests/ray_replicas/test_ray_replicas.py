@@ -9,8 +9,11 @@ without a GPU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import queue
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -23,7 +26,7 @@ import pytest
 from instances.ray_replicas import ReplicaSpec, start_replicas, stop_replicas
 from proto.registry import InstanceRecord
 from router.state import ClusterStateStore
-from tests.fleet import wait_until
+from tests.fleet import read_events, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -143,3 +146,48 @@ def test_command_lines_get_host_ports_and_keep_their_json() -> None:
         ReplicaSpec("r", "redis://x", kind="sglang")
     with pytest.raises(ValueError, match="unknown replica kind"):
         ReplicaSpec("r", "redis://x", kind="tgi")
+
+
+def test_llmfleet_replicas_cli_starts_serves_and_drains_on_ctrl_c(
+        redis_url: str, namespace: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "replicas", "--ray-address", "local",
+         "--node-ip-address", "127.0.0.1", "--redis-url", redis_url, "--namespace", namespace,
+         "--count", "2", "--num-cpus", "0.5", "--host", "127.0.0.1", "--heartbeat-ttl", "1",
+         "--name-prefix", "cli", "--", "--num-gpu-blocks", "2048"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    events: queue.Queue[dict[str, Any]] = queue.Queue()
+    output: list[str] = []
+    assert proc.stdout is not None
+    threading.Thread(target=read_events, args=(proc.stdout, events, output),
+                     daemon=True).start()
+
+    def wait_event(name: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None or name == "replicas_stopped", "".join(output[-40:])
+            with contextlib.suppress(queue.Empty):
+                event = events.get(timeout=0.5)
+                if event["event"] == name:
+                    return event
+        raise TimeoutError(f"no {name}:\n" + "".join(output[-40:]))
+
+    try:
+        ready = wait_event("replicas_ready")
+        urls = {r["instance_id"]: r["url"] for r in ready["replicas"]}
+        assert set(urls) == {"cli-0", "cli-1"}
+        wait_until(lambda: {k: r.url for k, r in _live(redis_url, namespace).items()} == urls,
+                   timeout_s=20)
+        for url in urls.values():
+            r = httpx.post(url + "/v1/completions", timeout=30,
+                           json={"prompt": "hello", "max_tokens": 2})
+            assert r.status_code == 200
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_event("replicas_stopped")
+        assert proc.wait(60) == 0
+        assert _live(redis_url, namespace) == {}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
