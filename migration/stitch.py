@@ -76,17 +76,50 @@ class StreamStitcher:
         self._buffer = b""
         self.resume: Resume | None = None
         self.done = False  # saw ``data: [DONE]``
-        self.finish_reason: str | None = None
-        self.text_chars = 0  # characters of generated text forwarded
-        self.chunks = 0  # data events with generated text forwarded
+        self._text_chars = 0
+        self._chunks = 0
+        self._finish_reason: str | None = None
         self.hops = 0  # migrations followed
         self._keep_text = keep_text
         self._text: list[str] = []
+        # Forwarded data not yet counted: the relay of a long stream must stay cheap, so the
+        # JSON of its events is parsed only when someone asks what was sent (a resume).
+        self._uncounted: list[bytes] = []
+
+    @property
+    def text_chars(self) -> int:
+        """Characters of generated text forwarded."""
+        self._settle()
+        return self._text_chars
+
+    @property
+    def chunks(self) -> int:
+        """Data events with generated text forwarded."""
+        self._settle()
+        return self._chunks
+
+    @property
+    def finish_reason(self) -> str | None:
+        self._settle()
+        return self._finish_reason
 
     @property
     def text(self) -> str:
         """The generated text forwarded so far (with ``keep_text``)."""
+        self._settle()
         return "".join(self._text)
+
+    def _settle(self) -> None:
+        if not self._uncounted:
+            return
+        pending = b"".join(self._uncounted)
+        self._uncounted.clear()
+        for event in pending.replace(b"\r\n", b"\n").split(b"\n\n"):
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    payload = line[5:].strip()
+                    if payload.startswith(b"{"):
+                        self._count(payload)
 
     @property
     def complete(self) -> bool:
@@ -99,8 +132,24 @@ class StreamStitcher:
         buffer = self._buffer + data if self._buffer else data
         out: list[bytes] = []
         start = 0
+        if b"\r\n\r\n" not in buffer:
+            # The common case (LF-separated events): the whole events before the first one
+            # that may be special (a migration event, [DONE]) go on as one block, counted
+            # later (``_settle``); only the rest is looked at event by event.
+            special = min((at for at in (buffer.find(b"event:"), buffer.find(b"[DONE]"))
+                           if at != -1), default=-1)
+            cut = buffer.rfind(b"\n\n", 0, len(buffer) if special == -1 else special)
+            if cut != -1:
+                start = cut + 2
+                block = buffer[:start]
+                self._uncounted.append(block)
+                out.append(block)
+            if special == -1:
+                self._buffer = buffer[start:]
+                return out[0] if out else b""
+        crlf = b"\r\n\r\n" in buffer
         while True:
-            end, sep = _next_boundary(buffer, start)
+            end, sep = _next_boundary(buffer, start, crlf)
             if end < 0:
                 break
             event = buffer[start:end + sep]
@@ -138,7 +187,7 @@ class StreamStitcher:
             self.done = True
             return True
         if payload.startswith(b"{"):
-            self._count(payload)
+            self._uncounted.append(event)
         return True
 
     def _count(self, payload: bytes) -> None:
@@ -150,15 +199,18 @@ class StreamStitcher:
             delta = choice.get("delta")
             text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
             if text:
-                self.text_chars += len(text)
-                self.chunks += 1
+                self._text_chars += len(text)
+                self._chunks += 1
                 if self._keep_text:
                     self._text.append(text)
             if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+                self._finish_reason = choice["finish_reason"]
 
 
-def _next_boundary(buffer: bytes, start: int) -> tuple[int, int]:
+def _next_boundary(buffer: bytes, start: int, crlf: bool = True) -> tuple[int, int]:
+    if not crlf:  # no CRLF separator anywhere: do not rescan the buffer for one per event
+        at = buffer.find(b"\n\n", start)
+        return (at, 2) if at != -1 else (-1, 0)
     best, size = -1, 0
     for sep in _BOUNDARIES:
         at = buffer.find(sep, start)
