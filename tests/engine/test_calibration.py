@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from instances.engine.factory import build_engine_core, load_profile
-from proto.profiles import list_profiles
 from instances.engine.profile import prefill_attention_pairs
+from proto.profiles import list_profiles
 from tests.engine.drive import make_request, run_until_idle
 
 
