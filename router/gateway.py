@@ -546,6 +546,9 @@ class GatewayApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = scope["path"]
+            root = scope.get("root_path")
+            if root and endpoint.startswith(root):  # mounted under a prefix (Serve route)
+                endpoint = endpoint[len(root):]
             if endpoint in ENDPOINTS:
                 if not self.gateway._started:
                     await self.gateway.start()

@@ -212,6 +212,9 @@ def _serve_with_ray(config: Any, host: str, port: int, replicas: int,
     # ~22 ms p50 at concurrency 8 instead of ~56 ms for the default Python proxy, at a
     # fraction of its CPU. RAY_SERVE_ENABLE_HA_PROXY=0 in the environment turns it off.
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    # Ray starts its workers (the Serve replicas: our gateway) 15 nice levels below the
+    # driver; on a node shared with replicas or other jobs the gateway would starve first.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
     from ray import serve
 
