@@ -78,7 +78,7 @@ class DualMapPolicy(CacheTrackingPolicy):
         fallback_probes: int = 4,
         load_switch_margin: float = 0.2,
         continuity: bool = True,
-        continuity_index_blocks: int = 1 << 20,
+        continuity_index_size: int = 1 << 18,
     ) -> None:
         if slo_ttft_s <= 0 or slo_factor <= 0:
             raise ValueError("slo_ttft_s and slo_factor must be positive")
@@ -105,7 +105,7 @@ class DualMapPolicy(CacheTrackingPolicy):
         self.rings = KeyedRings(RING_SEEDS, vnodes_per_weight, keys)
         assert keys.hasher.block_size == self.cache.block_size  # locate's hashes serve both
         self.continuity = continuity
-        self.last_holder = LastHolderIndex(continuity_index_blocks)
+        self.last_holder = LastHolderIndex(continuity_index_size)
 
     @property
     def slo_bound_s(self) -> float:
@@ -161,9 +161,10 @@ class DualMapPolicy(CacheTrackingPolicy):
         hashes = prepared.prefix_hashes
         assert hashes is not None  # locate set them
         home_blocks = max(cached_blocks)
-        holder, depth = self.last_holder.deepest(hashes, home_blocks)
+        index = self.last_holder
+        holder, depth = index.deepest(hashes, home_blocks)
         block_size = self.cache.block_size
-        if (holder is None or depth <= home_blocks or depth * block_size < cover
+        if (holder is None or (depth + index.grid_blocks) * block_size <= cover
                 or holder in homes or holder not in self.board.eligible_set):
             return None
         table = self.cache.held.get(holder)
@@ -253,7 +254,9 @@ class DualMapPolicy(CacheTrackingPolicy):
         super().after_dispatch(request, prepared, decision, now)
         self.rings.record(prepared)
         if self.continuity:
-            self.last_holder.record(self.prefix_hashes(prepared), decision.instance_id)
+            self.last_holder.record(
+                self.prefix_hashes(prepared), decision.instance_id,
+                decision.cached_tokens_estimate // self.cache.block_size)
 
     def plan_rebalance(
         self, queued: Sequence[QueuedRequest], snapshot: ClusterSnapshot, now: float
