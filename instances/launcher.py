@@ -212,3 +212,55 @@ def watch_external_backends(urls: list[Any], redis_url: str, namespace: str,
                               name="external-agents")
     thread.start()
     return thread
+
+
+class BackendWatcher:
+    """Watches a changing set of servers the fleet did not start, in the caller's loop.
+
+    ``sync({instance_id: {"url", "kind", ...}})`` starts an ``ExternalReplicaAgent`` for
+    each new entry and stops (and deregisters) the ones no longer listed, so backends added
+    or removed through the gateway's admin API join and leave the rings.
+    """
+
+    def __init__(self, redis_url: str, namespace: str, ttl: float,
+                 tokenizer: str | None = None) -> None:
+        from proto.registry import RegistryWriter
+
+        self.store = RegistryWriter.from_url(redis_url, namespace, ttl)
+        self.poll_s = ttl / 3
+        self.tokenizer = tokenizer
+        self._tasks: dict[str, tuple[str, asyncio.Task[None]]] = {}
+
+    def sync(self, wanted: dict[str, dict[str, Any]]) -> None:
+        from instances.adapters import BackendSpec, agents_for
+        from proto.tokenize import load_tokenizer
+
+        for instance_id in list(self._tasks):
+            key, task = self._tasks[instance_id]
+            if instance_id not in wanted or json.dumps(wanted[instance_id],
+                                                       sort_keys=True) != key:
+                task.cancel()  # the agent deregisters on its way out
+                del self._tasks[instance_id]
+        tok = load_tokenizer(self.tokenizer) if self.tokenizer else None
+        loop = asyncio.get_running_loop()
+        for instance_id, fields in wanted.items():
+            if instance_id in self._tasks:
+                continue
+            spec = BackendSpec(**{**fields, "instance_id": instance_id})
+            agent = agents_for([spec], self.store, poll_s=self.poll_s, tokenizer=tok)[0]
+            self._tasks[instance_id] = (json.dumps(fields, sort_keys=True),
+                                        loop.create_task(agent.run()))
+
+    @property
+    def watching(self) -> list[str]:
+        return sorted(self._tasks)
+
+    async def close(self) -> None:
+        tasks = [task for _, task in self._tasks.values()]
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.store.close()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import time
@@ -37,8 +38,11 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from instances.launcher import BackendWatcher
+from proto.backends import BACKENDS
 from proto.defaults import (
     DEFAULT_HEARTBEAT_TTL_S,
     DEFAULT_LEADER_LEASE_S,
@@ -144,6 +148,8 @@ class Gateway:
         self._admission_seen: dict[str, dict[str, int]] = {"released": {}, "moves": {}}
         self.control.add_job("admission", self._admission_job)
         self.control.add_job("hot_keys", self._hot_keys_job)
+        self.control.add_job("backends", self._backends_job)
+        self._backend_watcher: BackendWatcher | None = None
         self._hot_keys_version = -1
         self.relay = Relay(self._first_token, clock)
         self.upstream = UpstreamClient(config.connect_timeout_s)
@@ -184,6 +190,9 @@ class Gateway:
             await self.control.stop()
         self.gate.close()
         self.upstream.close()
+        if self._backend_watcher is not None:
+            await self._backend_watcher.close()
+            self._backend_watcher = None
         if self._kv_subscriber is not None:
             await self._kv_subscriber.close()
             self._kv_subscriber = None
@@ -221,6 +230,22 @@ class Gateway:
         """Switch the admission mode; requests already queued keep their old gate."""
         self.gate = self._build_gate(mode, params)
         self.config.admission, self.config.admission_params = mode, dict(params)
+
+    async def _backends_job(self, now: float, leader: bool) -> None:
+        """The leader watches the servers added through the admin API (they join the
+        registry and the rings through it); a replica that lost the lease stops watching."""
+        if not leader:
+            if self._backend_watcher is not None and self._backend_watcher.watching:
+                self._backend_watcher.sync({})
+            return
+        wanted = await self.store.backends()
+        if self._backend_watcher is None:
+            if not wanted:
+                return
+            config = self.config
+            self._backend_watcher = BackendWatcher(config.redis_url, config.namespace,
+                                                   config.heartbeat_ttl_s, config.tokenizer)
+        self._backend_watcher.sync(wanted)
 
     async def _hot_keys_job(self, now: float, leader: bool) -> None:
         """Each tick: publish the hot prefixes this replica found; the leader merges them
@@ -583,6 +608,16 @@ def create_gateway_app(gateway: Gateway) -> ASGIApp:
     return served
 
 
+class BackendBody(BaseModel):
+    """A server to put behind the gateway (``POST /admin/backends``)."""
+
+    url: str
+    kind: str | None = None  # a proto.backends kind, or auto (told from its /metrics)
+    instance_id: str | None = None
+    model: str | None = None
+    weight: float | None = None
+
+
 def _add_routes(app: FastAPI, gateway: Gateway) -> None:
     install_error_handlers(app)
 
@@ -605,6 +640,33 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/admin/backends")
+    async def list_backends() -> dict[str, Any]:
+        return {"backends": [{"instance_id": i, **spec}
+                             for i, spec in sorted((await gateway.store.backends()).items())]}
+
+    @app.post("/admin/backends")
+    async def add_backend(body: BackendBody) -> dict[str, Any]:
+        spec = body.model_dump(exclude_none=True, exclude={"instance_id"})
+        if not body.url.startswith(("http://", "https://")):
+            raise OpenAIError("'url' must be http(s)://host:port", 400, param="url",
+                              code="invalid_backend_url")
+        if body.kind not in (None, "auto", *BACKENDS):
+            raise OpenAIError(f"Unknown backend kind '{body.kind}'; one of auto, "
+                              f"{', '.join(sorted(BACKENDS))}", 400, param="kind",
+                              code="unknown_backend_kind")
+        instance_id = body.instance_id or "external-" + hashlib.sha256(
+            body.url.encode()).hexdigest()[:8]
+        await gateway.store.add_backend(instance_id, spec)
+        return {"instance_id": instance_id, **spec}
+
+    @app.delete("/admin/backends/{instance_id}")
+    async def remove_backend(instance_id: str) -> dict[str, Any]:
+        if not await gateway.store.remove_backend(instance_id):
+            raise OpenAIError(f"No backend '{instance_id}' was added through the admin API",
+                              404, param="instance_id", code="backend_not_found")
+        return {"instance_id": instance_id, "removed": True}
 
     @app.get("/admin/instances")
     async def instances() -> dict[str, Any]:

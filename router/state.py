@@ -20,6 +20,7 @@ import json
 import os
 import time
 from dataclasses import replace
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -162,6 +163,19 @@ class ClusterStateStore(RegistryWriter):
             await self._redis.sadd(self._key("draining"), instance_id)
         else:
             await self._redis.srem(self._key("draining"), instance_id)
+
+    # -- backends added through the admin API -------------------------------------------
+    # ``{ns}:backends`` hash: instance id -> JSON of the server's spec (url, kind, ...); the
+    # leader gateway runs a watcher agent for each, which registers it in the registry.
+    async def add_backend(self, instance_id: str, spec: dict[str, Any]) -> None:
+        await self._redis.hset(self._key("backends"), instance_id, json.dumps(spec))
+
+    async def remove_backend(self, instance_id: str) -> bool:
+        return bool(await self._redis.hdel(self._key("backends"), instance_id))
+
+    async def backends(self) -> dict[str, dict[str, Any]]:
+        rows = await self._redis.hgetall(self._key("backends"))
+        return {str(k): json.loads(v) for k, v in rows.items()}
 
     # -- fleet-wide hot-key table ---------------------------------------------------------
     # Each gateway replica publishes the hot prefixes its own traffic found; the leader
