@@ -106,7 +106,8 @@ class EngineMigrationHandle:
         except ValueError as exc:
             raise NotMigratable(str(exc)) from exc
         params = state.params
-        return pb.RequestState(
+        partial = self.core.export_partial_block(request_id)
+        reply = pb.RequestState(
             request_id=request_id,
             prompt_token_ids=state.prompt.astype("<i4", copy=False).tobytes(),
             output_token_ids=np.asarray(state.output_token_ids, dtype="<i4").tobytes(),
@@ -118,6 +119,13 @@ class EngineMigrationHandle:
             client_state=client_state,
             num_full_blocks=self._num_full_blocks(request_id),
         )
+        if partial is not None:
+            tokens, parent, payload = partial
+            reply.partial_block_token_ids = np.asarray(tokens, dtype="<i4").tobytes()
+            reply.partial_block_payload = payload
+            reply.partial_block_has_parent = parent is not None
+            reply.partial_block_parent_hash = parent or 0
+        return reply
 
     def resume(self, request_id: str) -> None:
         self.engine.resume(request_id)
@@ -175,3 +183,10 @@ class EngineMigrationHandle:
         )
         self.engine.adopt(request, state.client_state, state.num_cached_tokens,
                           on_finish=on_finish, orphan_timeout_s=self.orphan_timeout_s)
+        if state.partial_block_payload:
+            # Best effort: without it the destination recomputes the partial block.
+            self.core.preload_partial_block(
+                state.request_id,
+                np.frombuffer(state.partial_block_token_ids, dtype="<i4").tolist(),
+                state.partial_block_parent_hash if state.partial_block_has_parent else None,
+                state.partial_block_payload)

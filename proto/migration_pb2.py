@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/migration.proto\x12\x15llmfleet.migration.v1\"\xbb\x01\n\nBlockBatch\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x06\x12\x12\n\nhas_parent\x18\x04 \x01(\x08\x12\x13\n\x0bparent_hash\x18\x05 \x01(\x06\x12\x11\n\ttoken_ids\x18\x06 \x01(\x0c\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12\x1f\n\x17payload_bytes_per_block\x18\x08 \x01(\r\"y\n\x0eReserveRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\r\n\x05ttl_s\x18\x04 \x01(\x01\x12\x1a\n\x12source_instance_id\x18\x05 \x01(\t\"^\n\x0cReserveReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x17\n\x0freserved_blocks\x18\x04 \x01(\r\"b\n\tPushReply\x12\x17\n\x0f\x62locks_received\x18\x01 \x01(\r\x12\x15\n\rblocks_copied\x18\x02 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xef\x01\n\x0cRequestState\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x01(\x0c\x12\x18\n\x10output_token_ids\x18\x03 \x01(\x0c\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\x12\x14\n\x0c\x63lient_state\x18\t \x01(\x0c\x12\x17\n\x0fnum_full_blocks\x18\n \x01(\r\"Y\n\rCommitRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0b\x32#.llmfleet.migration.v1.RequestState\"R\n\x0b\x43ommitReply\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\"4\n\x0c\x41\x62ortRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"P\n\nAbortReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x11\n\tcommitted\x18\x02 \x01(\x08\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\"\'\n\x11RequestStateQuery\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xb1\x01\n\x11RequestStateReply\x12\x32\n\x05phase\x18\x01 \x01(\x0e\x32#.llmfleet.migration.v1.RequestPhase\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x03 \x01(\r\x12\x17\n\x0fnum_full_blocks\x18\x04 \x01(\r\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x0b\n\x03url\x18\x06 \x01(\t\"C\n\tLinkModel\x12\x14\n\x0cgbytes_per_s\x18\x01 \x01(\x01\x12 \n\x18modelled_bytes_per_block\x18\x02 \x01(\x04\"\xbf\x01\n\x11SendBlocksRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x13\n\x0bstart_block\x18\x04 \x01(\r\x12\r\n\x05ttl_s\x18\x05 \x01(\x01\x12.\n\x04link\x18\x06 \x01(\x0b\x32 .llmfleet.migration.v1.LinkModel\x12\x17\n\x0fmax_batch_bytes\x18\x07 \x01(\r\"\xad\x01\n\nStageReply\x12\x32\n\x06status\x18\x01 \x01(\x0e\x32\".llmfleet.migration.v1.StageStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x62locks_sent\x18\x03 \x01(\r\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x17\n\x0fnum_full_blocks\x18\x05 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x06 \x01(\r\"\xd3\x01\n\x0eHandoffRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x13\n\x0bstart_block\x18\x04 \x01(\r\x12\r\n\x05ttl_s\x18\x05 \x01(\x01\x12.\n\x04link\x18\x06 \x01(\x0b\x32 .llmfleet.migration.v1.LinkModel\x12\x15\n\rrpc_timeout_s\x18\x07 \x01(\x01\x12\x17\n\x0fmax_batch_bytes\x18\x08 \x01(\r\"\xcd\x01\n\x0cHandoffReply\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.llmfleet.migration.v1.HandoffStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x62locks_sent\x18\x03 \x01(\r\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x0b\n\x03url\x18\x06 \x01(\t\x12\x19\n\x11num_output_tokens\x18\x07 \x01(\r\x12\x11\n\tstopped_s\x18\x08 \x01(\x01*\xce\x01\n\x0cRequestPhase\x12\x19\n\x15REQUEST_PHASE_UNKNOWN\x10\x00\x12\x19\n\x15REQUEST_PHASE_WAITING\x10\x01\x12\x19\n\x15REQUEST_PHASE_PREFILL\x10\x02\x12\x1a\n\x16REQUEST_PHASE_DECODING\x10\x03\x12\x1b\n\x17REQUEST_PHASE_SUSPENDED\x10\x04\x12\x18\n\x14REQUEST_PHASE_PINNED\x10\x05\x12\x1a\n\x16REQUEST_PHASE_FINISHED\x10\x06*\xa2\x01\n\x0bStageStatus\x12\x1c\n\x18STAGE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11STAGE_STATUS_SENT\x10\x01\x12\x1f\n\x1bSTAGE_STATUS_NOT_MIGRATABLE\x10\x02\x12\x18\n\x14STAGE_STATUS_REFUSED\x10\x03\x12#\n\x1fSTAGE_STATUS_DESTINATION_FAILED\x10\x04*\x8c\x01\n\rHandoffStatus\x12\x1e\n\x1aHANDOFF_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18HANDOFF_STATUS_COMMITTED\x10\x01\x12!\n\x1dHANDOFF_STATUS_NOT_MIGRATABLE\x10\x02\x12\x1a\n\x16HANDOFF_STATUS_ABORTED\x10\x03\x32\xfa\x04\n\x0eMigrationAgent\x12U\n\x07Reserve\x12%.llmfleet.migration.v1.ReserveRequest\x1a#.llmfleet.migration.v1.ReserveReply\x12S\n\nPushBlocks\x12!.llmfleet.migration.v1.BlockBatch\x1a .llmfleet.migration.v1.PushReply(\x01\x12R\n\x06\x43ommit\x12$.llmfleet.migration.v1.CommitRequest\x1a\".llmfleet.migration.v1.CommitReply\x12O\n\x05\x41\x62ort\x12#.llmfleet.migration.v1.AbortRequest\x1a!.llmfleet.migration.v1.AbortReply\x12\x65\n\x0fGetRequestState\x12(.llmfleet.migration.v1.RequestStateQuery\x1a(.llmfleet.migration.v1.RequestStateReply\x12Y\n\nSendBlocks\x12(.llmfleet.migration.v1.SendBlocksRequest\x1a!.llmfleet.migration.v1.StageReply\x12U\n\x07Handoff\x12%.llmfleet.migration.v1.HandoffRequest\x1a#.llmfleet.migration.v1.HandoffReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/migration.proto\x12\x15llmfleet.migration.v1\"\xbb\x01\n\nBlockBatch\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x06\x12\x12\n\nhas_parent\x18\x04 \x01(\x08\x12\x13\n\x0bparent_hash\x18\x05 \x01(\x06\x12\x11\n\ttoken_ids\x18\x06 \x01(\x0c\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12\x1f\n\x17payload_bytes_per_block\x18\x08 \x01(\r\"y\n\x0eReserveRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\r\n\x05ttl_s\x18\x04 \x01(\x01\x12\x1a\n\x12source_instance_id\x18\x05 \x01(\t\"^\n\x0cReserveReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x17\n\x0freserved_blocks\x18\x04 \x01(\r\"b\n\tPushReply\x12\x17\n\x0f\x62locks_received\x18\x01 \x01(\r\x12\x15\n\rblocks_copied\x18\x02 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xf4\x02\n\x0cRequestState\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x01(\x0c\x12\x18\n\x10output_token_ids\x18\x03 \x01(\x0c\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\x12\x14\n\x0c\x63lient_state\x18\t \x01(\x0c\x12\x17\n\x0fnum_full_blocks\x18\n \x01(\r\x12\x1f\n\x17partial_block_token_ids\x18\x0b \x01(\x0c\x12\x1d\n\x15partial_block_payload\x18\x0c \x01(\x0c\x12 \n\x18partial_block_has_parent\x18\r \x01(\x08\x12!\n\x19partial_block_parent_hash\x18\x0e \x01(\x06\"Y\n\rCommitRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0b\x32#.llmfleet.migration.v1.RequestState\"R\n\x0b\x43ommitReply\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\"4\n\x0c\x41\x62ortRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"P\n\nAbortReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x11\n\tcommitted\x18\x02 \x01(\x08\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\"\'\n\x11RequestStateQuery\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xb1\x01\n\x11RequestStateReply\x12\x32\n\x05phase\x18\x01 \x01(\x0e\x32#.llmfleet.migration.v1.RequestPhase\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x03 \x01(\r\x12\x17\n\x0fnum_full_blocks\x18\x04 \x01(\r\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x0b\n\x03url\x18\x06 \x01(\t\"C\n\tLinkModel\x12\x14\n\x0cgbytes_per_s\x18\x01 \x01(\x01\x12 \n\x18modelled_bytes_per_block\x18\x02 \x01(\x04\"\xbf\x01\n\x11SendBlocksRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x13\n\x0bstart_block\x18\x04 \x01(\r\x12\r\n\x05ttl_s\x18\x05 \x01(\x01\x12.\n\x04link\x18\x06 \x01(\x0b\x32 .llmfleet.migration.v1.LinkModel\x12\x17\n\x0fmax_batch_bytes\x18\x07 \x01(\r\"\xad\x01\n\nStageReply\x12\x32\n\x06status\x18\x01 \x01(\x0e\x32\".llmfleet.migration.v1.StageStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x62locks_sent\x18\x03 \x01(\r\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x17\n\x0fnum_full_blocks\x18\x05 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x06 \x01(\r\"\xd3\x01\n\x0eHandoffRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x13\n\x0bstart_block\x18\x04 \x01(\r\x12\r\n\x05ttl_s\x18\x05 \x01(\x01\x12.\n\x04link\x18\x06 \x01(\x0b\x32 .llmfleet.migration.v1.LinkModel\x12\x15\n\rrpc_timeout_s\x18\x07 \x01(\x01\x12\x17\n\x0fmax_batch_bytes\x18\x08 \x01(\r\"\xcd\x01\n\x0cHandoffReply\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.llmfleet.migration.v1.HandoffStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x62locks_sent\x18\x03 \x01(\r\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x0b\n\x03url\x18\x06 \x01(\t\x12\x19\n\x11num_output_tokens\x18\x07 \x01(\r\x12\x11\n\tstopped_s\x18\x08 \x01(\x01*\xce\x01\n\x0cRequestPhase\x12\x19\n\x15REQUEST_PHASE_UNKNOWN\x10\x00\x12\x19\n\x15REQUEST_PHASE_WAITING\x10\x01\x12\x19\n\x15REQUEST_PHASE_PREFILL\x10\x02\x12\x1a\n\x16REQUEST_PHASE_DECODING\x10\x03\x12\x1b\n\x17REQUEST_PHASE_SUSPENDED\x10\x04\x12\x18\n\x14REQUEST_PHASE_PINNED\x10\x05\x12\x1a\n\x16REQUEST_PHASE_FINISHED\x10\x06*\xa2\x01\n\x0bStageStatus\x12\x1c\n\x18STAGE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11STAGE_STATUS_SENT\x10\x01\x12\x1f\n\x1bSTAGE_STATUS_NOT_MIGRATABLE\x10\x02\x12\x18\n\x14STAGE_STATUS_REFUSED\x10\x03\x12#\n\x1fSTAGE_STATUS_DESTINATION_FAILED\x10\x04*\x8c\x01\n\rHandoffStatus\x12\x1e\n\x1aHANDOFF_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18HANDOFF_STATUS_COMMITTED\x10\x01\x12!\n\x1dHANDOFF_STATUS_NOT_MIGRATABLE\x10\x02\x12\x1a\n\x16HANDOFF_STATUS_ABORTED\x10\x03\x32\xfa\x04\n\x0eMigrationAgent\x12U\n\x07Reserve\x12%.llmfleet.migration.v1.ReserveRequest\x1a#.llmfleet.migration.v1.ReserveReply\x12S\n\nPushBlocks\x12!.llmfleet.migration.v1.BlockBatch\x1a .llmfleet.migration.v1.PushReply(\x01\x12R\n\x06\x43ommit\x12$.llmfleet.migration.v1.CommitRequest\x1a\".llmfleet.migration.v1.CommitReply\x12O\n\x05\x41\x62ort\x12#.llmfleet.migration.v1.AbortRequest\x1a!.llmfleet.migration.v1.AbortReply\x12\x65\n\x0fGetRequestState\x12(.llmfleet.migration.v1.RequestStateQuery\x1a(.llmfleet.migration.v1.RequestStateReply\x12Y\n\nSendBlocks\x12(.llmfleet.migration.v1.SendBlocksRequest\x1a!.llmfleet.migration.v1.StageReply\x12U\n\x07Handoff\x12%.llmfleet.migration.v1.HandoffRequest\x1a#.llmfleet.migration.v1.HandoffReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.migration_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REQUESTPHASE']._serialized_start=2193
-  _globals['_REQUESTPHASE']._serialized_end=2399
-  _globals['_STAGESTATUS']._serialized_start=2402
-  _globals['_STAGESTATUS']._serialized_end=2564
-  _globals['_HANDOFFSTATUS']._serialized_start=2567
-  _globals['_HANDOFFSTATUS']._serialized_end=2707
+  _globals['_REQUESTPHASE']._serialized_start=2326
+  _globals['_REQUESTPHASE']._serialized_end=2532
+  _globals['_STAGESTATUS']._serialized_start=2535
+  _globals['_STAGESTATUS']._serialized_end=2697
+  _globals['_HANDOFFSTATUS']._serialized_start=2700
+  _globals['_HANDOFFSTATUS']._serialized_end=2840
   _globals['_BLOCKBATCH']._serialized_start=49
   _globals['_BLOCKBATCH']._serialized_end=236
   _globals['_RESERVEREQUEST']._serialized_start=238
@@ -46,29 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHREPLY']._serialized_start=457
   _globals['_PUSHREPLY']._serialized_end=555
   _globals['_REQUESTSTATE']._serialized_start=558
-  _globals['_REQUESTSTATE']._serialized_end=797
-  _globals['_COMMITREQUEST']._serialized_start=799
-  _globals['_COMMITREQUEST']._serialized_end=888
-  _globals['_COMMITREPLY']._serialized_start=890
-  _globals['_COMMITREPLY']._serialized_end=972
-  _globals['_ABORTREQUEST']._serialized_start=974
-  _globals['_ABORTREQUEST']._serialized_end=1026
-  _globals['_ABORTREPLY']._serialized_start=1028
-  _globals['_ABORTREPLY']._serialized_end=1108
-  _globals['_REQUESTSTATEQUERY']._serialized_start=1110
-  _globals['_REQUESTSTATEQUERY']._serialized_end=1149
-  _globals['_REQUESTSTATEREPLY']._serialized_start=1152
-  _globals['_REQUESTSTATEREPLY']._serialized_end=1329
-  _globals['_LINKMODEL']._serialized_start=1331
-  _globals['_LINKMODEL']._serialized_end=1398
-  _globals['_SENDBLOCKSREQUEST']._serialized_start=1401
-  _globals['_SENDBLOCKSREQUEST']._serialized_end=1592
-  _globals['_STAGEREPLY']._serialized_start=1595
-  _globals['_STAGEREPLY']._serialized_end=1768
-  _globals['_HANDOFFREQUEST']._serialized_start=1771
-  _globals['_HANDOFFREQUEST']._serialized_end=1982
-  _globals['_HANDOFFREPLY']._serialized_start=1985
-  _globals['_HANDOFFREPLY']._serialized_end=2190
-  _globals['_MIGRATIONAGENT']._serialized_start=2710
-  _globals['_MIGRATIONAGENT']._serialized_end=3344
+  _globals['_REQUESTSTATE']._serialized_end=930
+  _globals['_COMMITREQUEST']._serialized_start=932
+  _globals['_COMMITREQUEST']._serialized_end=1021
+  _globals['_COMMITREPLY']._serialized_start=1023
+  _globals['_COMMITREPLY']._serialized_end=1105
+  _globals['_ABORTREQUEST']._serialized_start=1107
+  _globals['_ABORTREQUEST']._serialized_end=1159
+  _globals['_ABORTREPLY']._serialized_start=1161
+  _globals['_ABORTREPLY']._serialized_end=1241
+  _globals['_REQUESTSTATEQUERY']._serialized_start=1243
+  _globals['_REQUESTSTATEQUERY']._serialized_end=1282
+  _globals['_REQUESTSTATEREPLY']._serialized_start=1285
+  _globals['_REQUESTSTATEREPLY']._serialized_end=1462
+  _globals['_LINKMODEL']._serialized_start=1464
+  _globals['_LINKMODEL']._serialized_end=1531
+  _globals['_SENDBLOCKSREQUEST']._serialized_start=1534
+  _globals['_SENDBLOCKSREQUEST']._serialized_end=1725
+  _globals['_STAGEREPLY']._serialized_start=1728
+  _globals['_STAGEREPLY']._serialized_end=1901
+  _globals['_HANDOFFREQUEST']._serialized_start=1904
+  _globals['_HANDOFFREQUEST']._serialized_end=2115
+  _globals['_HANDOFFREPLY']._serialized_start=2118
+  _globals['_HANDOFFREPLY']._serialized_end=2323
+  _globals['_MIGRATIONAGENT']._serialized_start=2843
+  _globals['_MIGRATIONAGENT']._serialized_end=3477
 # @@protoc_insertion_point(module_scope)

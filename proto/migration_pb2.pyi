@@ -107,7 +107,7 @@ class PushReply(_message.Message):
     def __init__(self, blocks_received: _Optional[int] = ..., blocks_copied: _Optional[int] = ..., bytes_received: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RequestState(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "max_tokens", "temperature", "seed", "stop_token_ids", "num_cached_tokens", "client_state", "num_full_blocks")
+    __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "max_tokens", "temperature", "seed", "stop_token_ids", "num_cached_tokens", "client_state", "num_full_blocks", "partial_block_token_ids", "partial_block_payload", "partial_block_has_parent", "partial_block_parent_hash")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,10 @@ class RequestState(_message.Message):
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_STATE_FIELD_NUMBER: _ClassVar[int]
     NUM_FULL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_BLOCK_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_BLOCK_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_BLOCK_HAS_PARENT_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_BLOCK_PARENT_HASH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: bytes
     output_token_ids: bytes
@@ -128,7 +132,11 @@ class RequestState(_message.Message):
     num_cached_tokens: int
     client_state: bytes
     num_full_blocks: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[bytes] = ..., output_token_ids: _Optional[bytes] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., client_state: _Optional[bytes] = ..., num_full_blocks: _Optional[int] = ...) -> None: ...
+    partial_block_token_ids: bytes
+    partial_block_payload: bytes
+    partial_block_has_parent: bool
+    partial_block_parent_hash: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[bytes] = ..., output_token_ids: _Optional[bytes] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., client_state: _Optional[bytes] = ..., num_full_blocks: _Optional[int] = ..., partial_block_token_ids: _Optional[bytes] = ..., partial_block_payload: _Optional[bytes] = ..., partial_block_has_parent: _Optional[bool] = ..., partial_block_parent_hash: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("migration_id", "state")

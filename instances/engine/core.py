@@ -269,6 +269,46 @@ class EngineCore:
         state = self._suspended.pop(request_id)
         self.scheduler.running.append(state)
 
+    def export_partial_block(
+        self, request_id: str
+    ) -> tuple[tuple[int, ...], int | None, bytes] | None:
+        """The KV of a request's last, partly filled block: (its computed tokens, the
+        previous block's hash, payload); None when its computed tokens fill whole blocks."""
+        state = self._requests[request_id]
+        block_size = self.config.block_size
+        num_full, partial = divmod(state.num_computed_tokens, block_size)
+        if partial == 0 or len(state.block_table) <= num_full:
+            return None
+        state.ensure_block_hashes(num_full, block_size)
+        parent = state.block_hashes[num_full - 1] if num_full else None
+        tokens = tuple(state.token_slice(num_full * block_size,
+                                         state.num_computed_tokens).tolist())
+        payload = self.executor.read_block(state.block_table[num_full], tokens, parent)
+        return tokens, parent, payload
+
+    def preload_partial_block(
+        self, request_id: str, token_ids: Sequence[int], parent_hash: int | None,
+        payload: bytes,
+    ) -> bool:
+        """Copy in the last partial block of a just-added migrated request, so that its
+        admission computes only its last sampled token. Used only if every full block
+        before it is cached then; False (nothing kept) if no block is free or the payload
+        is refused."""
+        state = self._requests.get(request_id)
+        if state is None or not 0 < len(token_ids) < self.config.block_size:
+            return False
+        table: list[int] = []
+        if not self.block_manager.allocate(table, 1):
+            return False
+        try:
+            self.executor.write_block(table[0], token_ids, parent_hash, payload)
+        except ValueError:
+            self.block_manager.free(table)
+            return False
+        self.scheduler.drop_preload(request_id)
+        self.scheduler.preloads[request_id] = (table[0], len(token_ids))
+        return True
+
     def resolved_sampling_seed(self, request_id: str) -> int:
         """The seed the request's random draws use here (its own, else derived from the
         engine seed and its id): a destination given it explicitly draws the same."""

@@ -82,6 +82,9 @@ class Scheduler:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.pending_prefill_tokens = 0  # uncached prompt tokens not yet computed
+        # Migrated-in requests: (block id, tokens) of their last partial block, copied in
+        # with its KV (one reference held here until the request is admitted with it).
+        self.preloads: dict[str, tuple[int, int]] = {}
 
     # ---- queues ---------------------------------------------------------------------------
 
@@ -116,7 +119,14 @@ class Scheduler:
             self._waiting.remove(request)
             self._short_queue_tokens -= request.prefill_accounted
         self.block_manager.free(request.block_table)
+        self.drop_preload(request.request_id)
         self._account_prefill(request, 0)
+
+    def drop_preload(self, request_id: str) -> None:
+        """Give back a preloaded partial block that was not used (unknown ids: ignored)."""
+        preload = self.preloads.pop(request_id, None)
+        if preload is not None:
+            self.block_manager.free([preload[0]])
 
     # ---- scheduling -----------------------------------------------------------------------
 
@@ -279,17 +289,31 @@ class Scheduler:
             computed = manager.find_cached_prefix(
                 request.block_hashes, (num_tokens - 1) // block_size
             )
-            num_cached = len(computed) * block_size
+            num_full_cached = len(computed)
+            num_cached = num_full_cached * block_size
+            preload = self.preloads.get(request.request_id) if self.preloads else None
+            if preload is not None:
+                if num_cached + preload[1] == num_tokens - 1:
+                    # A migrated request whose full blocks are all here: its copied partial
+                    # block completes the prefix, only the last sampled token is computed.
+                    computed = [*computed, preload[0]]
+                    num_cached += preload[1]
+                else:
+                    self.drop_preload(request.request_id)
+                    preload = None
             num_new = min(num_tokens - num_cached, budget)
             required = -(-(num_cached + num_new) // block_size)
             if not manager.allocate(request.block_table, required, computed):
                 return budget, True
+            if preload is not None:
+                del self.preloads[request.request_id]
+                manager.free([preload[0]])  # the block table holds it now
             queue.popleft()
             if queue is self._waiting:
                 self._short_queue_tokens -= request.prefill_accounted
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached
-            request.num_cached_blocks = len(computed)
+            request.num_cached_blocks = num_full_cached
             request.num_cached_tokens = min(num_cached, request.num_prompt_tokens)
             request.skipped_steps = 0
             self.prefix_cache_queries += num_tokens

@@ -123,3 +123,45 @@ def test_aborting_a_suspended_request_frees_its_blocks() -> None:
     assert not core.is_suspended("r")
     assert core.stats().free_blocks == core.stats().total_blocks
     core.block_manager.check_invariants()
+
+
+@pytest.mark.parametrize("executor", ["emulated", "tiny"])
+def test_a_copied_partial_block_leaves_only_the_last_token_to_compute(executor: str) -> None:
+    prompt = list(range(30, 100))  # 70 tokens: 4 full blocks + 6
+    reference = run_until_idle(build_engine_core(executor),
+                               [make_request("r", prompt, 30, 0.8, seed=5)])
+    source = build_engine_core(executor)
+    source.add_request(make_request("r", prompt, 30, 0.8, seed=5))
+    _decode(source, "r", 3)  # 72 computed tokens: 4 full blocks + 8
+    state = source.suspend_request("r")
+    partial = source.export_partial_block("r")
+    assert partial is not None and len(partial[0]) == state.num_computed_tokens % 16
+    destination = build_engine_core(executor)
+    destination.import_blocks(source.export_request_blocks("r"))
+    moved = EngineRequest("r", prompt, SamplingParams(max_tokens=30, temperature=0.8, seed=5),
+                          output_token_ids=list(state.output_token_ids))
+    destination.add_request(moved)
+    assert destination.preload_partial_block("r", *partial)
+    first = destination.step(0.0)
+    assert first.num_prefill_tokens == 0 and first.num_decode_seqs == 1
+    log = run_until_idle(destination)
+    assert [*state.output_token_ids[:3], *first.events[0].new_token_ids,
+            *log.outputs["r"]] == reference.outputs["r"]
+    destination.unpin_blocks(list(destination._pinned))
+    assert destination.stats().free_blocks == destination.stats().total_blocks
+    destination.block_manager.check_invariants()
+
+
+def test_an_unused_preload_is_given_back() -> None:
+    core = build_engine_core()
+    core.add_request(make_request("r", list(range(1, 40)), 8))
+    payload = core.executor.read_block(0, list(range(1, 8)), None)
+    assert core.preload_partial_block("r", list(range(1, 8)), None, payload)
+    assert core.stats().free_blocks == core.stats().total_blocks - 1
+    core.abort_request("r")  # before admission
+    assert core.stats().free_blocks == core.stats().total_blocks
+    core.add_request(make_request("s", list(range(1, 40)), 4))
+    assert core.preload_partial_block("s", list(range(1, 8)), None, payload)
+    run_until_idle(core)  # its full blocks are not cached here: the preload is dropped
+    assert core.stats().free_blocks == core.stats().total_blocks
+    core.block_manager.check_invariants()
