@@ -154,7 +154,8 @@ class Gateway:
         self.relay = Relay(self._first_token, clock)
         self.upstream = UpstreamClient(config.connect_timeout_s)
         # Streams follow live migrations and outlive a replica dying mid-stream.
-        self.relay.resumer = MigrationResumer(self.upstream, lambda: self.records)
+        self.resumer = MigrationResumer(self.upstream, lambda: self.records)
+        self.relay.resumer = self.resumer
         # The dashboard's observer (router.dashboard), told of every routing decision.
         self.observer: FleetObserver | None = None
         self._suspect_until: dict[str, float] = {}
@@ -190,6 +191,7 @@ class Gateway:
             await self.control.stop()
         self.gate.close()
         self.upstream.close()
+        await self.resumer.close()
         if self._backend_watcher is not None:
             await self._backend_watcher.close()
             self._backend_watcher = None
