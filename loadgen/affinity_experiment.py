@@ -179,8 +179,8 @@ def simulate(config: RunConfig, requests: Sequence[TraceRequest]) -> dict[str, A
     result.wall_seconds = time.perf_counter() - wall
     summary = summarize_sim(config, result)
     served = {o.request_id: o.instance_id for o in result.outcomes if o.ttft_s is not None}
-    keep = ("rate", "slo_attainment", "cache_hit_rate", "ttft_p50", "ttft_p99",
-            "load_imbalance", "decisions", "wall_seconds")
+    keep = ("rate", "requests", "slo_attainment", "cache_hit_rate", "ttft_p50", "ttft_p99",
+            "e2e_p90", "duration_s", "load_imbalance", "decisions", "wall_seconds")
     out = {k: summary.get(k) for k in keep}
     out.update(followup_colocation(requests, served, records))
     return out
@@ -201,15 +201,25 @@ def run_workload(
         "policies": {},
     }
     capacities: dict[str, float] = {}
+    checks: dict[str, dict[str, Any]] = {}
     initial = 0.7 * (base.rate or generated_at)
     if capacity:
         for label, policy, params in variants:
             if label not in capacity_variants:
                 continue
             config = replace(base, policy=policy, policy_params=params, warmup_fraction=0.1)
-            search, _ = capacity_for_policy(config, requests=requests, initial_rate=initial,
-                                            max_probes=max_probes, growth=1.5, rel_tol=0.05)
+            search, at = capacity_for_policy(config, requests=requests, initial_rate=initial,
+                                             max_probes=max_probes, growth=1.5, rel_tol=0.05)
             capacities[label] = search.capacity_rps
+            # As ``llmfleet sim capacity`` flags them: a capacity above the ideal bound, or
+            # arrivals spanning few request lifetimes, is not a steady-state capacity.
+            e2e = (at or {}).get("e2e_p90")
+            checks[label] = {
+                "exceeds_ideal_bound": search.capacity_rps > result["ideal"]["ideal_bound_rps"],
+                "span_over_e2e_p90": (round((len(requests) - 1) / search.capacity_rps / e2e, 2)
+                                      if e2e and search.capacity_rps else None),
+                "probes": [[round(r, 3), a] for r, a in search.probes],
+            }
             if log:
                 print(f"[affinity] {name} {label}: capacity {search.capacity_rps:.3f} req/s",
                       file=sys.stderr, flush=True)
@@ -223,6 +233,7 @@ def run_workload(
         entry = simulate(config, timed)
         if label in capacities:
             entry["effective_capacity_rps"] = round(capacities[label], 4)
+            entry.update(checks[label])
         entry["policy"], entry["params"] = policy, params
         result["policies"][label] = entry
         if log:

@@ -2,17 +2,25 @@
 
 For each request (see ``docs/routing.md``):
 
-1. **Key** - the first ``key_blocks`` blocks of ``key_block_size`` tokens of the prompt,
-   lengthened for hot prefixes (``keys.PrefixKeyBuilder``).
+1. **Key** - the first ``key_blocks`` blocks of ``key_block_size`` tokens of the prompt (one
+   16-token cache block), lengthened one ``hot_step`` (16 tokens) past the split of hot
+   prefixes (``keys.PrefixKeyBuilder``): short, so a conversation's key is the same at every
+   turn, and long only where traffic needs it to tell conversations apart.
 2. **Candidates** - ``c1`` = owner of the key on ring A, ``c2`` = owner on ring B (rings with
    different seeds, 160 virtual nodes per unit weight). Unroutable owners are skipped for the
    next routable member clockwise, and if ring B gives ``c1`` it walks on to the next
-   distinct member. Every conversation thus has two homes, chosen independently.
+   distinct member. Every conversation thus has two homes, chosen independently. With
+   ``continuity`` (default), also the instance, if any, that holds a longer cached prefix of
+   the prompt than either home: the last holder of its longest routed prefix
+   (``cache_view.LastHolderIndex``), checked in that instance's cache view. A conversation
+   whose turn was moved off its homes by load (or whose key or homes changed) thus finds the
+   replica that served its previous turn.
 3. **Affinity pick** - the candidate with the larger estimated cached prefix
    (``cache_view``); on a tie the lower predicted TTFT; then ``c1``. A cached prefix counts
    only if it covers the prompt's key: a shorter one is shared with other conversations
    (a system prompt), and counting it would let the first instances that received it win
-   every new conversation while the rest of the fleet stays cold.
+   every new conversation while the rest of the fleet stays cold. The continuity candidate
+   holds more than both homes, so it is the pick when there is one (reason ``continuity``).
 4. **SLO switch** - predicted TTFT = (uncached tokens queued ahead + own uncached tokens) ×
    seconds per token, plus a fixed part, both learned per instance from observed TTFTs
    (``predictor``). If the
@@ -20,11 +28,14 @@ For each request (see ``docs/routing.md``):
    paper), the other candidate is taken if its prediction is within that bound
    (``slo_fallback``); if both are over, the instance with the lowest predicted TTFT in the
    whole fleet is taken (``load``): all instances ranked as if nothing were cached, the few
-   fastest then re-estimated with their cache views.
+   fastest then re-estimated with their cache views. With a continuity candidate, the
+   homes are tried in their pick order before the fleet.
    ``dualmap_no_slo`` skips this step.
 
-Decision reasons: ``affinity``, ``slo_fallback``, ``load``; ``plan_rebalance`` returns
-moves with reason ``rebalance``.
+Decision reasons: ``affinity`` (a home), ``continuity`` (the continuity candidate),
+``slo_fallback``, ``load``; ``plan_rebalance`` returns moves with reason ``rebalance``.
+``key_blocks=2, key_block_size=512, max_key_blocks=16, hot_step=128, continuity=False``
+gives the decisions of the policy before follow-up affinity (docs/routing.md).
 
 Cost per decision: two xxh64 key hashes over at most a few thousand tokens, two bisects,
 prefix hashes of the prompt (vectorised, ~10 µs for 8k tokens) and a binary search in two

@@ -1,9 +1,11 @@
 """Ring keys of prompts: the first key blocks, lengthened adaptively for hot prefixes.
 
 The base key of an ``n``-token prompt covers its first ``key_blocks`` blocks of
-``block_size`` tokens (DualMap: two 512-token blocks). A shorter prompt uses all its full
-blocks, and a prompt without one full block uses all its tokens. Block granularity keeps the
-key of a growing conversation stable from turn to turn.
+``block_size`` tokens (DualMap: one 16-token block, lengthened by 16-token hot steps;
+consistent hashing: two 512-token blocks, 128-token steps). A shorter prompt uses all its
+full blocks, and a prompt without one full block uses all its tokens: a key that is short
+next to the prompts keeps a growing conversation's key stable from turn to turn, where a
+long one changes while the conversation is shorter than it.
 
 With ``adaptive`` on, a key whose prefix is hot (``HotPrefixDetector``: a large share of
 recent requests, whose prompts differ somewhere after it) is lengthened to just past the
