@@ -64,7 +64,7 @@ def test_the_control_loop_clears_a_hotspot_of_queued_requests_and_sends_each_onc
                            adaptive_key=False)  # one key: one home
     admission = build_admission("laps", budget_tokens=2000, max_wait_s=60.0, long_age_s=60.0)
     assert isinstance(admission, LapsAdmission)
-    snap = _fleet(6)
+    snap = _fleet(8)
     prefix = rng.integers(0, 256, 1024).astype(np.int32)
     sent: dict[str, str] = {}
     home = None
@@ -83,9 +83,14 @@ def test_the_control_loop_clears_a_hotspot_of_queued_requests_and_sends_each_onc
     assert policy.predicted_ttft(home, 0) > 1.0  # a hotspot
 
     rebalancer = HotspotRebalancer(admission, policy)
+    before = policy.predicted_ttft(home, 0)
     moves = rebalancer.plan_moves(0.5, snap)
     assert moves and all(m.from_instance == home and m.decision.instance_id != home
                          for m in moves)
+    # No more moves than needed: each takes its 1,000 uncached tokens (0.1 s) off the home
+    # (the prefix is cached there, and the cache view's record of a queued prompt is not
+    # mistaken for work already done).
+    assert before - (len(moves) - 1) * 0.1 > 1.0 >= before - len(moves) * 0.1 - 1e-9
     for release in apply_moves(admission, policy, moves, 0.5):
         assert release.request_id not in sent
         sent[release.request_id] = release.instance_id

@@ -179,6 +179,9 @@ def test_rebalance_moves_queued_requests_off_a_hotspot() -> None:
     snap = _with_backlog(snapshot(4), {"i00": 7500})
     queued = [QueuedRequest(request(f"q{k}", tokens(rng, 1000)), "i00", enqueued_at=k * 0.1)
               for k in range(6)]
+    policy.sync(snap)
+    for q in queued:  # queued requests are dispatched to the policy when they are queued
+        policy.on_dispatched(q.request, Decision("i00", "affinity", ("i00",)), 0.0)
     moves = policy.plan_rebalance(queued, snap, now=1.0)
     assert moves and all(m.from_instance == "i00" for m in moves)
     assert all(m.decision.reason == "rebalance" and m.decision.instance_id != "i00"
