@@ -279,6 +279,12 @@ class DualMapPolicy(CacheTrackingPolicy):
         self.sync(snapshot)
 
         def own_tokens(q: QueuedRequest, instance_id: str) -> int:
+            if instance_id == q.instance_id:
+                # What the board counts for it there: the cache view already holds its
+                # prompt (recorded when it was queued), which it has not computed yet.
+                entry = self.board.tracker.get(q.request.request_id)
+                if entry is not None and entry.instance_id == instance_id:
+                    return entry.uncached_tokens
             prepared = self.prepare(q.request)
             return prepared.num_tokens - self.cached_tokens(prepared, instance_id)
 
