@@ -115,7 +115,10 @@ class ControlLoop:
                      "took" if leading else "lost")
         self.is_leader = leading
         if leading:
-            await self.store.publish_ring([(r.instance_id, r.weight) for r in live])
+            # A drained replica leaves the rings (its arcs pass to the others) until it is
+            # taken back; it stays in the registry and finishes what it has.
+            await self.store.publish_ring([(r.instance_id, r.weight) for r in live
+                                           if not (r.load or {}).get("draining")])
         epoch, members = await self.store.ring()
         records = {r.instance_id: r for r in live}
         self.on_snapshot(snapshot_from_records(epoch, members, live), records)

@@ -67,6 +67,7 @@ from router.control import ControlLoop
 from router.dashboard import FleetObserver, install_dashboard
 from router.forward import Relay, RequestContext, send_error
 from router.metrics import GatewayMetrics
+from router.migrations import GatewayMigrations
 from router.policy.interfaces import (
     ClusterSnapshot,
     Decision,
@@ -156,6 +157,12 @@ class Gateway:
         # Streams follow live migrations and outlive a replica dying mid-stream.
         self.resumer = MigrationResumer(self.upstream, lambda: self.records)
         self.relay.resumer = self.resumer
+        # The streams this replica relays now (what live migration can move), and the
+        # migrations it orders: by hand (admin API) and off drained replicas.
+        self.streams: dict[str, RequestContext] = {}
+        self.migrations = GatewayMigrations(self.store, self.metrics, lambda: self.records,
+                                            lambda: self.snapshot, self.streams)
+        self.control.add_job("drain", self.migrations.drain_job)
         # The dashboard's observer (router.dashboard), told of every routing decision.
         self.observer: FleetObserver | None = None
         self._suspect_until: dict[str, float] = {}
@@ -192,6 +199,7 @@ class Gateway:
         self.gate.close()
         self.upstream.close()
         await self.resumer.close()
+        await self.migrations.close()
         if self._backend_watcher is not None:
             await self._backend_watcher.close()
             self._backend_watcher = None
@@ -533,6 +541,7 @@ class Gateway:
         ctx.cached_tokens = int(cached) if cached is not None and cached.isdigit() else None
         relay = asyncio.ensure_future(self.relay.stream(ctx, upstream, send, self._switch))
         disconnect = asyncio.ensure_future(_wait_disconnect(receive))
+        self.streams[ctx.request_id] = ctx
         try:
             await asyncio.wait((relay, disconnect), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -543,6 +552,7 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await relay
             disconnect.cancel()
+            self.streams.pop(ctx.request_id, None)
             self._done(ctx)
             end = self.clock()
             self.metrics.latency.labels(endpoint="stream").observe(end - ctx.started)

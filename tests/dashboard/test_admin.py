@@ -125,13 +125,13 @@ def test_admission_mode_changes_through_the_gateway(gateway: tuple[str, Gateway]
     assert gw.gate.admission.mode == "none"
 
 
-def test_migrate_says_clearly_that_migration_is_not_there_yet(
-        gateway: tuple[str, Gateway]) -> None:
+def test_migrate_of_an_unknown_request_says_so(gateway: tuple[str, Gateway]) -> None:
+    # (A live migration from the admin API: tests/migration/test_gateway_drain.py.)
     url, _ = gateway
     response = httpx.post(url + "/admin/requests/some-request/migrate", json={"target": "a"})
-    assert response.status_code == 501
+    assert response.status_code == 404
     error = _error(response)
-    assert error["code"] == "migration_unavailable" and "not available" in error["message"]
+    assert error["code"] == "request_not_found" and "some-request" in error["message"]
 
 
 def test_live_stream_pushes_about_once_a_second(gateway: tuple[str, Gateway]) -> None:

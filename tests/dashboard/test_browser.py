@@ -163,7 +163,7 @@ def test_dashboard_shows_the_fleet_live_and_drains_from_the_page(
                    == "0", timeout_s=5)
         browser.find_element(By.ID, "migrate-request").send_keys("some-request")
         browser.find_element(By.CSS_SELECTOR, "#migrate-form button").click()
-        wait_until(lambda: "not available" in browser.find_element(By.ID, "banner").text,
+        wait_until(lambda: "No running request" in browser.find_element(By.ID, "banner").text,
                    timeout_s=5)
         sent_before = fleet.sent  # requests still flow under the new policy and admission
         wait_until(lambda: fleet.sent >= sent_before + 5, timeout_s=30)
