@@ -33,7 +33,10 @@ For each request (see ``docs/routing.md``):
    ``dualmap_no_slo`` skips this step.
 
 Decision reasons: ``affinity`` (a home), ``continuity`` (the continuity candidate),
-``slo_fallback``, ``load``; ``plan_rebalance`` returns moves with reason ``rebalance``.
+``slo_fallback``, ``load``; ``holder_unroutable`` / ``holder_evicted`` instead of
+``affinity`` when the conversation's previous replica, off the homes, could not be taken (it
+left the routable set; its cache no longer holds the prefix); ``plan_rebalance`` returns
+moves with reason ``rebalance``.
 ``key_blocks=2, key_block_size=512, max_key_blocks=16, hot_step=128, continuity=False``
 gives the decisions of the policy before follow-up affinity (docs/routing.md).
 
@@ -147,13 +150,16 @@ class DualMapPolicy(CacheTrackingPolicy):
         best, estimates = affinity_pick(
             homes, cached_blocks, board.index, self.fixed_seconds, board.prefill_tokens,
             self.seconds_per_token, self.cache.block_size, prepared.num_tokens, cover)
+        reason = "affinity"
         if self.continuity:
             holder = self._continuity(prepared, homes, cached_blocks, cover)
-            if holder is not None:
+            if isinstance(holder, tuple):
                 return self._pick_with_holder(prepared, homes, estimates, best, cover, holder)
+            if holder is not None:  # the previous turn's replica, and why it is not taken
+                reason = holder
         cached, ttft = estimates[best]
         if not self.slo_aware or ttft <= self.slo_bound_s:
-            return Decision(homes[best], "affinity", homes, ttft, cached)
+            return Decision(homes[best], reason, homes, ttft, cached)
         if len(homes) == 2:
             other_cached, other_ttft = estimates[1 - best]
             if other_ttft <= self.slo_bound_s:
@@ -163,12 +169,16 @@ class DualMapPolicy(CacheTrackingPolicy):
     def _continuity(
         self, prepared: PreparedPrompt, homes: tuple[str, ...], cached_blocks: tuple[int, ...],
         cover: int,
-    ) -> tuple[str, int, float] | None:
+    ) -> tuple[str, int, float] | str | None:
         """The continuity candidate: the routable instance, not a home, that holds a longer
         cached prefix of the prompt than either home, found through the fleet-wide
         ``last_holder`` index and checked in its own cache view; ``(id, cached tokens,
-        predicted TTFT)``, or None. Its prefix must cover the key, as a home's must to
-        count: a shorter one (a shared system prompt) is no conversation's own."""
+        predicted TTFT)``. Its prefix must cover the key, as a home's must to count: a
+        shorter one (a shared system prompt) is no conversation's own. None if there is no
+        such instance; when the index names one (the replica of the conversation's previous
+        turn, off the homes) that cannot be taken, the decision reason that says why:
+        ``holder_unroutable`` (unhealthy, draining, gone) or ``holder_evicted`` (its cache
+        view no longer holds more than the homes)."""
         hashes = prepared.prefix_hashes
         assert hashes is not None  # locate set them
         home_blocks = max(cached_blocks)
@@ -176,12 +186,17 @@ class DualMapPolicy(CacheTrackingPolicy):
         holder, depth = index.deepest(hashes, home_blocks)
         block_size = self.cache.block_size
         if (holder is None or (depth + index.grid_blocks) * block_size <= cover
-                or holder in homes or holder not in self.board.eligible_set):
+                or holder in homes):
             return None
+        # The index shows the holder got this conversation's own prefix (past the key); a
+        # grid step short of the key, only its cache view can tell.
+        proven = depth * block_size >= cover
         table = self.cache.held.get(holder)
-        if table is None:
-            return None
+        if table is None or holder not in self.board.eligible_set:
+            return "holder_unroutable" if proven else None
         blocks = table.cached_blocks(hashes, depth)
+        if blocks < depth:  # the view lost what the index recorded
+            return "holder_evicted" if proven else None
         cached = min(blocks * block_size, max(0, prepared.num_tokens - 1))
         if blocks <= home_blocks or cached < cover:
             return None

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from proto.kv_events import KVEvent
 from router.policy.cache_view import LastHolderIndex
 from router.policy.dualmap import DualMapPolicy
 from router.policy.interfaces import ClusterSnapshot, Decision, InstanceView
@@ -165,6 +166,36 @@ def test_a_hotspot_moves_the_conversation_with_a_reason_and_it_stays_there() -> 
     assert after.instance_id == moved.instance_id
     assert after.reason in ("affinity", "continuity")
     assert after.cached_tokens_estimate == 1488  # the previous prompt's whole blocks
+
+
+def test_a_turn_that_cannot_return_to_its_previous_replica_says_why() -> None:
+    rng = np.random.default_rng(9)
+    policy = DualMapPolicy(slo_ttft_s=1.0, prefill_s_per_token=1e-4)
+    snap = snapshot(INSTANCES)
+    prompt = tokens(rng, 800)
+    first = policy.route(request("b0", prompt), snap, 0.0)
+    policy.on_dispatched(request("b0", prompt), first, 0.0)
+    policy.on_finished("b0", first.instance_id, 0.0)
+    home = first.instance_id
+    hot = _backlogged(snap, dict.fromkeys(first.candidates, 8000))  # both homes busy
+    prompt = _grow(rng, prompt, 1500)
+    moved = policy.route(request("b1", prompt), hot, 1.0)
+    assert moved.reason == "load"
+    policy.on_dispatched(request("b1", prompt), moved, 1.0)
+    policy.on_finished("b1", moved.instance_id, 1.0)
+    away = moved.instance_id
+    assert away != home and away not in first.candidates
+    prompt = _grow(rng, prompt, 1800)
+    # The replica that served the last turn drains: the turn goes home and says why.
+    drained = ClusterSnapshot(snap.epoch + 2, tuple(
+        InstanceView(v.instance_id, draining=v.instance_id == away) for v in snap.instances))
+    back = policy.route(request("b2", prompt), drained, 2.0)
+    assert back.instance_id in first.candidates
+    assert back.reason == "holder_unroutable"
+    # Its cache evicted there (KV events say all blocks were cleared): the same, for that.
+    policy.apply_kv_events(away, [KVEvent("AllBlocksCleared")])
+    back = policy.route(request("b2", prompt), snap, 2.0)
+    assert (back.instance_id, back.reason) == (home, "holder_evicted")
 
 
 def test_a_shared_system_prompt_alone_does_not_pull_new_conversations() -> None:
