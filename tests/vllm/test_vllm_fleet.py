@@ -378,7 +378,7 @@ def test_a_replica_killed_mid_stream_is_survived_by_token_replay(fleet: Fleet) -
     assert isinstance(resumer, MigrationResumer)
     replays = resumer.resumed["replay"]
     body = {"model": MODEL, "prompt": "Tell me a very long story about a replica router.",
-            "max_tokens": 1200, "ignore_eos": True, "stream": True}
+            "max_tokens": 1900, "ignore_eos": True, "stream": True}
     before_kill: list[str] = []
     after_kill: list[str] = []
     chunks: list[dict[str, Any]] = []
@@ -398,7 +398,9 @@ def test_a_replica_killed_mid_stream_is_survived_by_token_replay(fleet: Fleet) -
                 chunks.append(chunk)
                 text = "".join(c.get("text", "") for c in chunk.get("choices", []))
                 (after_kill if killed else before_kill).append(text)
-                if not killed and len(before_kill) == 40:
+                # Kill at the first tokens: the tiny model is fast enough that a later kill
+                # can find the whole answer already sent.
+                if not killed and len(before_kill) == 2:
                     os.killpg(fleet.replicas[home].proc.pid, 9)  # the replica dies now
                     fleet.replicas[home].proc.wait()
                     killed = True
