@@ -268,14 +268,17 @@ class LastHolderIndex:
         view = memoryview(prefix_hashes)  # type: ignore[arg-type]  # ndarray has the buffer protocol
         hashes = (view if view.format == "B" else view.cast("B")).cast("Q")
         new, old = self._new, self._old
-        blocks_at = self.blocks_at
-        lo, hi = self.points_within(beyond), self.points_within(len(hashes))
-        if lo >= hi:
+        # The first probe, inline (the usual whole search): the grid prefix after ``beyond``.
+        dense = self.dense_blocks
+        after = (beyond + 1 if beyond < dense
+                 else beyond + self.grid_blocks - (beyond - dense) % self.grid_blocks)
+        if after > len(hashes):
             return None, 0
-        value = hashes[blocks_at(lo + 1) - 1]
+        value = hashes[after - 1]
         if value not in new and value not in old:
             return None, 0
-        lo += 1
+        blocks_at = self.blocks_at
+        lo, hi = self.points_within(after), self.points_within(len(hashes))
         # invariant: grid point lo is held, grid point hi + 1 is not
         while lo < hi:
             mid = (lo + hi + 1) >> 1
