@@ -21,7 +21,11 @@ or for an ``affinity`` decision whether the previous replica was not among the h
 (``key_moved``: the key, hence the homes, changed) or was, and lost the pick
 (``affinity_pick``).
 
-Everything is deterministic given the seed (``wall_seconds`` aside).
+Capacities are flagged as ``llmfleet sim capacity`` flags them (``exceeds_ideal_bound``,
+``span_over_e2e_p90``): with a few thousand requests at these rates the arrivals span only
+a couple of request lifetimes, so they compare policies over the same window rather than
+give steady-state capacities. Everything is deterministic given the seed (``wall_seconds``
+aside).
 """
 
 from __future__ import annotations
