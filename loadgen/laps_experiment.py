@@ -507,3 +507,33 @@ if __name__ == "__main__":  # python -m loadgen.laps_experiment RESULT.json [PLO
     print(laps_tables(loaded))
     if len(sys.argv) > 2:
         plot_laps(loaded, sys.argv[2])
+
+
+def run_pinned_hotspot(
+    *, requests: int = 2000, instances: int = 8, profile: str = "h100-llama3-8b",
+    slo_ttft_s: float = 3.0, factors: Sequence[float] = (0.8, 1.0), seed: int = 0,
+) -> dict[str, Any]:
+    """Rebalancing off vs on where a hotspot exists: the Zipf workload of
+    ``run_rebalance_experiment`` with DualMap's hot-prefix key lengthening off
+    (``adaptive_key=False``), so every request for the head document has the same two homes;
+    ``laps`` admission; at ``factors`` x the ideal bound: attainment, load imbalance, moves."""
+    zipf = build_synthetic("zipf", requests, 8.0, seed, params=ZIPF_PARAMS)
+    bound = ideal_bound_rps(zipf, instances, profile)["ideal_bound_rps"]
+    base = RunConfig(instances=instances, profile=profile, slo_ttft_s=slo_ttft_s, seed=seed,
+                     warmup_fraction=0.1, policy="dualmap", admission="laps",
+                     policy_params={"adaptive_key": False})
+    runs = []
+    for factor in factors:
+        rate = factor * bound
+        for rebalance in (False, True):
+            summary = run_sim(replace(base, rate=rate, rebalance=rebalance),
+                              requests=retime(zipf, rate))
+            runs.append({"factor": factor, "rate": round(rate, 4), "rebalance": rebalance,
+                         **{k: summary.get(k) for k in (
+                             "slo_attainment", "ttft_p50", "ttft_p99", "load_imbalance",
+                             "load_imbalance_tokens", "request_imbalance", "cache_hit_rate",
+                             "admission_counters")}})
+    return {"workload": {"name": "zipf", **ZIPF_PARAMS, "requests": len(zipf)},
+            "instances": instances, "profile": profile, "slo_ttft_s": slo_ttft_s,
+            "policy_params": {"adaptive_key": False}, "ideal_bound_rps": round(bound, 4),
+            "runs": runs}
