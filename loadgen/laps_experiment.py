@@ -163,9 +163,12 @@ def measure_policy(
         # (they land near it); then both bisect to rel_tol.
         reference = (entry.get("none") or {}).get("effective_capacity_rps") or 0.0
         initial, growth = (reference, 1.1) if reference > 0 else (0.6 * ideal, 1.25)
+        # Never past the ideal bound: a capacity above it can only be a transient of a run
+        # too short for its rate.
         search, at_capacity = capacity_for_policy(
-            config, requests=requests, initial_rate=initial, target=target,
-            rel_tol=rel_tol, max_probes=max_probes, on_probe=on_probe, growth=growth)
+            config, requests=requests, initial_rate=min(initial, ideal), target=target,
+            rel_tol=rel_tol, max_probes=max_probes, on_probe=on_probe, growth=growth,
+            max_rate=ideal)
         e2e = None if at_capacity is None else at_capacity.get("e2e_p90")
         entry[admission] = {
             "effective_capacity_rps": round(search.capacity_rps, 4),
