@@ -183,8 +183,11 @@ class DualMapPolicy(CacheTrackingPolicy):
         assert hashes is not None  # locate set them
         home_blocks = max(cached_blocks)
         index = self.last_holder
-        holder, depth = index.deepest(hashes, home_blocks)
         block_size = self.cache.block_size
+        # Only a prefix deeper than the homes' and than the key can count: the search starts
+        # past both (one probe when none is held, as for a new conversation behind a hot
+        # system prompt, whose key ends a step past the prefix everyone shares).
+        holder, depth = index.deepest(hashes, max(home_blocks, cover // block_size))
         if (holder is None or (depth + index.grid_blocks) * block_size <= cover
                 or holder in homes):
             return None
