@@ -31,11 +31,9 @@ aside).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -44,6 +42,7 @@ from typing import Any
 
 from loadgen.capacity import capacity_for_policy, ideal_bound_rps, retime
 from loadgen.config import RunConfig
+from loadgen.metrics import followup_colocation
 from loadgen.request import TraceRequest
 from loadgen.sim import Simulator, default_policy_factory, summarize_sim
 from loadgen.workloads import MultiTurnConfig, multi_turn
@@ -117,60 +116,6 @@ def recording_factory(
         return policy
 
     return factory
-
-
-def followup_colocation(
-    requests: Sequence[TraceRequest], served_by: dict[str, str | None],
-    records: dict[str, TurnRecord] | None = None,
-) -> dict[str, Any]:
-    """Follow-up co-location of a run: over turns ``k >= 1`` of every session whose turn
-    ``k - 1`` was served too, the share served by the same replica (``followup_colocation``)
-    and the same weighted by the previous turn's prompt tokens, the prefix the two share
-    (``followup_colocation_tokens``). With ``records`` (``recording_factory``), the turns
-    that moved are broken down by why (see the module docstring) in ``moved_reasons``."""
-    by_session: dict[str, list[TraceRequest]] = {}
-    for request in requests:
-        if request.session_id is not None:
-            by_session.setdefault(request.session_id, []).append(request)
-    turns = same = 0
-    tokens = same_tokens = 0
-    moved: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    for session in by_session.values():
-        session.sort(key=lambda r: r.turn)
-        for previous, current in itertools.pairwise(session):
-            if current.turn != previous.turn + 1:
-                continue
-            before, now = served_by.get(previous.request_id), served_by.get(current.request_id)
-            if before is None or now is None:
-                continue
-            shared = min(previous.prompt_len, current.prompt_len)
-            turns += 1
-            tokens += shared
-            record = records.get(current.request_id) if records is not None else None
-            if record is not None:
-                reasons[record.reason] += 1
-            if before == now:
-                same += 1
-                same_tokens += shared
-                continue
-            if record is None:
-                continue
-            if record.reason != "affinity":
-                moved[record.reason] += 1
-            elif before not in record.candidates:
-                prev = records.get(previous.request_id) if records is not None else None
-                changed = prev is not None and prev.key_hash != record.key_hash
-                moved["key_moved" if changed else "not_a_home"] += 1
-            else:
-                moved["affinity_pick"] += 1
-    return {
-        "followups": turns,
-        "followup_colocation": round(same / turns, 4) if turns else None,
-        "followup_colocation_tokens": round(same_tokens / tokens, 4) if tokens else None,
-        "followup_reasons": dict(sorted(reasons.items())),
-        "moved_reasons": dict(sorted(moved.items())),
-    }
 
 
 def simulate(config: RunConfig, requests: Sequence[TraceRequest]) -> dict[str, Any]:

@@ -7,8 +7,10 @@ side by side (DESIGN.md's CLI contract names the fields).
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,4 +158,66 @@ def summarize(
         ),
         "duration_s": _rounded(span),
         "wall_seconds": round(wall_seconds, 3),
+    }
+
+
+# What every sim and loadgen summary reports of it.
+FOLLOWUP_FIELDS = ("followups", "followup_colocation", "followup_colocation_tokens")
+
+
+def followup_colocation(
+    requests: Sequence[Any], served_by: Mapping[str, str | None],
+    records: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Follow-up co-location of a run: over turns ``k >= 1`` of every session whose turn
+    ``k - 1`` was served too, the share served by the same replica (``followup_colocation``)
+    and the same weighted by the previous turn's prompt tokens, the prefix the two share
+    (``followup_colocation_tokens``). With ``records`` (``recording_factory``), the turns
+    that moved are broken down by why in ``moved_reasons`` (``records``: request id -> an object
+    with the decision's ``reason``, ``candidates`` and ``key_hash``, as
+    ``loadgen.affinity_experiment`` records them). ``requests`` are ``TraceRequest``s: a
+    session's turns carry ``session_id`` and ``turn``; traces without sessions have no
+    follow-ups (None)."""
+    by_session: dict[str, list[Any]] = {}
+    for request in requests:
+        if request.session_id is not None:
+            by_session.setdefault(request.session_id, []).append(request)
+    turns = same = 0
+    tokens = same_tokens = 0
+    moved: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    for session in by_session.values():
+        session.sort(key=lambda r: r.turn)
+        for previous, current in itertools.pairwise(session):
+            if current.turn != previous.turn + 1:
+                continue
+            before, now = served_by.get(previous.request_id), served_by.get(current.request_id)
+            if before is None or now is None:
+                continue
+            shared = min(previous.prompt_len, current.prompt_len)
+            turns += 1
+            tokens += shared
+            record = records.get(current.request_id) if records is not None else None
+            if record is not None:
+                reasons[record.reason] += 1
+            if before == now:
+                same += 1
+                same_tokens += shared
+                continue
+            if record is None:
+                continue
+            if record.reason != "affinity":
+                moved[record.reason] += 1
+            elif before not in record.candidates:
+                prev = records.get(previous.request_id) if records is not None else None
+                changed = prev is not None and prev.key_hash != record.key_hash
+                moved["key_moved" if changed else "not_a_home"] += 1
+            else:
+                moved["affinity_pick"] += 1
+    return {
+        "followups": turns,
+        "followup_colocation": round(same / turns, 4) if turns else None,
+        "followup_colocation_tokens": round(same_tokens / tokens, 4) if tokens else None,
+        "followup_reasons": dict(sorted(reasons.items())),
+        "moved_reasons": dict(sorted(moved.items())),
     }

@@ -22,7 +22,13 @@ import httpx
 from tqdm import tqdm
 
 from loadgen.config import RunConfig, load_workload, warmup_count
-from loadgen.metrics import RequestOutcome, imbalance, summarize
+from loadgen.metrics import (
+    FOLLOWUP_FIELDS,
+    RequestOutcome,
+    followup_colocation,
+    imbalance,
+    summarize,
+)
 from loadgen.request import TraceRequest
 from proto.headers import INSTANCE_HEADER, REQUEST_ID_HEADER
 
@@ -185,6 +191,9 @@ async def run_live(
         if outcome.instance_id is not None:
             per_instance[outcome.instance_id] = per_instance.get(outcome.instance_id, 0) + 1
     request_imbalance = imbalance(list(per_instance.values()))
+    served = {o.request_id: o.instance_id for o in outcomes if o.ttft_s is not None}
+    followup = followup_colocation(workload[:sent], served)
+    summary.update({k: followup.get(k) for k in FOLLOWUP_FIELDS})
     summary.update({
         "mode": "live",
         "url": url,

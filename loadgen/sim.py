@@ -37,7 +37,14 @@ from tqdm import tqdm
 
 from instances.engine.types import EngineRequest, EngineStats, SamplingParams, StepResult
 from loadgen.config import RunConfig, load_workload, warmup_count
-from loadgen.metrics import RequestOutcome, imbalance, percentile, summarize
+from loadgen.metrics import (
+    FOLLOWUP_FIELDS,
+    RequestOutcome,
+    followup_colocation,
+    imbalance,
+    percentile,
+    summarize,
+)
 from loadgen.request import TraceRequest
 from router.admission import Admission, Release, admission_defaults, build_admission
 from router.admission.decide import route as route_admitted
@@ -187,6 +194,8 @@ class SimResult:
     decisions: dict[str, int] = field(default_factory=dict)
     admission: dict[str, Any] = field(default_factory=dict)
     rebalance: bool = False
+    # Follow-up co-location (loadgen.metrics.followup_colocation) of the run's sessions.
+    followup: dict[str, Any] = field(default_factory=dict)
 
 
 class Simulator:
@@ -429,7 +438,10 @@ class Simulator:
                 if self.allowed_misses is not None and self.misses > self.allowed_misses:
                     early_stopped = True
                     break
+        served = {o.request_id: o.instance_id for o in self.outcomes.values()
+                  if o.ttft_s is not None}
         return SimResult(
+            followup=followup_colocation(self.requests, served),
             outcomes=list(self.outcomes.values()),
             instances=self.accounts,
             end_time_s=now,
@@ -486,6 +498,7 @@ def summarize_sim(config: RunConfig, result: SimResult) -> dict[str, Any]:
         wall_seconds=result.wall_seconds,
     )
     accounts = result.instances
+    summary.update({k: result.followup.get(k) for k in FOLLOWUP_FIELDS})
     summary.update(class_ttfts(result.outcomes, warmup_count(config, len(result.outcomes))))
     summary.update({
         "mode": "sim",
