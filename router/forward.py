@@ -95,11 +95,11 @@ class Relay:
     """Relays replica answers to the client (plain or streamed) and reports progress."""
 
     def __init__(self, on_first_token: Callable[[RequestContext, float], None],
-                 clock: Callable[[], float]) -> None:
+                 on_stream_error: Callable[[], None], clock: Callable[[], float]) -> None:
         self.on_first_token = on_first_token
+        self.on_stream_error = on_stream_error
         self.clock = clock
         self.resumer: StreamResumer | None = None
-        self.stream_errors = 0
 
     def response_headers(self, ctx: RequestContext, upstream: UpstreamResponse) -> list[Header]:
         content_type = upstream.header(b"content-type") or b"application/json"
@@ -155,7 +155,7 @@ class Relay:
         if error is not None:
             # The replica went away mid-stream and nothing could continue it. Say so in the
             # stream (OpenAI-style error event, then [DONE]) rather than cutting it silently.
-            self.stream_errors += 1
+            self.on_stream_error()
             event = error_body(f"The replica serving this request failed mid-stream: {error}",
                                "server_error", code="upstream_stream_broken")
             await send({"type": "http.response.body",

@@ -152,7 +152,7 @@ class Gateway:
         self.control.add_job("backends", self._backends_job)
         self._backend_watcher: BackendWatcher | None = None
         self._hot_keys_version = -1
-        self.relay = Relay(self._first_token, clock)
+        self.relay = Relay(self._first_token, self.metrics.stream_errors.inc, clock)
         self.upstream = UpstreamClient(config.connect_timeout_s)
         # Streams follow live migrations and outlive a replica dying mid-stream.
         self.resumer = MigrationResumer(self.upstream, lambda: self.records)
@@ -560,8 +560,6 @@ class Gateway:
                 # One observation per request (mean gap), not one per chunk: the relay of
                 # a long answer must stay cheap.
                 self.metrics.itl.observe((end - ctx.first_token_at) / (ctx.chunks - 1))
-            self.metrics.stream_errors.inc(self.relay.stream_errors)
-            self.relay.stream_errors = 0
         if not relay.cancelled():
             relay.result()
 

@@ -276,33 +276,29 @@ class UpstreamPool:
                       body: bytes = b"") -> UpstreamResponse:
         """Send a request and return once the status line and headers have arrived.
 
-        A kept-alive connection the replica closed meanwhile is retried once on a fresh
-        one (the replica cannot have seen the request on a socket it had closed).
+        A kept-alive connection the replica closed meanwhile is given up for the next idle
+        one or a fresh one (the replica cannot have seen the request on a socket it had
+        closed); a fresh connection that fails is an error.
         """
         head = self._head(method, path, headers, len(body))
-        for _ in range(2):
-            connection = None
-            while self._idle:
-                candidate = self._idle.pop()
-                if not candidate.closed:
-                    connection = candidate
-                    break
-            if connection is None:
-                connection = await self._connect()
+        while True:
+            connection = self._take_idle() or await self._connect()
             response = UpstreamResponse(connection)
             connection.send(response, head, body)
             try:
                 await response.started()
             except UpstreamError:
-                if connection.reused:
+                if connection.reused:  # stale keep-alive: the next one is idle or fresh
                     continue
                 raise
             return response
-        response = UpstreamResponse(await self._connect())
-        assert response._connection is not None
-        response._connection.send(response, head, body)
-        await response.started()
-        return response
+
+    def _take_idle(self) -> _Connection | None:
+        while self._idle:
+            candidate = self._idle.pop()
+            if not candidate.closed:
+                return candidate
+        return None
 
     def close(self) -> None:
         for connection in list(self._all):
