@@ -104,3 +104,37 @@ def engine_requests_served(url: str) -> float:
         if line.startswith(("vllm:request_success_total", "sglang:request_success_total")):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+@contextlib.contextmanager
+def gateway_fleet(redis_url: str, namespace: str, engines: int, *, speedup: float,
+                  heartbeat_ttl_s: float = 1.5, ready_timeout_s: float = 20.0,
+                  **gateway_params: Any) -> Iterator[dict[str, Any]]:
+    """``engines`` emulated engine processes (``engine-0``...) registered in Redis, and a
+    gateway (``GatewayConfig`` with ``gateway_params``) in front of them under uvicorn;
+    yields ``{"url", "gateway", "supervisor", "specs"}`` once the gateway sees every engine
+    healthy with its migration agent."""
+    from instances.launcher import EngineSpec, EngineSupervisor, free_port
+    from router.gateway import Gateway, GatewayConfig, create_gateway_app
+
+    specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), speedup=speedup,
+                        redis_url=redis_url, namespace=namespace,
+                        heartbeat_ttl_s=heartbeat_ttl_s) for i in range(engines)]
+    supervisor = EngineSupervisor(specs, restart=False)
+    supervisor.start()
+    gateway = Gateway(GatewayConfig(redis_url=redis_url, namespace=namespace,
+                                    heartbeat_ttl_s=heartbeat_ttl_s, refresh_interval_s=0.1,
+                                    **gateway_params))
+
+    def ready() -> bool:
+        records = gateway.records
+        healthy = sum(1 for v in gateway.snapshot.instances if v.healthy)
+        return (healthy == engines and len(records) == engines
+                and all(r.migration for r in records.values()))
+
+    try:
+        with serve_in_thread(create_gateway_app(gateway), free_port()) as url:
+            wait_until(ready, timeout_s=ready_timeout_s)
+            yield {"url": url, "gateway": gateway, "supervisor": supervisor, "specs": specs}
+    finally:
+        supervisor.stop()

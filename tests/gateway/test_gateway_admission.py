@@ -10,30 +10,17 @@ from typing import Any
 import httpx
 import pytest
 
-from instances.launcher import EngineSpec, EngineSupervisor, free_port
-from router.gateway import Gateway, GatewayConfig, create_gateway_app
-from tests.fleet import serve_in_thread, wait_until
+from router.gateway import Gateway
+from tests.fleet import gateway_fleet
 
 
 @pytest.fixture
 def laps_fleet(redis_url: str, namespace: str) -> Iterator[dict[str, Any]]:
-    specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), speedup=20.0,
-                        redis_url=redis_url, namespace=namespace, heartbeat_ttl_s=2.0)
-             for i in range(2)]
-    supervisor = EngineSupervisor(specs, restart=False)
-    supervisor.start()
     # A small in-flight prefill budget so that a burst really queues at the gateway.
-    gateway = Gateway(GatewayConfig(redis_url=redis_url, namespace=namespace,
-                                    policy="dualmap", heartbeat_ttl_s=2.0,
-                                    refresh_interval_s=0.1, admission="laps",
-                                    admission_params={"budget_tokens": 4096}))
-    try:
-        with serve_in_thread(create_gateway_app(gateway), free_port()) as url:
-            wait_until(lambda: httpx.get(url + "/health").json().get("healthy_instances") == 2,
-                       timeout_s=15)
-            yield {"url": url, "gateway": gateway}
-    finally:
-        supervisor.stop()
+    with gateway_fleet(redis_url, namespace, 2, speedup=20.0, heartbeat_ttl_s=2.0,
+                       policy="dualmap", admission="laps",
+                       admission_params={"budget_tokens": 4096}) as fleet:
+        yield fleet
 
 
 def _metric(text: str, name: str) -> float:

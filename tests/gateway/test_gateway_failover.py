@@ -11,30 +11,18 @@ from typing import Any
 import httpx
 import pytest
 
-from instances.launcher import EngineSpec, EngineSupervisor, free_port
+from instances.launcher import free_port
 from router.gateway import Gateway, GatewayConfig, create_gateway_app
-from tests.fleet import engine_requests_served, serve_in_thread, wait_until
+from tests.fleet import engine_requests_served, gateway_fleet, serve_in_thread, wait_until
 
 TTL_S = 1.5
 
 
 @pytest.fixture
 def fleet(redis_url: str, namespace: str) -> Iterator[dict[str, Any]]:
-    specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), speedup=50.0,
-                        redis_url=redis_url, namespace=namespace, heartbeat_ttl_s=TTL_S)
-             for i in range(2)]
-    supervisor = EngineSupervisor(specs, restart=False)
-    supervisor.start()
-    gateway = Gateway(GatewayConfig(redis_url=redis_url, namespace=namespace,
-                                    policy="round_robin", heartbeat_ttl_s=TTL_S,
-                                    refresh_interval_s=0.1))
-    try:
-        with serve_in_thread(create_gateway_app(gateway), free_port()) as url:
-            wait_until(lambda: httpx.get(url + "/health").json().get("healthy_instances") == 2,
-                       timeout_s=10)
-            yield {"url": url, "supervisor": supervisor, "gateway": gateway}
-    finally:
-        supervisor.stop()
+    with gateway_fleet(redis_url, namespace, 2, speedup=50.0, heartbeat_ttl_s=TTL_S,
+                       policy="round_robin") as fleet:
+        yield fleet
 
 
 def _complete(url: str, prompt: str) -> httpx.Response:

@@ -7,34 +7,19 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
-from instances.launcher import EngineSpec, EngineSupervisor, free_port
 from loadgen.config import RunConfig
 from loadgen.runner import run_live
 from loadgen.workloads import MultiTurnConfig, multi_turn
-from router.gateway import Gateway, GatewayConfig, create_gateway_app
-from tests.fleet import serve_in_thread, wait_until
+from tests.fleet import gateway_fleet
 
 
 @pytest.fixture
 def fleet(redis_url: str, namespace: str) -> Iterator[str]:
-    specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), speedup=20.0,
-                        redis_url=redis_url, namespace=namespace, heartbeat_ttl_s=2.0)
-             for i in range(4)]
-    supervisor = EngineSupervisor(specs, restart=False)
-    supervisor.start()
-    gateway = Gateway(GatewayConfig(redis_url=redis_url, namespace=namespace,
-                                    policy="dualmap", heartbeat_ttl_s=2.0,
-                                    refresh_interval_s=0.1))
-    try:
-        with serve_in_thread(create_gateway_app(gateway), free_port()) as url:
-            wait_until(lambda: httpx.get(url + "/health").json().get("healthy_instances") == 4,
-                       timeout_s=20)
-            yield url
-    finally:
-        supervisor.stop()
+    with gateway_fleet(redis_url, namespace, 4, speedup=20.0, heartbeat_ttl_s=2.0,
+                       policy="dualmap") as fleet:
+        yield fleet["url"]
 
 
 @pytest.mark.e2e

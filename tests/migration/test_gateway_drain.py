@@ -16,10 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from instances.launcher import EngineSpec, EngineSupervisor, free_port
-from router.gateway import Gateway, GatewayConfig, create_gateway_app
 from router.state import ClusterStateStore
-from tests.fleet import serve_in_thread, wait_until
+from tests.fleet import gateway_fleet, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -29,21 +27,9 @@ MAX_TOKENS = 250  # ~2 s of modelled decode at speedup 1
 
 @pytest.fixture
 def fleet(redis_url: str, namespace: str) -> Iterator[dict[str, Any]]:
-    specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), speedup=1.0,
-                        redis_url=redis_url, namespace=namespace, heartbeat_ttl_s=1.5)
-             for i in range(4)]
-    supervisor = EngineSupervisor(specs, restart=False)
-    supervisor.start()
-    gateway = Gateway(GatewayConfig(redis_url=redis_url, namespace=namespace,
-                                    policy="round_robin", heartbeat_ttl_s=1.5,
-                                    refresh_interval_s=0.1))
-    try:
-        with serve_in_thread(create_gateway_app(gateway), free_port()) as url:
-            wait_until(lambda: len([r for r in gateway.records.values() if r.migration]) == 4,
-                       timeout_s=20)
-            yield {"url": url, "gateway": gateway, "specs": specs}
-    finally:
-        supervisor.stop()
+    with gateway_fleet(redis_url, namespace, 4, speedup=1.0,
+                       policy="round_robin") as fleet:
+        yield fleet
 
 
 def _text(raw: bytes) -> tuple[str, int, bool]:

@@ -13,10 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from instances.launcher import EngineSpec, EngineSupervisor, free_port
 from migration.coordinator import MigrationCoordinator
-from router.gateway import Gateway, GatewayConfig, create_gateway_app
-from tests.fleet import serve_in_thread, wait_until
+from router.gateway import Gateway
+from tests.fleet import gateway_fleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -26,21 +25,9 @@ MAX_TOKENS = 300  # ~2 s of H100 decode: time to move it
 
 @pytest.fixture
 def fleet(redis_url: str, namespace: str) -> Iterator[dict[str, Any]]:
-    specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), speedup=1.0,
-                        redis_url=redis_url, namespace=namespace, heartbeat_ttl_s=1.5)
-             for i in range(2)]
-    supervisor = EngineSupervisor(specs, restart=False)
-    supervisor.start()
-    gateway = Gateway(GatewayConfig(redis_url=redis_url, namespace=namespace,
-                                    policy="round_robin", heartbeat_ttl_s=1.5,
-                                    refresh_interval_s=0.1))
-    try:
-        with serve_in_thread(create_gateway_app(gateway), free_port()) as url:
-            wait_until(lambda: len([r for r in gateway.records.values() if r.migration]) == 2,
-                       timeout_s=15)
-            yield {"url": url, "supervisor": supervisor, "gateway": gateway}
-    finally:
-        supervisor.stop()
+    with gateway_fleet(redis_url, namespace, 2, speedup=1.0,
+                       policy="round_robin") as fleet:
+        yield fleet
 
 
 def _expected_text(fleet: dict[str, Any]) -> str:
