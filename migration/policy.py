@@ -11,6 +11,12 @@ return through ``migration.coordinator``.
 * **Drain** (scale-in, shutdown, an instance marked unhealthy): ``drain`` spreads every
   running request of the draining instances over the others, each to the one with the most
   freeness left after the moves already planned, if it fits.
+* **Rate limits** (``FreenessRebalancer``, what the control loop calls each period): one
+  planning round per ``period_s``, at most ``max_per_source`` moves out of an instance at a
+  time and ``max_moves`` per round, an instance a move touched left alone until a load
+  report newer than the move arrives (its report still shows the request where it was), and
+  a request that moved stays where it went for ``cooldown_s`` (nothing ping-pongs). It keeps
+  that memory itself but reads no clock: ``now`` is passed in.
 
 Which request leaves an instance: ``last_come`` (Llumnix's default: the newest has the least
 KV, so it is the cheapest to copy and the least likely to finish during the copy) or
@@ -20,8 +26,9 @@ KV, so it is the cheapest to copy and the least likely to finish during the copy
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 DEFAULT_FREENESS_THRESHOLD = 3.0  # Llumnix: migrate out below it, in above it
 SELECTIONS = ("last_come", "fewest_blocks")
@@ -34,6 +41,7 @@ class InstanceLoad:
     num_running: int
     queued_blocks: int = 0  # KV blocks the instance's waiting requests will need
     accepts_migrations: bool = True  # healthy, not draining, has a migration agent
+    report_time: float = 0.0  # when the load was measured (any clock: only its order counts)
 
     @property
     def freeness(self) -> float:
@@ -97,13 +105,16 @@ def rebalance(
     max_moves: int = 4,
     selection: str = "last_come",
     busy: frozenset[str] = frozenset(),
+    max_per_source: int = 1,
 ) -> list[Move]:
     """Moves from instances below ``threshold`` freeness to instances above it.
 
     Most crowded source with roomiest destination first; a move is planned only if the
     destination stays above the threshold after taking the request's blocks (so moves do
-    not create a new hotspot) and at most one request leaves each source per call (the
-    next call sees the fresh loads). ``busy`` request ids (already migrating) are skipped.
+    not create a new hotspot) and at most ``max_per_source`` requests leave each source per
+    call (in rounds: each round takes one from every source still below the threshold after
+    the moves already planned; the next call sees the fresh loads). ``busy`` request ids
+    (already migrating) are skipped.
     """
     states = {load.instance_id: _State(load.instance_id, load.free_blocks - load.queued_blocks,
                                        load.num_running, load.accepts_migrations)
@@ -111,22 +122,130 @@ def rebalance(
     by_instance: dict[str, list[RunningRequest]] = {}
     for request in requests:
         by_instance.setdefault(request.instance_id, []).append(request)
-    sources = sorted((s for s in states.values() if s.freeness < threshold),
-                     key=lambda s: (s.freeness, s.instance_id))
     moves: list[Move] = []
-    for source in sources:
-        if len(moves) >= max_moves:
+    taken = set(busy)
+    for _ in range(max_per_source):
+        sources = sorted((s for s in states.values() if s.freeness < threshold),
+                         key=lambda s: (s.freeness, s.instance_id))
+        planned = len(moves)
+        for source in sources:
+            if len(moves) >= max_moves:
+                return moves
+            chosen = pick_request(by_instance.get(source.instance_id, ()), selection,
+                                  frozenset(taken))
+            if chosen is None:
+                continue
+            destination = _roomiest(states, source.instance_id, chosen.num_blocks, threshold)
+            if destination is None:
+                continue  # too big for any roomy instance; a smaller one elsewhere may fit
+            _apply(states, source, destination, chosen)
+            taken.add(chosen.request_id)
+            moves.append(Move(chosen.request_id, source.instance_id,
+                              destination.instance_id, chosen.num_blocks))
+        if len(moves) == planned:
             break
-        chosen = pick_request(by_instance.get(source.instance_id, ()), selection, busy)
-        if chosen is None:
-            continue
-        destination = _roomiest(states, source.instance_id, chosen.num_blocks, threshold)
-        if destination is None:
-            continue  # too big for any roomy instance; a smaller one elsewhere may fit
-        _apply(states, source, destination, chosen)
-        moves.append(Move(chosen.request_id, source.instance_id, destination.instance_id,
-                          chosen.num_blocks))
     return moves
+
+
+@dataclass(frozen=True)
+class RebalanceConfig:
+    """Freeness rebalancing's knobs (``--migration-param KEY=VALUE`` on the gateway)."""
+
+    threshold: float = DEFAULT_FREENESS_THRESHOLD  # below: migrate out; above: may take in
+    period_s: float = 1.0  # one planning round at most this often
+    max_moves: int = 4  # moves per round, all sources together
+    max_per_source: int = 1  # migrations out of one instance at a time
+    cooldown_s: float = 30.0  # a moved request is not moved again for this long
+    selection: str = "last_come"  # which request leaves: last_come | fewest_blocks
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {self.selection!r}; known: "
+                             f"{', '.join(SELECTIONS)}")
+        if self.period_s < 0 or self.cooldown_s < 0 or self.max_moves < 1 \
+                or self.max_per_source < 1:
+            raise ValueError("period_s and cooldown_s must be >= 0, max_moves and "
+                             "max_per_source >= 1")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> RebalanceConfig:
+        """The config with ``params`` overriding the defaults; ``ValueError`` on an unknown
+        name."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(f"unknown migration parameter(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(known)}")
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for name, value in params.items():
+            # Coerce to the defaults' types (a CLI ``threshold=2`` parses as an int), but
+            # never truncate: ``max_moves=2.5`` is an error, not 2.
+            kind = type(getattr(defaults, name))
+            if kind is int and not float(value).is_integer():
+                raise ValueError(f"migration parameter {name} wants an integer, got {value!r}")
+            values[name] = kind(value)
+        return cls(**values)
+
+
+class FreenessRebalancer:
+    """Llumnix freeness rebalancing, rate-limited, for a control loop (see the module
+    docstring): ``plan`` each tick, ``finished`` when an ordered move ended. Pure: no I/O,
+    no clock (``now`` is any monotonic reading, the same clock on every call)."""
+
+    def __init__(self, config: RebalanceConfig | None = None) -> None:
+        self.config = config or RebalanceConfig()
+        self._next_round = -math.inf
+        self._in_flight: dict[str, Move] = {}
+        self._moved_at: dict[str, float] = {}  # request id -> when it was last ordered
+        # instance -> the report time its load had when a move touching it ended: its load
+        # counts again from the next report on.
+        self._settling: dict[str, float] = {}
+
+    @property
+    def in_flight(self) -> list[Move]:
+        return list(self._in_flight.values())
+
+    def plan(self, now: float, loads: Sequence[InstanceLoad],
+             requests: Sequence[RunningRequest],
+             busy: frozenset[str] = frozenset()) -> list[Move]:
+        """This round's moves (empty between rounds); they count as in flight until
+        ``finished``. ``busy`` request ids are migrating for another reason."""
+        config = self.config
+        if now < self._next_round:
+            return []
+        self._next_round = now + config.period_s
+        self._moved_at = {r: t for r, t in self._moved_at.items() if now - t < config.cooldown_s}
+        for load in loads:
+            settled_at = self._settling.get(load.instance_id)
+            if settled_at is not None and load.report_time > settled_at:
+                del self._settling[load.instance_id]
+        # An instance with a move under way or not reported since one ended: its load is
+        # stale in both directions, so it neither gives nor takes this round.
+        frozen = set(self._settling)
+        for move in self._in_flight.values():
+            frozen.update((move.source, move.destination))
+        if frozen:
+            loads = [replace(load, accepts_migrations=False) if load.instance_id in frozen
+                     else load for load in loads]
+            requests = [r for r in requests if r.instance_id not in frozen]
+        moves = rebalance(loads, requests, config.threshold, config.max_moves,
+                          config.selection, busy | frozenset(self._moved_at),
+                          config.max_per_source)
+        for move in moves:
+            self._in_flight[move.request_id] = move
+            self._moved_at[move.request_id] = now
+        return moves
+
+    def finished(self, request_id: str, report_times: Mapping[str, float]) -> None:
+        """The move of ``request_id`` ended (committed or not). ``report_times``: the report
+        time each instance's load has now; both ends wait for a newer one."""
+        move = self._in_flight.pop(request_id, None)
+        if move is None:
+            return
+        for instance in (move.source, move.destination):
+            seen = report_times.get(instance, -math.inf)
+            self._settling[instance] = max(self._settling.get(instance, -math.inf), seen)
 
 
 def drain(

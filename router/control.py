@@ -6,7 +6,13 @@ work happens here, never in a request's decision), keeps the KV-event subscripti
 with the fleet, and writes the request table to Redis in batches. One replica at a time is
 the leader (a lease in Redis, taken over within ``leader_lease_s`` when the leader dies):
 it publishes ring membership, and runs the leader-only jobs that later work plugs in
-(admission rebalancing, migration orders, drains) through ``add_job``.
+through ``add_job``.
+
+Moves share one interface, ``ControlAction``: ``plan_moves(now, snapshot)`` plans from the
+snapshot and changes nothing; the caller carries the plan out. Admission's hotspot
+rebalancer plans moves of router-queued requests (applied through ``Admission.move``);
+``router.migrations`` plans live migrations of running ones (drain, freeness rebalancing),
+run here with ``add_action(name, action, apply)``.
 
 Nothing here runs per request: a request reads the snapshot this loop last built.
 """
@@ -16,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from proto.registry import InstanceRecord
 from router.policy.interfaces import ClusterSnapshot
@@ -27,6 +34,17 @@ log = logging.getLogger("llmfleet.control")
 
 # A job gets the loop's clock reading and whether this replica leads.
 Job = Callable[[float, bool], Awaitable[None]]
+
+MoveT = TypeVar("MoveT")
+MoveT_co = TypeVar("MoveT_co", covariant=True)
+
+
+class ControlAction(Protocol[MoveT_co]):
+    """What the control loop runs each period: plans moves from the snapshot, changes
+    nothing itself (the moves are applied by the caller: ``Admission.move`` for queued
+    requests, live migration for running ones)."""
+
+    def plan_moves(self, now: float, snapshot: ClusterSnapshot) -> Sequence[MoveT_co]: ...
 
 
 @dataclass
@@ -55,11 +73,24 @@ class ControlLoop:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.first_refresh = asyncio.Event()
+        self.snapshot = ClusterSnapshot(epoch=0, instances=())  # the last one built
 
     # -- jobs ---------------------------------------------------------------------------
     def add_job(self, name: str, job: Job, leader_only: bool = False) -> None:
         """Run ``job(now, is_leader)`` after each refresh (only on the leader if asked)."""
         self._jobs.append(_JobEntry(name, job, leader_only))
+
+    def add_action(self, name: str, action: ControlAction[MoveT],
+                   apply: Callable[[Sequence[MoveT], float], Awaitable[None]],
+                   leader_only: bool = False) -> None:
+        """Each tick, plan with ``action`` on the last snapshot and ``apply(moves, now)``
+        what it planned (not called when nothing was)."""
+        async def job(now: float, leader: bool) -> None:
+            moves = action.plan_moves(now, self.snapshot)
+            if moves:
+                await apply(moves, now)
+
+        self.add_job(name, job, leader_only)
 
     def note_request(self, request_id: str, instance_id: str) -> None:
         """Queue a request-table entry; written with the next tick, not per request."""
@@ -121,7 +152,8 @@ class ControlLoop:
                                            if not (r.load or {}).get("draining")])
         epoch, members = await self.store.ring()
         records = {r.instance_id: r for r in live}
-        self.on_snapshot(snapshot_from_records(epoch, members, live), records)
+        self.snapshot = snapshot_from_records(epoch, members, live)
+        self.on_snapshot(self.snapshot, records)
 
     async def flush_requests(self) -> None:
         if not self._pending_requests:

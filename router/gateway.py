@@ -42,6 +42,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from instances.launcher import BackendWatcher
+from migration.policy import RebalanceConfig
 from proto.backends import BACKENDS
 from proto.defaults import (
     DEFAULT_HEARTBEAT_TTL_S,
@@ -112,6 +113,10 @@ class GatewayConfig:
     # laps-spatial, with its parameters.
     admission: str = "none"
     admission_params: dict[str, Any] = field(default_factory=dict)
+    # Llumnix freeness rebalancing by live migration (router.migrations), off by default,
+    # with its parameters (migration.policy.RebalanceConfig: threshold, period_s, ...).
+    migration_rebalance: bool = False
+    migration_params: dict[str, Any] = field(default_factory=dict)
     # Requests one gateway replica keeps in flight per replica before it answers 429
     # (0: no limit).
     max_inflight_per_instance: int = 1024
@@ -158,11 +163,14 @@ class Gateway:
         self.resumer = MigrationResumer(self.upstream, lambda: self.records)
         self.relay.resumer = self.resumer
         # The streams this replica relays now (what live migration can move), and the
-        # migrations it orders: by hand (admin API) and off drained replicas.
+        # migrations it orders: by hand (admin API), off drained replicas and, when on, off
+        # replicas short of KV blocks (freeness).
         self.streams: dict[str, RequestContext] = {}
-        self.migrations = GatewayMigrations(self.store, self.metrics, lambda: self.records,
-                                            lambda: self.snapshot, self.streams)
-        self.control.add_job("drain", self.migrations.drain_job)
+        self.migrations = GatewayMigrations(
+            self.store, self.metrics, lambda: self.records, lambda: self.snapshot,
+            self.streams, rebalance=RebalanceConfig.from_params(config.migration_params)
+            if config.migration_rebalance else None)
+        self.migrations.install(self.control)
         # The dashboard's observer (router.dashboard), told of every routing decision.
         self.observer: FleetObserver | None = None
         self._suspect_until: dict[str, float] = {}

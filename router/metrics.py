@@ -34,6 +34,9 @@ ADMISSION_CLASSES = ("short", "long")  # LAPS: by uncached prefill tokens
 ADMISSION_RELEASE_REASONS = ("room", "aged")
 ADMISSION_MOVE_REASONS = ("rebalance_ttft", "rebalance_wait")
 MIGRATION_OUTCOMES = ("committed", "aborted", "failed")
+# Why the gateway ordered a live migration (router.migrations): by hand, off a drained
+# replica, off a replica below the freeness threshold (Llumnix rebalancing).
+MIGRATION_REASONS = ("admin", "drain", "freeness")
 
 
 class GatewayMetrics:
@@ -81,8 +84,9 @@ class GatewayMetrics:
                                        "Queued requests moved to another replica by reason",
                                        ["reason"], registry=reg)
         # -- live migration --------------------------------------------------------------------
-        self.migrations = Counter("llmfleet_migrations", "Live migrations by outcome",
-                                  ["outcome"], registry=reg)
+        self.migrations = Counter("llmfleet_migrations",
+                                  "Live migrations by outcome and by why they were ordered",
+                                  ["outcome", "reason"], registry=reg)
         self.migrations_in_flight = Gauge("llmfleet_migrations_in_flight",
                                           "Live migrations under way", registry=reg)
         self.migration_downtime = Histogram("llmfleet_migration_downtime_seconds",
@@ -103,7 +107,8 @@ class GatewayMetrics:
         for reason in ADMISSION_MOVE_REASONS:
             self.admission_moves.labels(reason=reason)
         for outcome in MIGRATION_OUTCOMES:
-            self.migrations.labels(outcome=outcome)
+            for reason in MIGRATION_REASONS:
+                self.migrations.labels(outcome=outcome, reason=reason)
         for state in ("healthy", "unhealthy"):
             self.instances.labels(state=state).set(0)
 

@@ -8,29 +8,49 @@ client's stream follows the request through the gateway's stream resumer
 * ``migrate(request_id, target)`` — one request, found in this gateway's streams or in the
   request table, to ``target`` or to the replica with the most free KV blocks per running
   request (Llumnix's freeness);
-* ``drain_job`` (a control-loop job on every gateway replica) — while a replica is drained
+* drain (a control-loop action on every gateway replica) — while a replica is drained
   (``/admin/instances/{id}/drain``, scale-in), the streams *this* gateway relays from it are
   moved off by ``migration.policy.drain``; each gateway replica knows the streams it relays,
   so together they empty it. Non-streamed requests cannot follow a move and finish in place.
   The drained replica is out of the rings meanwhile (the leader leaves draining replicas out
   of the published membership), so nothing new goes to it.
+* freeness rebalancing (``--migration-rebalance on``, a control-loop action on every
+  gateway replica, like drain) — Llumnix: the streams this gateway relays from replicas
+  whose freeness (free KV blocks per running request, queued demand subtracted) is below
+  the threshold move to replicas that stay above it, rate-limited by
+  ``migration.policy.FreenessRebalancer`` (a round per period, a few moves per source at a
+  time, a fresh load report before an instance counts again, a cooldown per request).
+
+Both are ``router.control.ControlAction``s (``plan_moves(now, snapshot)``, pure planning on
+the snapshot's load reports) whose moves run through the same path as the admin API's:
+``_execute``, in the background, so the control loop keeps refreshing meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from migration.coordinator import MigrationCoordinator, MigrationResult
-from migration.policy import InstanceLoad, RunningRequest, drain, freeness
+from migration.policy import (
+    FreenessRebalancer,
+    InstanceLoad,
+    Move,
+    RebalanceConfig,
+    RunningRequest,
+    drain,
+)
 from migration.transport import ChannelPool
 from proto.openai import OpenAIError
 from proto.registry import InstanceRecord
+from router.control import ControlLoop
 from router.forward import RequestContext
 from router.metrics import GatewayMetrics
 from router.policy.interfaces import ClusterSnapshot
@@ -46,7 +66,7 @@ class MigrationRecord:
     request_id: str
     source: str
     target: str
-    trigger: str  # "admin" | "drain"
+    trigger: str  # "admin" | "drain" | "freeness" (the metrics' reason label)
     state: str = "running"  # running | committed | not_migratable | refused | aborted
     downtime_s: float = 0.0
     total_s: float = 0.0
@@ -56,6 +76,36 @@ class MigrationRecord:
     started: float = 0.0
 
 
+def fleet_loads(snapshot: ClusterSnapshot,
+                records: Mapping[str, InstanceRecord]) -> list[InstanceLoad]:
+    """Every instance's load as the migration policy reads it, from its last load report:
+    free KV blocks, running requests, the blocks its queued prompts will need; it takes
+    migrations if healthy, not draining and serving a migration agent."""
+    loads = []
+    for view in snapshot.instances:
+        record = records.get(view.instance_id)
+        block_size = max(1, view.block_size)
+        loads.append(InstanceLoad(
+            view.instance_id, view.free_blocks, view.num_running,
+            queued_blocks=-(-view.waiting_prefill_tokens // block_size),
+            accepts_migrations=view.healthy and not view.draining
+            and record is not None and bool(record.migration),
+            report_time=view.report_time))
+    return loads
+
+
+def running_request(ctx: RequestContext, record: InstanceRecord | None) -> RunningRequest:
+    """A stream this gateway relays, as the migration policy reads it: the KV blocks its
+    prompt and the tokens streamed so far fill, when it started, and whether it can move
+    now (its replica has a migration agent and it is decoding: a first token went out)."""
+    block_size = max(1, record.block_size) if record is not None else 16
+    tokens = len(ctx.routing.token_ids) + ctx.chunks
+    return RunningRequest(ctx.request_id, ctx.instance_id, -(-tokens // block_size),
+                          ctx.started,
+                          migratable=record is not None and bool(record.migration)
+                          and ctx.first_token_at is not None)
+
+
 class GatewayMigrations:
     """Orders live migrations for one gateway replica (see the module docstring)."""
 
@@ -63,7 +113,8 @@ class GatewayMigrations:
                  records: Callable[[], Mapping[str, InstanceRecord]],
                  snapshot: Callable[[], ClusterSnapshot],
                  streams: Mapping[str, RequestContext],
-                 coordinator: MigrationCoordinator | None = None, recent: int = 100) -> None:
+                 coordinator: MigrationCoordinator | None = None, recent: int = 100,
+                 rebalance: RebalanceConfig | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.records = records
@@ -73,6 +124,18 @@ class GatewayMigrations:
         self.coordinator = coordinator or MigrationCoordinator(pool=self.pool)
         self._in_flight: dict[str, MigrationRecord] = {}
         self._recent: deque[MigrationRecord] = deque(maxlen=recent)
+        self._tasks: set[asyncio.Task[MigrationRecord]] = set()
+        self.drainer = DrainMoves(self)
+        # Freeness rebalancing, when on (None: off).
+        self.rebalancer = FreenessMoves(self, FreenessRebalancer(rebalance)) \
+            if rebalance is not None else None
+
+    def install(self, control: ControlLoop) -> None:
+        """Run drain (and freeness rebalancing, when on) in ``control``'s ticks, on every
+        gateway replica: each moves the streams it relays."""
+        control.add_action("drain", self.drainer, self._order_drain)
+        if self.rebalancer is not None:
+            control.add_action("rebalance", self.rebalancer, self.rebalancer.order)
 
     # -- the dashboard's view --------------------------------------------------------------
     def in_flight(self) -> list[MigrationRecord]:
@@ -106,60 +169,70 @@ class GatewayMigrations:
         if target == source or target_record is None or not target_record.migration:
             raise OpenAIError(f"Replica '{target}' cannot take migrations", 400,
                               param="target", code="bad_migration_target")
-        record = await self._run(request_id, source_record, target_record, "admin")
-        return asdict(record)
+        record = self._start(request_id, source_record, target_record, "admin")
+        return asdict(await self._execute(record, source_record, target_record))
 
     def _roomiest(self, exclude: set[str]) -> str | None:
-        records = self.records()
         best, best_freeness = None, float("-inf")
-        for view in self.snapshot().instances:
-            record = records.get(view.instance_id)
-            if view.instance_id in exclude or not view.healthy or view.draining \
-                    or record is None or not record.migration:
+        for load in fleet_loads(self.snapshot(), self.records()):
+            if load.instance_id in exclude or not load.accepts_migrations:
                 continue
-            room = freeness(view.free_blocks, view.num_running)
-            if room > best_freeness:
-                best, best_freeness = view.instance_id, room
+            if load.freeness > best_freeness:
+                best, best_freeness = load.instance_id, load.freeness
         return best
 
-    # -- draining --------------------------------------------------------------------------
-    async def drain_job(self, now: float, leader: bool) -> None:
-        snapshot = self.snapshot()
-        draining = [v.instance_id for v in snapshot.instances if v.draining]
-        if not draining:
-            return
-        mine = [ctx for ctx in self.streams.values()
-                if ctx.instance_id in draining and ctx.request_id not in self._in_flight]
-        if not mine:
-            return
+    # -- planned moves (drain, freeness) -----------------------------------------------------
+    def movable_streams(self, where: Callable[[str], bool]) -> list[RunningRequest]:
+        """The streams this gateway relays from instances ``where`` accepts, not migrating."""
         records = self.records()
-        loads = [InstanceLoad(v.instance_id, v.free_blocks, v.num_running,
-                              accepts_migrations=v.healthy and not v.draining
-                              and bool(getattr(records.get(v.instance_id), "migration", "")))
-                 for v in snapshot.instances]
-        running = []
-        for ctx in mine:
-            record = records.get(ctx.instance_id)
-            block_size = record.block_size if record is not None else 16
-            running.append(RunningRequest(
-                ctx.request_id, ctx.instance_id, len(ctx.routing.token_ids) // block_size,
-                ctx.started, migratable=record is not None and bool(record.migration)))
-        moves, _stuck = drain(draining, loads, running)
-        jobs = []
+        return [running_request(ctx, records.get(ctx.instance_id))
+                for ctx in list(self.streams.values())
+                if where(ctx.instance_id) and ctx.request_id not in self._in_flight]
+
+    @property
+    def busy(self) -> frozenset[str]:
+        """Requests being migrated now (for any reason)."""
+        return frozenset(self._in_flight)
+
+    async def _order_drain(self, moves: Sequence[Move], now: float) -> None:
+        self.order(moves, "drain")
+
+    def order(self, moves: Iterable[Move], trigger: str,
+              done: Callable[[Move], None] | None = None) -> None:
+        """Start ``moves`` in the background (the admin API's path); ``done(move)`` once
+        each has ended, however it ended (also when it could not start)."""
+        records = self.records()
         for move in moves:
             source, target = records.get(move.source), records.get(move.destination)
-            if source is not None and target is not None:
-                jobs.append(self._run(move.request_id, source, target, "drain"))
-        if jobs:
-            await asyncio.gather(*jobs)
+            if source is None or target is None or move.request_id in self._in_flight:
+                if done is not None:
+                    done(move)
+                continue
+            record = self._start(move.request_id, source, target, trigger)
+            task = asyncio.ensure_future(self._execute(record, source, target))
+            self._tasks.add(task)
+            task.add_done_callback(self._reap)
+            if done is not None:
+                task.add_done_callback(functools.partial(_call_done, done, move))
+
+    def _reap(self, task: asyncio.Task[MigrationRecord]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("migration task failed", exc_info=task.exception())
 
     # -- running one -----------------------------------------------------------------------
-    async def _run(self, request_id: str, source: InstanceRecord, target: InstanceRecord,
-                   trigger: str) -> MigrationRecord:
+    def _start(self, request_id: str, source: InstanceRecord, target: InstanceRecord,
+               trigger: str) -> MigrationRecord:
+        """Note a migration as under way (before it runs: the next tick must see it)."""
         record = MigrationRecord(request_id, source.instance_id, target.instance_id, trigger,
                                  started=time.time())
         self._in_flight[request_id] = record
         self.metrics.migrations_in_flight.inc()
+        return record
+
+    async def _execute(self, record: MigrationRecord, source: InstanceRecord,
+                       target: InstanceRecord) -> MigrationRecord:
+        request_id = record.request_id
         try:
             result: MigrationResult = await self.coordinator.migrate(
                 request_id, source.migration, target.migration)
@@ -172,15 +245,68 @@ class GatewayMigrations:
         record.bytes, record.stages, record.reason = result.bytes, result.stages, result.reason
         outcome = "committed" if result.committed else (
             "aborted" if result.status in ("aborted", "refused") else "failed")
-        self.metrics.migrations.labels(outcome=outcome).inc()
+        self.metrics.migrations.labels(outcome=outcome, reason=record.trigger).inc()
         self.metrics.migration_duration.observe(result.total_s)
         if result.committed:
             self.metrics.migration_downtime.observe(result.stopped_s)
         log.info("migration of %s %s -> %s (%s): %s %s", request_id, source.instance_id,
-                 target.instance_id, trigger, result.status, result.reason)
+                 target.instance_id, record.trigger, result.status, result.reason)
         self._recent.appendleft(record)
         return record
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await self.coordinator.close()
         await self.pool.close()
+
+
+def _call_done(done: Callable[[Move], None], move: Move, _task: asyncio.Future[Any]) -> None:
+    done(move)
+
+
+class DrainMoves:
+    """Drain as a ``ControlAction``: the streams this gateway relays from draining
+    replicas, spread over the others (``migration.policy.drain``)."""
+
+    def __init__(self, migrations: GatewayMigrations) -> None:
+        self.migrations = migrations
+
+    def plan_moves(self, now: float, snapshot: ClusterSnapshot) -> list[Move]:
+        draining = {v.instance_id for v in snapshot.instances if v.draining}
+        if not draining:
+            return []
+        mine = self.migrations.movable_streams(draining.__contains__)
+        if not mine:
+            return []
+        moves, _stuck = drain(sorted(draining),
+                              fleet_loads(snapshot, self.migrations.records()), mine)
+        return moves
+
+
+class FreenessMoves:
+    """Llumnix freeness rebalancing as a ``ControlAction``: plans with the rate-limited
+    ``FreenessRebalancer`` over the streams this gateway relays (those on draining
+    replicas are the drain's), and ``order`` runs the moves as ``freeness`` migrations."""
+
+    def __init__(self, migrations: GatewayMigrations, planner: FreenessRebalancer) -> None:
+        self.migrations = migrations
+        self.planner = planner
+
+    def plan_moves(self, now: float, snapshot: ClusterSnapshot) -> list[Move]:
+        staying = {v.instance_id for v in snapshot.instances if not v.draining}
+        requests = self.migrations.movable_streams(staying.__contains__)
+        if not requests:
+            return []
+        return self.planner.plan(now, fleet_loads(snapshot, self.migrations.records()),
+                                 requests, self.migrations.busy)
+
+    async def order(self, moves: Sequence[Move], now: float) -> None:
+        self.migrations.order(moves, "freeness", self._finished)
+
+    def _finished(self, move: Move) -> None:
+        reports = {v.instance_id: v.report_time for v in self.migrations.snapshot().instances}
+        self.planner.finished(move.request_id, reports)

@@ -43,13 +43,13 @@ from router.embedded_redis import embedded_redis
 log = logging.getLogger("llmfleet.up")
 
 
-def parse_params(pairs: list[str] | None) -> dict[str, Any]:
+def parse_params(pairs: list[str] | None, flag: str = "--policy-param") -> dict[str, Any]:
     """``KEY=VALUE`` pairs; values are JSON when they parse as JSON, else strings."""
     params: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--policy-param wants KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"{flag} wants KEY=VALUE, got {pair!r}")
         try:
             params[key] = json.loads(value)
         except ValueError:
@@ -80,9 +80,15 @@ def _pick_port(host: str, wanted: int) -> int:
 
 
 def _gateway_config(args: argparse.Namespace, redis_url: str) -> Any:
+    from migration.policy import RebalanceConfig
     from router.auth import auth_required
     from router.gateway import GatewayConfig
 
+    migration_params = parse_params(args.migration_param, "--migration-param")
+    try:
+        RebalanceConfig.from_params(migration_params)  # fail here, not in the gateway
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--migration-param: {exc}") from exc
     return GatewayConfig(redis_url=redis_url, policy=args.policy,
                          policy_params=parse_params(args.policy_param),
                          slo_ttft_s=args.slo_ttft, profile=args.profile,
@@ -91,6 +97,8 @@ def _gateway_config(args: argparse.Namespace, redis_url: str) -> Any:
                          **({"gateway_id": args.gateway_id} if getattr(args, "gateway_id", None)
                             else {}),
                          max_inflight_per_instance=args.max_inflight_per_instance,
+                         migration_rebalance=args.migration_rebalance == "on",
+                         migration_params=migration_params,
                          tokenizer=getattr(args, "tokenizer", None),
                          max_body_bytes=args.max_body_bytes,
                          auth=auth_required(args.host, args.auth))
@@ -129,6 +137,12 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admission", default="none", choices=ADMISSION_MODES,
                         help="admission queues between routing and forwarding "
                              "(docs/admission.md)")
+    parser.add_argument("--migration-rebalance", choices=("on", "off"), default="off",
+                        help="Llumnix freeness rebalancing: live-migrate running streams off "
+                             "replicas short of free KV blocks (docs/migration.md)")
+    parser.add_argument("--migration-param", action="append", metavar="KEY=VALUE",
+                        help="freeness rebalancing parameter (repeatable): threshold, "
+                             "period_s, max_moves, max_per_source, cooldown_s, selection")
     parser.add_argument("--max-inflight-per-instance", type=int, default=1024,
                         help="requests one gateway keeps in flight per replica before it "
                              "answers 429 with Retry-After (0: no limit)")

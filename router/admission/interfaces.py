@@ -19,10 +19,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+# The control loop's one interface for planned moves (queued requests here, running ones
+# by live migration), re-exported for admission's users.
+from router.control import ControlAction as ControlAction
 from router.policy.interfaces import ClusterSnapshot, Decision, RoutingRequest
-from router.policy.rebalance import Move, QueuedRequest
+from router.policy.rebalance import QueuedRequest
 
 SHORT = "short"
 LONG = "long"
@@ -118,9 +121,3 @@ class Admission(ABC):
         outside the class's pool appear draining), or None when any instance will do."""
         return None
 
-
-class ControlAction(Protocol):
-    """What the control loop runs each period: plans moves, changes nothing itself (the
-    loop applies them through ``Admission.move`` or, for running requests, migration)."""
-
-    def plan_moves(self, now: float, snapshot: ClusterSnapshot) -> list[Move]: ...
