@@ -15,7 +15,14 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import numpy.typing as npt
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from proto import byte_tokenizer as tokenizer
 from proto.openai import (
@@ -143,14 +150,27 @@ class ChatCompletionRequest(_CommonParams):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # vLLM's template options: open the assistant's turn (default), or continue the final
+    # message as it is (token replay sends a partial assistant message this way).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _one_way_to_end_the_prompt(self) -> ChatCompletionRequest:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("Cannot set both `continue_final_message` and "
+                             "`add_generation_prompt` to True.")
+        return self
 
     def rendered_prompt(self) -> str:
-        return tokenizer.render_chat([{"role": m.role, "content": m.text()} for m in self.messages])
+        return BYTE_TOKENIZER.render_chat(
+            [{"role": m.role, "content": m.text()} for m in self.messages],
+            self.add_generation_prompt, self.continue_final_message)
 
     def prompt_token_ids(self, tok: Tokenizer = BYTE_TOKENIZER) -> list[int]:
         """The conversation rendered by ``tok``'s chat template, in its ids."""
-        return tok.encode_chat([{"role": m.role, "content": m.content}
-                                for m in self.messages]).tolist()
+        return tok.encode_chat([{"role": m.role, "content": m.content} for m in self.messages],
+                               self.add_generation_prompt, self.continue_final_message).tolist()
 
     def prompt_token_array(self) -> npt.NDArray[np.int32]:
         return tokenizer.encode_array(self.rendered_prompt())

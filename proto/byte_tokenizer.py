@@ -37,8 +37,10 @@ def decode(token_ids: Sequence[int]) -> str:
     return bytes(t for t in token_ids if 0 <= t < 256).decode("utf-8", errors="replace")
 
 
-def render_chat(messages: Sequence[dict[str, str]]) -> str:
-    """A fixed chat template: one ``<|role|>`` header per message, then the assistant's turn."""
+def render_chat(messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """A fixed chat template: one ``<|role|>`` header per message, then (with
+    ``add_generation_prompt``) the assistant's turn."""
     parts = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages]
-    parts.append("<|assistant|>\n")
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
     return "".join(parts)

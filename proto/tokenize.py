@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -49,9 +49,11 @@ class Tokenizer(Protocol):
 
     def encode_prompt(self, text: str, add_special_tokens: bool = True) -> TokenArray: ...
 
-    def render_chat(self, messages: Sequence[Message]) -> str: ...
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> str: ...
 
-    def encode_chat(self, messages: Sequence[Message]) -> TokenArray: ...
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> TokenArray: ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
@@ -79,6 +81,46 @@ def message_text(content: Any, separator: str = "") -> str:
     return separator.join(parts)
 
 
+# Appended to the final message's text to find where the template wrote it, as
+# ``transformers.apply_chat_template(continue_final_message=True)`` (what vLLM calls) does.
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def render_continuing(
+    render: Callable[[list[dict[str, Any]], bool], str],
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> str:
+    """``messages`` (text content) rendered by ``render(messages, add_generation_prompt)``.
+
+    With ``continue_final_message`` (vLLM's and SGLang's chat extension) the prompt ends
+    right after the final message's text: no end-of-turn, no new turn, so the model continues
+    that message (token replay re-issues a chat this way, the generated text as a partial
+    assistant message). It needs ``add_generation_prompt`` off. If the template trims the
+    message, the prompt ends at its trimmed text, as in ``transformers``. ValueError when
+    the flags conflict or the template does not write the final message.
+    """
+    if not continue_final_message:
+        return render(messages, add_generation_prompt)
+    if add_generation_prompt:
+        raise ValueError("Cannot set both `continue_final_message` and "
+                         "`add_generation_prompt` to True.")
+    if not messages:
+        raise ValueError("continue_final_message needs a final message to continue")
+    final = str(messages[-1].get("content") or "")
+    tagged = [*messages[:-1], {**messages[-1], "content": final + _CONTINUE_TAG}]
+    rendered = render(tagged, False)
+    tag = _CONTINUE_TAG.strip()
+    if tag not in rendered or final.strip() not in rendered:
+        raise ValueError("continue_final_message is set but the chat template does not write "
+                         "the final message")
+    where = rendered.rindex(tag)
+    if rendered.startswith(_CONTINUE_TAG, where):
+        return rendered[:where]
+    return rendered[:where].rstrip()  # the template trimmed the message
+
+
 class _Utf8Decoder:
     def __init__(self) -> None:
         import codecs
@@ -104,13 +146,17 @@ class ByteTokenizer:
     def encode_prompt(self, text: str, add_special_tokens: bool = True) -> TokenArray:
         return byte_tokenizer.encode_array(text)
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        return byte_tokenizer.render_chat(
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> str:
+        return render_continuing(
+            byte_tokenizer.render_chat,
             [{"role": str(m["role"]), "content": message_text(m.get("content"))}
-             for m in messages])
+             for m in messages], add_generation_prompt, continue_final_message)
 
-    def encode_chat(self, messages: Sequence[Message]) -> TokenArray:
-        return self.encode_prompt(self.render_chat(messages))
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> TokenArray:
+        return self.encode_prompt(self.render_chat(messages, add_generation_prompt,
+                                                   continue_final_message))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return byte_tokenizer.decode(token_ids)
@@ -231,18 +277,27 @@ class HFTokenizer:
         ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         return as_token_array(ids)
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        if self._template is None:
-            return ByteTokenizer().render_chat(messages)
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> str:
+        template = self._template
+        if template is None:
+            return ByteTokenizer().render_chat(messages, add_generation_prompt,
+                                               continue_final_message)
+
+        def render(flat: list[dict[str, Any]], generation_prompt: bool) -> str:
+            return str(template.render(messages=flat, add_generation_prompt=generation_prompt,
+                                       tools=None, **self.special_tokens))
+
         # Text parts joined by newlines, as vLLM flattens them for string-content templates.
         flat = [{**m, "content": message_text(m.get("content"), "\n")} for m in messages]
-        return str(self._template.render(messages=flat, add_generation_prompt=True,
-                                         tools=None, **self.special_tokens))
+        return render_continuing(render, flat, add_generation_prompt, continue_final_message)
 
-    def encode_chat(self, messages: Sequence[Message]) -> TokenArray:
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> TokenArray:
         # The template writes the special tokens it wants (a BOS); as vLLM, add none.
-        return self.encode_prompt(self.render_chat(messages),
-                                  add_special_tokens=self._template is None)
+        return self.encode_prompt(
+            self.render_chat(messages, add_generation_prompt, continue_final_message),
+            add_special_tokens=self._template is None)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))

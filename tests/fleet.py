@@ -109,8 +109,10 @@ def engine_requests_served(url: str) -> float:
 @contextlib.contextmanager
 def gateway_fleet(redis_url: str, namespace: str, engines: int, *, speedup: float,
                   heartbeat_ttl_s: float = 1.5, ready_timeout_s: float = 20.0,
+                  executor: str = "emulated", engine_args: tuple[str, ...] = (),
                   **gateway_params: Any) -> Iterator[dict[str, Any]]:
-    """``engines`` emulated engine processes (``engine-0``...) registered in Redis, and a
+    """``engines`` engine processes (``engine-0``...; ``executor``: emulated or tiny;
+    ``engine_args`` added to each command line) registered in Redis, and a
     gateway (``GatewayConfig`` with ``gateway_params``) in front of them under uvicorn;
     yields ``{"url", "gateway", "supervisor", "specs"}`` once the gateway sees every engine
     healthy with its migration agent."""
@@ -119,7 +121,9 @@ def gateway_fleet(redis_url: str, namespace: str, engines: int, *, speedup: floa
 
     specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), speedup=speedup,
                         redis_url=redis_url, namespace=namespace,
-                        heartbeat_ttl_s=heartbeat_ttl_s) for i in range(engines)]
+                        heartbeat_ttl_s=heartbeat_ttl_s, executor=executor,
+                        extra_args=list(engine_args))
+             for i in range(engines)]
     supervisor = EngineSupervisor(specs, restart=False)
     supervisor.start()
     gateway = Gateway(GatewayConfig(redis_url=redis_url, namespace=namespace,
