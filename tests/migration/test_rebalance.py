@@ -263,3 +263,24 @@ def test_admission_rebalancer_and_migrations_share_the_interface() -> None:
     shape = list(inspect.signature(ControlAction.plan_moves).parameters)
     for action in (HotspotRebalancer, DrainMoves, FreenessMoves):
         assert list(inspect.signature(action.plan_moves).parameters) == shape
+
+
+# -- the command line ---------------------------------------------------------------------------
+def test_gateway_flags_reach_the_config() -> None:
+    from router.cli import build_parser
+    from router.up import _gateway_config
+
+    parser = build_parser()
+    off = _gateway_config(parser.parse_args(["gateway"]), "redis://127.0.0.1:1")
+    assert off.migration_rebalance is False and off.migration_params == {}
+    on = _gateway_config(parser.parse_args(
+        ["up", "--migration-rebalance", "on", "--migration-param", "threshold=2",
+         "--migration-param", "period_s=0.5"]), "redis://127.0.0.1:1")
+    assert on.migration_rebalance is True
+    assert on.migration_params == {"threshold": 2, "period_s": 0.5}
+    with pytest.raises(SystemExit, match="max_moves"):
+        _gateway_config(parser.parse_args(["gateway", "--migration-param", "max_moves=0"]),
+                        "redis://127.0.0.1:1")
+    with pytest.raises(SystemExit, match="unknown migration parameter"):
+        _gateway_config(parser.parse_args(["gateway", "--migration-param", "nope=1"]),
+                        "redis://127.0.0.1:1")
