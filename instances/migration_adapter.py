@@ -76,7 +76,7 @@ class EngineMigrationHandle:
 
     def export_batch(
         self, request_id: str, start_block: int, end_block: int, max_bytes: int
-    ) -> pb.BlockBatch:
+    ) -> tuple[pb.BlockBatch, list[bytes]]:
         core = self.core
         if not (core.is_decoding(request_id) or core.is_suspended(request_id)):
             raise NotMigratable(f"request {request_id!r} is not decoding here")
@@ -96,9 +96,8 @@ class EngineMigrationHandle:
             has_parent=first_parent is not None,
             parent_hash=first_parent or 0,
             token_ids=np.asarray([c.token_ids for c in copies], dtype="<i4").tobytes(),
-            payload=b"".join(c.payload for c in copies),
             payload_bytes_per_block=self._payload_bytes,
-        )
+        ), [c.payload for c in copies]
 
     def suspend(self, request_id: str) -> pb.RequestState:
         try:
@@ -149,20 +148,19 @@ class EngineMigrationHandle:
     def release_reservation(self, key: str) -> None:
         self.core.release_reservation(key)
 
-    def import_batch(self, key: str, batch: pb.BlockBatch) -> int:
+    def import_batch(self, key: str, batch: pb.BlockBatch, payload: memoryview) -> int:
         count = len(batch.block_hashes)
         block_size = self.core.block_size
         size = batch.payload_bytes_per_block
         tokens = np.frombuffer(batch.token_ids, dtype="<i4")
-        if len(tokens) != count * block_size or len(batch.payload) != count * size:
+        if len(tokens) != count * block_size or len(payload) != count * size:
             raise ValueError("a block batch's tokens or payload do not match its block count")
         rows = tokens.reshape(count, block_size).tolist()
-        payload = batch.payload
         parent: int | None = batch.parent_hash if batch.has_parent else None
         copies: list[KVBlockCopy] = []
         for index, block_hash in enumerate(batch.block_hashes):
             copies.append(KVBlockCopy(block_hash, parent, tuple(rows[index]),
-                                      payload[index * size:(index + 1) * size]))
+                                      payload[index * size:(index + 1) * size].tobytes()))
             parent = block_hash
         try:
             return self.core.import_blocks(copies, reservation=key)

@@ -35,7 +35,15 @@ from typing import Protocol
 
 import grpc
 
-from migration.transport import CHANNEL_OPTIONS, DEFAULT_MAX_BATCH_BYTES, ChannelPool
+from migration.transport import (
+    CHANNEL_OPTIONS,
+    DEFAULT_MAX_BATCH_BYTES,
+    ChannelPool,
+    decode_batch,
+    encode_batch,
+    serve_migration_agent,
+    tune_allocator,
+)
 from proto import migration_pb2 as pb
 from proto import migration_pb2_grpc as pb_grpc
 
@@ -69,9 +77,11 @@ class EngineHandle(Protocol):
 
     def export_batch(
         self, request_id: str, start_block: int, end_block: int, max_bytes: int
-    ) -> pb.BlockBatch:
+    ) -> tuple[pb.BlockBatch, list[bytes]]:
         """Full blocks ``[start, ≤ end)`` of a decoding or suspended request, as many as fit
-        in ``max_bytes`` of payload (at least one). NotMigratable if it is neither."""
+        in ``max_bytes`` of payload (at least one): the batch without its ``payload`` and
+        the blocks' payloads, in order (joined straight into the message by
+        ``migration.transport.encode_batch``). NotMigratable if it is neither."""
         ...
 
     def free_blocks(self) -> int: ...
@@ -82,8 +92,9 @@ class EngineHandle(Protocol):
 
     def release_reservation(self, key: str) -> None: ...
 
-    def import_batch(self, key: str, batch: pb.BlockBatch) -> int:
-        """Import and pin a batch (taking the reservation's blocks first); returns blocks
+    def import_batch(self, key: str, batch: pb.BlockBatch, payload: memoryview) -> int:
+        """Import and pin a batch (taking the reservation's blocks first); ``payload`` is
+        the blocks' KV bytes back to back, a view of the received message. Returns blocks
         copied. OutOfBlocks when they do not fit, ValueError on a bad block."""
         ...
 
@@ -165,8 +176,9 @@ class MigrationAgent(pb_grpc.MigrationAgentServicer):
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on ``host:port`` (0: any free port); returns the ``host:port`` served."""
+        tune_allocator()
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
-        pb_grpc.add_MigrationAgentServicer_to_server(self, server)
+        serve_migration_agent(self, server)
         bound = server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise OSError(f"cannot listen on {host}:{port}")
@@ -231,10 +243,17 @@ class MigrationAgent(pb_grpc.MigrationAgentServicer):
             reserved_blocks=self.engine.num_reserved_blocks(migration_id))
 
     async def PushBlocks(
-        self, request_iterator: AsyncIterator[pb.BlockBatch], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.PushReply:
+        """Served with ``migration.transport.serve_migration_agent``: each message arrives
+        as the serialized ``BlockBatch`` and its payload is imported from a view of it."""
         received = copied = num_bytes = 0
-        async for batch in request_iterator:
+        async for message in request_iterator:
+            try:
+                batch, payload = decode_batch(message)
+            except ValueError as exc:
+                return pb.PushReply(blocks_received=received, blocks_copied=copied,
+                                    bytes_received=num_bytes, error=f"bad_block: {exc}")
             migration_id = batch.migration_id
             incoming = self._incoming.get(migration_id)
             if incoming is None:
@@ -245,7 +264,7 @@ class MigrationAgent(pb_grpc.MigrationAgentServicer):
                 assert incoming is not None
             incoming.expires_at = self._clock() + self.default_ttl_s
             try:
-                copied += self.engine.import_batch(migration_id, batch)
+                copied += self.engine.import_batch(migration_id, batch, payload)
             except OutOfBlocks:
                 return pb.PushReply(blocks_received=received, blocks_copied=copied,
                                     bytes_received=num_bytes, error="out_of_blocks")
@@ -258,7 +277,7 @@ class MigrationAgent(pb_grpc.MigrationAgentServicer):
                     incoming.pinned.append(block_hash)
                     self._pin_counts[block_hash] += 1
             received += len(batch.block_hashes)
-            num_bytes += len(batch.payload)
+            num_bytes += len(payload)
         return pb.PushReply(blocks_received=received, blocks_copied=copied,
                             bytes_received=num_bytes)
 
@@ -330,9 +349,9 @@ class MigrationAgent(pb_grpc.MigrationAgentServicer):
                                  reason=_rpc_reason(exc))
         if not reserved.accepted:
             return pb.StageReply(status=pb.STAGE_STATUS_REFUSED, reason=reserved.reason)
-        outcome = await self._push(stub, request.migration_id, request.request_id,
-                                   request.start_block, end, request.link,
-                                   request.max_batch_bytes, None)
+        outcome = await self._push(request.destination, request.migration_id,
+                                   request.request_id, request.start_block, end,
+                                   request.link, request.max_batch_bytes, None)
         after = self.engine.request_state(request.request_id)
         status = {
             "": pb.STAGE_STATUS_SENT,
@@ -368,7 +387,7 @@ class MigrationAgent(pb_grpc.MigrationAgentServicer):
         stub = self._pool.stub(request.destination)
         try:
             if state.num_full_blocks > request.start_block:
-                outcome = await self._push(stub, request.migration_id, request_id,
+                outcome = await self._push(request.destination, request.migration_id, request_id,
                                            request.start_block, state.num_full_blocks,
                                            request.link, request.max_batch_bytes, timeout)
                 reply.blocks_sent, reply.bytes_sent = outcome.blocks, outcome.bytes
@@ -433,24 +452,25 @@ class MigrationAgent(pb_grpc.MigrationAgentServicer):
             return None
 
     async def _push(
-        self, stub: pb_grpc.MigrationAgentStub, migration_id: str, request_id: str,
+        self, destination: str, migration_id: str, request_id: str,
         start: int, end: int, link: pb.LinkModel, max_batch_bytes: int, timeout: float | None,
     ) -> _PushOutcome:
         """Stream blocks ``[start, end)`` to the destination, exporting lazily so the engine
-        keeps stepping between batches; paced by ``link`` when it is set."""
+        keeps stepping between batches; paced by ``link`` when it is set. Each batch's
+        payloads are joined straight into its message (``encode_batch``)."""
         outcome = _PushOutcome()
         max_bytes = max_batch_bytes or DEFAULT_MAX_BATCH_BYTES
         engine = self.engine
         faults = self.faults
         paced = link.gbytes_per_s > 0 and link.modelled_bytes_per_block > 0
 
-        async def batches() -> AsyncIterator[pb.BlockBatch]:
+        async def batches() -> AsyncIterator[bytes]:
             index = start
             began = self._clock()
             modelled = 0
             while index < end:
                 try:
-                    batch = engine.export_batch(request_id, index, end, max_bytes)
+                    batch, payloads = engine.export_batch(request_id, index, end, max_bytes)
                 except NotMigratable as exc:
                     outcome.error = "not_migratable"
                     outcome.detail = str(exc)
@@ -466,11 +486,12 @@ class MigrationAgent(pb_grpc.MigrationAgentServicer):
                     await faults.on_push_batch(request_id, index)
                 index += count
                 outcome.blocks += count
-                outcome.bytes += len(batch.payload)
-                yield batch
+                outcome.bytes += sum(len(p) for p in payloads)
+                yield encode_batch(batch, payloads)
 
         try:
-            reply: pb.PushReply = await stub.PushBlocks(batches(), timeout=timeout)
+            reply: pb.PushReply = await self._pool.push_blocks(destination)(
+                batches(), timeout=timeout)
         except grpc.RpcError as exc:
             if not outcome.error:
                 outcome.error = f"destination_failed: {_rpc_reason(exc)}"

@@ -58,7 +58,16 @@ import numpy as np
 from migration.coordinator import LinkModel, MigrationConfig, MigrationCoordinator
 from migration.replay import continuation_body
 from migration.stitch import Resume, StreamStitcher, stitch
-from migration.transport import CHANNEL_OPTIONS, DEFAULT_MAX_BATCH_BYTES, ChannelPool
+from migration.transport import (
+    CHANNEL_OPTIONS,
+    DEFAULT_MAX_BATCH_BYTES,
+    ChannelPool,
+    decode_batch,
+    encode_batch,
+    push_blocks_call,
+    serve_migration_agent,
+    tune_allocator,
+)
 from proto import migration_pb2 as pb
 from proto import migration_pb2_grpc as pb_grpc
 from proto.headers import REQUEST_ID_HEADER
@@ -284,21 +293,48 @@ async def _stitched_once(response: httpx.Response, stitcher: StreamStitcher
 
 
 class _Sink(pb_grpc.MigrationAgentServicer):
+    """``PushBlocks`` as the agent serves it (``serve_migration_agent``, ``decode_batch``),
+    without an engine behind it: the bytes are counted, not imported."""
+
+    async def PushBlocks(self, request_iterator: AsyncIterator[bytes],
+                         context: grpc.aio.ServicerContext) -> pb.PushReply:
+        blocks = received = 0
+        async for message in request_iterator:
+            batch, payload = decode_batch(message)
+            blocks += len(batch.block_hashes)
+            received += len(payload)
+        return pb.PushReply(blocks_received=blocks, bytes_received=received)
+
+
+class _ProtobufSink(pb_grpc.MigrationAgentServicer):
+    """``PushBlocks`` through the generated protobuf (de)serializers: the naive baseline."""
+
     async def PushBlocks(self, request_iterator: AsyncIterator[pb.BlockBatch],
                          context: grpc.aio.ServicerContext) -> pb.PushReply:
-        received = 0
+        blocks = received = 0
         async for batch in request_iterator:
+            blocks += len(batch.block_hashes)
             received += len(batch.payload)
-        return pb.PushReply(bytes_received=received)
+        return pb.PushReply(blocks_received=blocks, bytes_received=received)
 
 
 async def _serve_sink(port_file: str) -> None:
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    pb_grpc.add_MigrationAgentServicer_to_server(_Sink(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    Path(port_file).write_text(str(port))
-    await server.wait_for_termination()
+    """Both sinks in one process, as a replica would run them: the agent's ``PushBlocks``
+    on one port, the plain generated one on another (``port,port`` in ``port_file``)."""
+    tune_allocator()
+    ports = []
+    servers = []
+    for sink in (_Sink(), _ProtobufSink()):
+        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        if isinstance(sink, _Sink):
+            serve_migration_agent(sink, server)
+        else:
+            pb_grpc.add_MigrationAgentServicer_to_server(sink, server)
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        servers.append(server)
+    Path(port_file).write_text(",".join(map(str, ports)))
+    await servers[0].wait_for_termination()
 
 
 def _tcp_sink(server: socket.socket) -> None:
@@ -309,12 +345,54 @@ def _tcp_sink(server: socket.socket) -> None:
             pass
 
 
-def measure_loopback(total_bytes: int = 1 << 30, repeat: int = 3) -> dict[str, float]:
-    """GB/s of ``PushBlocks`` (1 MiB batches) into a sink process, and of plain TCP."""
+def _tcp_rate(total_bytes: int, chunk: bytes) -> float:
+    """GB/s of ``total_bytes`` sent in ``chunk``s over a plain loopback TCP socket."""
+    server = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=_tcp_sink, args=(server,), daemon=True)
+    thread.start()
+    count = total_bytes // len(chunk)
+    with socket.create_connection(server.getsockname()) as conn:
+        started = time.perf_counter()
+        for _ in range(count):
+            conn.sendall(chunk)
+    thread.join()
+    elapsed = time.perf_counter() - started
+    server.close()
+    return count * len(chunk) / elapsed / 1e9
+
+
+def _loopback_batch(batch_bytes: int, block_bytes: int) -> tuple[pb.BlockBatch, list[bytes]]:
+    """A batch as the agent exports it: hashes, int32 token ids and one payload per block."""
+    count = max(1, batch_bytes // block_bytes)
+    header = pb.BlockBatch(migration_id="bench", first_block=0,
+                           block_hashes=list(range(1, count + 1)),
+                           token_ids=bytes(4 * BLOCK_SIZE * count),
+                           payload_bytes_per_block=block_bytes)
+    blob = os.urandom(block_bytes * count)
+    return header, [blob[i * block_bytes:(i + 1) * block_bytes] for i in range(count)]
+
+
+def measure_loopback(total_bytes: int = 1 << 30, rounds: int = 5,
+                     batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, block_bytes: int = 4096,
+                     protobuf_baseline: bool = True) -> dict[str, Any]:
+    """GB/s of KV blocks over ``PushBlocks`` into a sink process on loopback, beside plain
+    TCP, in alternating rounds (medians; the per-round figures too).
+
+    ``grpc``: what the agents do — each batch (``batch_bytes`` of ``block_bytes`` blocks)
+    encoded with ``encode_batch`` per message (its one join of the payloads counted), sent
+    with identity serializers, split with ``decode_batch`` on the far side. ``protobuf``:
+    the same batches as generated ``BlockBatch`` messages (payload joined, set, serialized,
+    parsed and read by protobuf). ``tcp``: the same bytes with ``sendall`` of 1 MiB.
+    """
     import tempfile
 
-    payload = os.urandom(DEFAULT_MAX_BATCH_BYTES)
-    count = total_bytes // len(payload)
+    tune_allocator()
+    header, payloads = _loopback_batch(batch_bytes, block_bytes)
+    message_bytes = sum(len(p) for p in payloads)
+    count = max(1, total_bytes // message_bytes)
+    sent = count * message_bytes
+    chunk = os.urandom(1 << 20)
+    rates: dict[str, list[float]] = {"grpc": [], "protobuf": [], "tcp": []}
     with tempfile.NamedTemporaryFile("r", suffix=".port") as port_file:
         proc = subprocess.Popen([sys.executable, "-m", "migration.bench", "--sink",
                                  port_file.name])
@@ -324,42 +402,58 @@ def measure_loopback(total_bytes: int = 1 << 30, repeat: int = 3) -> dict[str, f
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("the gRPC sink did not start")
                 time.sleep(0.05)
-            address = f"127.0.0.1:{Path(port_file.name).read_text().strip()}"
+            raw_port, pb_port = Path(port_file.name).read_text().strip().split(",")
 
-            async def push() -> float:
-                async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
-                    stub = pb_grpc.MigrationAgentStub(ch)
+            async def raw_messages() -> AsyncIterator[bytes]:
+                for _ in range(count):
+                    yield encode_batch(header, payloads)
 
-                    async def batches() -> AsyncIterator[pb.BlockBatch]:
-                        for _ in range(count):
-                            yield pb.BlockBatch(migration_id="bench", payload=payload,
-                                                payload_bytes_per_block=4096)
+            async def pb_messages() -> AsyncIterator[pb.BlockBatch]:
+                for _ in range(count):
+                    batch = pb.BlockBatch()
+                    batch.CopyFrom(header)
+                    batch.payload = b"".join(payloads)
+                    yield batch
 
-                    await stub.PushBlocks(batches())  # warm-up (connection, buffers)
+            async def push(kind: str) -> float:
+                port = raw_port if kind == "grpc" else pb_port
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                                     options=CHANNEL_OPTIONS) as channel:
+                    if kind == "grpc":
+                        call = push_blocks_call(channel)
+                        messages: Any = raw_messages
+                    else:
+                        call = pb_grpc.MigrationAgentStub(channel).PushBlocks
+                        messages = pb_messages
+                    await call(messages())  # warm-up (connection, buffers)
                     started = time.perf_counter()
-                    reply = await stub.PushBlocks(batches())
+                    reply = await call(messages())
                     elapsed = time.perf_counter() - started
-                    assert reply.bytes_received == count * len(payload)
-                    return reply.bytes_received / elapsed / 1e9
+                if reply.bytes_received != sent or reply.blocks_received != count * len(
+                        payloads):
+                    raise RuntimeError(f"the sink got {reply.bytes_received} of {sent} bytes")
+                return sent / elapsed / 1e9
 
-            grpc_rates = [asyncio.run(push()) for _ in range(repeat)]
+            kinds = ["grpc", "tcp"] + (["protobuf"] if protobuf_baseline else [])
+            for _ in range(rounds):
+                for kind in kinds:
+                    rate = _tcp_rate(sent, chunk) if kind == "tcp" else asyncio.run(push(kind))
+                    rates[kind].append(rate)
         finally:
             proc.terminate()
             proc.wait(10)
-    tcp_rates = []
-    for _ in range(repeat):
-        server = socket.create_server(("127.0.0.1", 0))
-        thread = threading.Thread(target=_tcp_sink, args=(server,), daemon=True)
-        thread.start()
-        with socket.create_connection(server.getsockname()) as conn:
-            started = time.perf_counter()
-            for _ in range(count):
-                conn.sendall(payload)
-        thread.join()
-        tcp_rates.append(count * len(payload) / (time.perf_counter() - started) / 1e9)
-        server.close()
-    return {"grpc_loopback_gbytes_per_s": statistics.median(grpc_rates),
-            "tcp_loopback_gbytes_per_s": statistics.median(tcp_rates)}
+    result: dict[str, Any] = {
+        "grpc_loopback_gbytes_per_s": statistics.median(rates["grpc"]),
+        "tcp_loopback_gbytes_per_s": statistics.median(rates["tcp"]),
+    }
+    if protobuf_baseline:
+        result["grpc_loopback_protobuf_gbytes_per_s"] = statistics.median(rates["protobuf"])
+    result["loopback"] = {
+        "bytes_per_round": sent, "rounds": rounds, "batch_bytes": message_bytes,
+        "block_bytes": block_bytes,
+        "rounds_gbytes_per_s": {k: [round(r, 3) for r in v] for k, v in rates.items() if v},
+    }
+    return result
 
 
 # ---- the benchmark ---------------------------------------------------------------------------
@@ -447,11 +541,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                                 context * 7))
                 rows.append(_row(context, "live", "real", "tiny", None, real))
                 _progress(rows[-1])
-    loopback = measure_loopback(repeat=args.repeat)
+    loopback = _loopback(args)
     live = [r for r in rows if r["mode"] == "live"]
     result: dict[str, Any] = {
         "results": rows,
-        **{k: round(v, 3) for k, v in loopback.items()},
+        **loopback,
         "downtime_goal_ms": DOWNTIME_GOAL_MS,
         "max_live_downtime_ms": max(r["downtime_ms"] for r in live),
         "config": {"contexts": contexts, "tiny_contexts": tiny_contexts, "links": links,
@@ -466,6 +560,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     return result
+
+
+def _loopback(args: argparse.Namespace) -> dict[str, Any]:
+    loopback = measure_loopback(rounds=args.loopback_rounds,
+                                batch_bytes=args.loopback_batch_bytes)
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in loopback.items()}
 
 
 def _progress(row: dict[str, Any]) -> None:
@@ -523,6 +623,9 @@ def main(args: argparse.Namespace) -> int:
         out = Path(args.out)
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
         return 0
+    if args.only == "grpc_loopback":
+        print(json.dumps(_loopback(args)))
+        return 0
     result = run_bench(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -545,6 +648,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the whole result")
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw the plot of an existing --out file")
+    parser.add_argument("--loopback-rounds", type=int, default=5,
+                        help="rounds of the gRPC/TCP loopback throughput (1 GiB each; medians)")
+    parser.add_argument("--loopback-batch-bytes", type=int, default=DEFAULT_MAX_BATCH_BYTES,
+                        help="KV payload bytes per PushBlocks message in the loopback run")
+    parser.add_argument("--only", choices=["grpc_loopback"], default=None,
+                        help="run only this part and print it (writes nothing)")
     parser.add_argument("--sink", default="", help=argparse.SUPPRESS)
 
 

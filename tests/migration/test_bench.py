@@ -20,7 +20,7 @@ def test_bench_writes_the_contract_fields_and_a_plot(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     bench._add_arguments(parser)
     args = parser.parse_args(["--contexts", "512", "--tiny-contexts", "", "--links", "1.25",
-                              "--repeat", "1", "--out", str(out)])
+                              "--repeat", "1", "--loopback-rounds", "1", "--out", str(out)])
     assert bench.main(args) == 0
     result = json.loads(out.read_text())
     rows = result["results"]
@@ -35,4 +35,6 @@ def test_bench_writes_the_contract_fields_and_a_plot(tmp_path: Path) -> None:
     assert modelled["bytes"] >= 32 * 2 * 1024 * 1024
     assert replay["stages"] == 0 and replay["bytes"] > 0
     assert result["grpc_loopback_gbytes_per_s"] > 0 and result["tcp_loopback_gbytes_per_s"] > 0
+    assert result["grpc_loopback_protobuf_gbytes_per_s"] > 0
+    assert result["loopback"]["bytes_per_round"] >= 1 << 29
     assert out.with_suffix(".png").stat().st_size > 10_000
