@@ -106,6 +106,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     cap.add_argument("--max-probes", type=int, default=12)
     cap.add_argument("--jobs", type=int, default=1,
                      help="sim laps: experiment jobs run in parallel processes")
+    cap.add_argument("--workloads", default="long_tailed,mooncake,azure_conv",
+                     help="sim laps: comma-separated workloads, in priority order")
+    cap.add_argument("--workload-requests", default=None, metavar="NAME=N,...",
+                     help="sim laps: requests per probe per workload (default: "
+                     "loadgen.laps_experiment.DEFAULT_REQUESTS)")
     cap.add_argument("--sweep-rates", default=None,
                      help="also simulate every policy at these comma-separated rates")
     sim.set_defaults(func=_run_sim_command)
@@ -207,8 +212,13 @@ def _run_admission_experiment(args: argparse.Namespace) -> int:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(partial, indent=2) + "\n")
 
+        counts: int | dict[str, int] | None = args.max_requests
+        if args.workload_requests:
+            counts = {k: int(v) for k, v in
+                      (item.split("=", 1) for item in args.workload_requests.split(","))}
         result = lx.run_laps_experiment(
-            requests_per_workload=args.max_requests, instances=args.instances,
+            workloads=[w for w in args.workloads.split(",") if w],
+            requests_per_workload=counts, instances=args.instances,
             profile=args.profile, slo_ttft_s=args.slo_ttft, target=args.target,
             rel_tol=args.rel_tol, max_probes=args.max_probes, seed=args.seed,
             jobs=args.jobs, progress=progress, on_progress=save_partial)

@@ -15,9 +15,12 @@ Workloads:
 * ``mooncake`` — ``shared/traces/synthetic_trace.jsonl``.
 * ``azure_conv`` — ``shared/traces/AzureLLMInferenceTrace_conv.csv``.
 
-Every capacity search re-times one fixed request list per workload (``capacity_for_policy``);
-runs are sized for a shared 2-core machine: a few hundred requests per probe, a coarse
-bracket from a quarter of the ideal bound, bisection to ``rel_tol``.
+Every capacity search re-times one fixed request list per workload (``capacity_for_policy``).
+Runs are sized for steady state: each probe's arrivals span several E2E p90s at capacity
+rates (``DEFAULT_REQUESTS``; ``span_over_e2e_p90`` in the result says how many), the first
+``warmup_fraction`` of them is left out of the statistics, and searches never go past the
+ideal bound. Searches step by ``growth`` (10 %) from a start (``SEARCH_START`` for the
+no-admission search, that capacity for the admission modes), then bisect to ``rel_tol``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,11 +40,29 @@ from loadgen.config import RunConfig, load_workload
 from loadgen.request import TraceRequest
 from loadgen.sim import SHORT_UNCACHED_TOKENS, run_sim
 from loadgen.workloads import build_synthetic
+from router.admission import Release
 
 ADMISSIONS = ("none", "laps", "laps-spatial")
-# Requests per probe, per workload: as many as a shared 2-core machine affords.
-DEFAULT_REQUESTS = {"long_tailed": 1000, "mooncake": 800, "azure_conv": 2000}
+# Requests per probe, per workload, sized so that at capacity rates the arrivals span several
+# E2E p90s (E2E p90 is ~40 s on long_tailed, ~10 s on azure_conv at capacity): long_tailed
+# 6,000 (~200-300 s of arrivals), the whole Mooncake trace (3,993) and 12,000 Azure requests
+# (~45 s at its ~296 req/s bound). A probe costs ~5-7 ms of CPU per request.
+DEFAULT_REQUESTS = {"long_tailed": 6000, "mooncake": 3993, "azure_conv": 12000}
 LAPS_POLICIES = ("dualmap", "least_loaded", "cache_aware")
+# Where each no-admission search starts, as a fraction of the workload's ideal bound (near
+# the capacities of the transient runs, docs/results/laps-transient.json, a little below:
+# longer runs sustain less). Only the cost of a search depends on it: it steps by ``growth``
+# from there until it brackets the capacity.
+SEARCH_START: dict[str, dict[str, float]] = {
+    "long_tailed": {"dualmap": 0.85, "least_loaded": 0.55, "cache_aware": 0.5},
+    "mooncake": {"dualmap": 0.5, "least_loaded": 0.5, "cache_aware": 0.5},
+    "azure_conv": {"dualmap": 0.9, "least_loaded": 0.9, "cache_aware": 0.9},
+}
+DEFAULT_SEARCH_START = 0.6
+# A run counts as steady state when its arrivals span at least this many E2E p90s.
+STEADY_SPAN_OVER_E2E_P90 = 8.0
+# Leading share of each run left out of the statistics: about one E2E p90 at these sizes.
+WARMUP_FRACTION = 0.2
 _REPO = Path(__file__).resolve().parent.parent
 # The shared traces live next to the checkout (``../shared/traces``) or inside it.
 TRACES = next((p for p in (_REPO / "shared" / "traces", _REPO.parent / "shared" / "traces")
@@ -140,29 +161,50 @@ def measure_policy(
     rel_tol: float,
     max_probes: int,
     cliff_factors: Sequence[float],
+    start_fraction: float = DEFAULT_SEARCH_START,
+    growth: float = 1.1,
     traces: Path = TRACES,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
+    entry: dict[str, Any] | None = None,
+    phases: Sequence[str] = ("search", "at80", "cliff"),
 ) -> dict[str, Any]:
-    """One policy on workload ``name``: its capacity with each admission mode, then at 80 %
-    of its no-admission capacity the short-request TTFTs, and its attainment at
-    ``cliff_factors`` x that capacity, with each admission mode. A self-contained job (it
-    rebuilds the workload), so jobs can run in separate processes."""
+    """One policy on workload ``name``: its capacity with each admission mode (phase
+    ``search``), then at 80 % of its no-admission capacity the short-request TTFTs
+    (``at80``), and its attainment at ``cliff_factors`` x that capacity (``cliff``), with
+    each admission mode. A self-contained job (it rebuilds the workload), so jobs can run in
+    separate processes; ``phases`` and ``entry`` (an earlier call's result, completed in
+    place) let a caller run the phases at different times; ``on_update`` (in-process runs)
+    gets the entry after each search or run, for partial results."""
     requests, _ = workload_requests(name, count, base.seed, traces)
-    entry: dict[str, Any] = {}
-    for admission in admissions:
+    entry = {} if entry is None else entry
+
+    def log(message: str) -> None:
+        print(f"[laps {time.strftime('%H:%M:%S')}] {name} {policy}: {message}",
+              file=sys.stderr, flush=True)
+
+    def update() -> None:
+        if on_update is not None:
+            on_update(entry)
+
+    for admission in admissions if "search" in phases else ():
         config = replace(base, policy=policy, admission=admission)
         probes: list[dict[str, Any]] = []
 
         def on_probe(rate: float, summary: dict[str, Any],
-                     probes: list[dict[str, Any]] = probes) -> None:
+                     probes: list[dict[str, Any]] = probes, admission: str = admission) -> None:
             probes.append({"rate": round(rate, 4),
                            "slo_attainment": summary.get("slo_attainment"),
-                           "early_stopped": summary.get("early_stopped")})
+                           "early_stopped": summary.get("early_stopped"),
+                           "wall_seconds": summary.get("wall_seconds")})
+            log(f"{admission} probe {rate:.2f} req/s: attainment "
+                f"{summary.get('slo_attainment')} early_stopped {summary.get('early_stopped')} "
+                f"({summary.get('wall_seconds', 0):.0f} s)")
 
-        # Coarse then fine: the no-admission search starts at 60 % of the bound in steps of
-        # 25 %; the admission modes start at the no-admission capacity in steps of 10 %
-        # (they land near it); then both bisect to rel_tol.
+        # The no-admission search starts at ``start_fraction`` of the bound; the admission
+        # modes at the no-admission capacity (they land near it); all step by ``growth``
+        # until bracketed, then bisect to rel_tol.
         reference = (entry.get("none") or {}).get("effective_capacity_rps") or 0.0
-        initial, growth = (reference, 1.1) if reference > 0 else (0.6 * ideal, 1.25)
+        initial = reference if reference > 0 else start_fraction * ideal
         # Never past the ideal bound: a capacity above it can only be a transient of a run
         # too short for its rate.
         search, at_capacity = capacity_for_policy(
@@ -170,6 +212,7 @@ def measure_policy(
             rel_tol=rel_tol, max_probes=max_probes, on_probe=on_probe, growth=growth,
             max_rate=ideal)
         e2e = None if at_capacity is None else at_capacity.get("e2e_p90")
+        span = (len(requests) - 1) / search.capacity_rps if search.capacity_rps > 0 else None
         entry[admission] = {
             "effective_capacity_rps": round(search.capacity_rps, 4),
             "failed_at_rps": None if search.upper_rps == float("inf")
@@ -177,21 +220,32 @@ def measure_policy(
             "fraction_of_ideal": round(search.capacity_rps / ideal, 4) if ideal else None,
             # Steady state needs arrivals spanning many request lifetimes; short runs
             # over-state capacity (a capacity above the ideal bound shows it).
-            "span_over_e2e_p90": round((len(requests) - 1) / search.capacity_rps / e2e, 2)
-            if e2e and search.capacity_rps > 0 else None,
+            "span_s": None if span is None else round(span, 1),
+            "span_over_e2e_p90": round(span / e2e, 2) if e2e and span else None,
+            "measured_span_over_e2e_p90": round((1 - base.warmup_fraction) * span / e2e, 2)
+            if e2e and span else None,
             "exceeds_ideal_bound": search.capacity_rps > ideal,
             **({} if at_capacity is None else _row(at_capacity)),
             "probes": probes,
         }
+        log(f"{admission} capacity {search.capacity_rps:.2f} req/s (failed at "
+            f"{search.upper_rps:.2f}), span/E2E p90 {entry[admission]['span_over_e2e_p90']}")
+        update()
     reference = (entry.get("none") or {}).get("effective_capacity_rps") or 0.0
     entry["reference_rps"] = reference
-    entry["at_80pct"] = {}
-    entry["cliff"] = {}
-    for admission in admissions if reference > 0 else ():
+    entry.setdefault("at_80pct", {})
+    entry.setdefault("cliff", {})
+    for admission in admissions if reference > 0 and "at80" in phases else ():
         config = replace(base, policy=policy, admission=admission)
         rate = 0.8 * reference
         summary = run_sim(replace(config, rate=rate), requests=retime(requests, rate))
         entry["at_80pct"][admission] = {"rate": round(rate, 4), **_row(summary)}
+        log(f"{admission} at 80 % ({rate:.2f} req/s): short TTFT p99 "
+            f"{summary.get('ttft_p99_short')} ({summary.get('wall_seconds', 0):.0f} s)")
+        update()
+    for admission in admissions if reference > 0 and cliff_factors and "cliff" in phases \
+            else ():
+        config = replace(base, policy=policy, admission=admission)
         cliff = []
         for factor in cliff_factors:
             rate = factor * reference
@@ -200,8 +254,10 @@ def measure_policy(
                           "slo_attainment": summary.get("slo_attainment"),
                           "ttft_p50": summary.get("ttft_p50"),
                           "ttft_p99_short": summary.get("ttft_p99_short")})
-        if cliff:
-            entry["cliff"][admission] = cliff
+            log(f"{admission} at {factor}x ({rate:.2f} req/s): attainment "
+                f"{summary.get('slo_attainment')} ({summary.get('wall_seconds', 0):.0f} s)")
+        entry["cliff"][admission] = cliff
+        update()
     return entry
 
 
@@ -220,6 +276,8 @@ def goal_check(result: dict[str, Any]) -> dict[str, Any]:
     baselines = {p: (e.get("none") or {}).get("effective_capacity_rps") or 0.0
                  for p, e in policies.items() if not p.startswith("dualmap")}
     best_baseline = max(baselines.values(), default=0.0)
+    spans = [float((e.get(a) or {}).get("span_over_e2e_p90") or 0.0)
+             for e in policies.values() for a in ADMISSIONS if a in e]
     return {
         "dualmap_best_admission_rps": best_admitted,
         "dualmap_without_admission_rps": (dualmap.get("none") or {}).get(
@@ -232,10 +290,52 @@ def goal_check(result: dict[str, Any]) -> dict[str, Any]:
         if best_baseline else None,
         "meets_0_9_ideal": bool(ideal and best_admitted >= 0.9 * ideal),
         "meets_1_2_baseline": bool(best_baseline and best_admitted >= 1.2 * best_baseline),
-        "steady_state": all(
-            ((e.get(a) or {}).get("span_over_e2e_p90") or 0.0) >= 10.0
-            for e in policies.values() for a in ADMISSIONS if a in e),
+        "min_span_over_e2e_p90": min(spans, default=None),
+        "steady_state": bool(spans) and min(spans) >= STEADY_SPAN_OVER_E2E_P90,
+        "cliff": {a: [c["slo_attainment"] for c in cliff]
+                  for a, cliff in dualmap.get("cliff", {}).items()},
     }
+
+
+def job_order(workloads: Sequence[str], policies: Sequence[str]) -> list[tuple[str, str]]:
+    """The order jobs run in: the first workload (where the issue's goal is) with every
+    policy, then DualMap on each other workload, then the other policies on each: with one
+    job at a time, a run cut short still has the goal and DualMap everywhere."""
+    first, rest = list(workloads[:1]), list(workloads[1:])
+    order = [(w, p) for w in first for p in policies]
+    for policy in sorted(policies, key=lambda p: p != "dualmap"):
+        order += [(w, policy) for w in rest]
+    return order
+
+
+Step = tuple[str, str, tuple[str, ...], tuple[str, ...]]
+
+
+def plan_steps(order: Sequence[tuple[str, str]], admissions: Sequence[str]) -> list[Step]:
+    """What an in-process run does, most important first, as (workload, policy, admission
+    modes, phases): on the first workload DualMap's searches with every mode and the other
+    policies' no-admission searches (the goal check), the 80 % runs of those, DualMap's
+    cliffs, then the other policies' admission modes; then each further job of ``order``
+    the same way (DualMap, then the other policies without, then with admission). A run cut
+    short keeps the cells that matter most."""
+    modes = tuple(admissions)
+    rest = tuple(a for a in modes if a != "none")
+    plain = tuple(a for a in modes if a == "none")
+    first = [job for job in order if job[0] == order[0][0]]
+    later = [job for job in order if job[0] != order[0][0]]
+    steps: list[Step] = []
+    for group in (first, later):
+        main = [(w, p) for w, p in group if p == "dualmap"]
+        others = [(w, p) for w, p in group if p != "dualmap"]
+        steps += [(w, p, modes, ("search",)) for w, p in main]
+        steps += [(w, p, plain, ("search",)) for w, p in others if plain]
+        steps += [(w, p, modes, ("at80",)) for w, p in main]
+        steps += [(w, p, plain, ("at80",)) for w, p in others if plain]
+        steps += [(w, p, modes, ("cliff",)) for w, p in main]
+        steps += [(w, p, rest, ("search", "at80")) for w, p in others if rest]
+        steps += [(w, p, plain, ("cliff",)) for w, p in others if plain]
+        steps += [(w, p, rest, ("cliff",)) for w, p in others if rest]
+    return steps
 
 
 def run_laps_experiment(
@@ -243,15 +343,18 @@ def run_laps_experiment(
     workloads: Sequence[str] = ("long_tailed", "mooncake", "azure_conv"),
     policies: Sequence[str] = LAPS_POLICIES,
     admissions: Sequence[str] = ADMISSIONS,
-    requests_per_workload: int | None = None,
+    requests_per_workload: int | Mapping[str, int] | None = None,
     instances: int = 16,
     profile: str = "h100-llama3-8b",
     slo_ttft_s: float = 3.0,
     target: float = 0.9,
-    rel_tol: float = 0.06,
-    max_probes: int = 6,
+    rel_tol: float = 0.1,
+    max_probes: int = 4,
+    growth: float = 1.1,
+    warmup_fraction: float = WARMUP_FRACTION,
     cliff_factors: Sequence[float] = (1.1, 1.25),
     cliff_workloads: Sequence[str] = ("long_tailed",),
+    cliff_policies: Sequence[str] = ("dualmap",),
     seed: int = 0,
     jobs: int = 1,
     progress: bool = True,
@@ -259,46 +362,82 @@ def run_laps_experiment(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The ``docs/results/laps.json`` result (see the module docstring). One job per
-    workload x policy, ``jobs`` at a time in separate processes (results do not depend on
-    ``jobs``: every job is deterministic)."""
+    workload x policy in ``job_order``; with ``jobs`` > 1 that many at a time in separate
+    processes, else in this process, with ``on_progress`` after every search and run (so an
+    interrupted run leaves its finished cells). Results do not depend on ``jobs``: every job
+    is deterministic. ``requests_per_workload``: one count for all, or per workload (missing
+    ones take ``DEFAULT_REQUESTS``)."""
     from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 
     wall = time.perf_counter()
     base = RunConfig(instances=instances, profile=profile, slo_ttft_s=slo_ttft_s, seed=seed,
-                     warmup_fraction=0.1, progress=False)
+                     warmup_fraction=warmup_fraction, progress=False)
     result: dict[str, Any] = {
         "instances": instances, "profile": profile, "slo_ttft_s": slo_ttft_s,
-        "target": target, "rel_tol": rel_tol, "max_probes": max_probes, "seed": seed,
-        "short_uncached_tokens": SHORT_UNCACHED_TOKENS, "workloads": {},
+        "target": target, "rel_tol": rel_tol, "max_probes": max_probes, "growth": growth,
+        "warmup_fraction": warmup_fraction, "seed": seed,
+        "short_uncached_tokens": SHORT_UNCACHED_TOKENS, "complete": False, "workloads": {},
     }
-    counts = {name: requests_per_workload or DEFAULT_REQUESTS[name] for name in workloads}
+    if isinstance(requests_per_workload, int):
+        counts = {name: requests_per_workload for name in workloads}
+    else:
+        counts = {name: (requests_per_workload or {}).get(name, DEFAULT_REQUESTS[name])
+                  for name in workloads}
     for name in workloads:
         requests, source = workload_requests(name, counts[name], seed, traces)
         result["workloads"][name] = {"source": source, **workload_bound(requests, base),
                                      "policies": {}}
-    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool, tqdm(
-            total=len(workloads) * len(policies), desc="laps", unit="job", file=sys.stderr,
-            disable=not progress) as bar:
-        futures: dict[Future[dict[str, Any]], tuple[str, str]] = {}
-        for name in workloads:
-            for policy in policies:
-                future = pool.submit(
-                    measure_policy, name, counts[name], policy, base, admissions,
-                    ideal=result["workloads"][name]["ideal_bound_rps"], target=target,
-                    rel_tol=rel_tol, max_probes=max_probes,
-                    cliff_factors=cliff_factors if name in cliff_workloads else (),
-                    traces=traces)
-                futures[future] = (name, policy)
-        for future in as_completed(futures):
-            name, policy = futures[future]
-            result["workloads"][name]["policies"][policy] = future.result()
-            bar.update(1)
-            bar.set_postfix_str(f"{name} {policy} done")
-            if on_progress is not None:
-                on_progress(result)
+    order = job_order(workloads, policies)
+
+    def job_args(name: str, policy: str) -> dict[str, Any]:
+        return {"ideal": result["workloads"][name]["ideal_bound_rps"], "target": target,
+                "rel_tol": rel_tol, "max_probes": max_probes, "growth": growth,
+                "start_fraction": SEARCH_START.get(name, {}).get(policy, DEFAULT_SEARCH_START),
+                "cliff_factors": cliff_factors
+                if name in cliff_workloads and policy in cliff_policies else (),
+                "traces": traces}
+
+    def finish_partial() -> None:
+        result["goal"] = goal_check(result)
+        result["wall_seconds"] = round(time.perf_counter() - wall, 1)
+        if on_progress is not None:
+            on_progress(result)
+
+    steps = plan_steps(order, admissions)
+    with tqdm(total=len(steps) if jobs <= 1 else len(order), desc="laps", unit="step",
+              file=sys.stderr, disable=not progress) as bar:
+        if jobs <= 1:
+            for name, policy, modes, phases in steps:
+                slot = result["workloads"][name]["policies"]
+
+                def on_update(entry: dict[str, Any], slot: dict[str, Any] = slot,
+                              policy: str = policy) -> None:
+                    slot[policy] = entry
+                    finish_partial()
+
+                args = job_args(name, policy)
+                if phases == ("cliff",) and not args["cliff_factors"]:
+                    bar.update(1)
+                    continue
+                slot[policy] = measure_policy(name, counts[name], policy, base, modes,
+                                              on_update=on_update, entry=slot.get(policy),
+                                              phases=phases, **args)
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=jobs) as pool:
+                futures: dict[Future[dict[str, Any]], tuple[str, str]] = {
+                    pool.submit(measure_policy, name, counts[name], policy, base, admissions,
+                                **job_args(name, policy)): (name, policy)
+                    for name, policy in order}
+                for future in as_completed(futures):
+                    name, policy = futures[future]
+                    result["workloads"][name]["policies"][policy] = future.result()
+                    bar.update(1)
+                    finish_partial()
     for workload in result["workloads"].values():  # a stable order in the file
         workload["policies"] = {p: workload["policies"][p] for p in policies
                                 if p in workload["policies"]}
+    result["complete"] = True
     result["goal"] = goal_check(result)
     result["wall_seconds"] = round(time.perf_counter() - wall, 1)
     return result
@@ -460,6 +599,109 @@ def run_rebalance_experiment(
         result["dualmap_setting"] = setting_out
     result["wall_seconds"] = round(time.perf_counter() - wall, 1)
     return result
+
+
+def idle_prefill_s(profile: str, prompt_len: int, cached: int,
+                   chunk_tokens: int = 8192) -> float:
+    """The TTFT of a prompt on an idle instance of ``profile``: its uncached tokens
+    prefilled in chunks of ``chunk_tokens`` (one engine iteration each), nothing else in
+    the batch. No policy or admission can serve it faster."""
+    from instances.engine.factory import load_profile
+    from instances.engine.profile import prefill_attention_pairs
+
+    model = load_profile(profile)
+    position, total = min(cached, prompt_len - 1), 0.0
+    while position < prompt_len:
+        tokens = min(chunk_tokens, prompt_len - position)
+        total += model.iteration_time(tokens, prefill_attention_pairs(position, tokens), 0, 0)
+        position += tokens
+    return total
+
+
+def ttft_breakdown(
+    workload: str = "long_tailed",
+    policy: str = "dualmap",
+    admissions: Sequence[str] = ADMISSIONS,
+    rate: float | None = None,
+    *,
+    count: int | None = None,
+    instances: int = 16,
+    profile: str = "h100-llama3-8b",
+    slo_ttft_s: float = 3.0,
+    warmup_fraction: float = WARMUP_FRACTION,
+    seed: int = 0,
+    traces: Path = TRACES,
+) -> dict[str, Any]:
+    """Where the TTFT of each measured request goes, at one rate, per admission mode: the
+    wait in the router's queue (submit to release), the uncached prefill on an idle
+    instance (``idle_prefill_s``: the floor), and the rest (waiting and sharing iterations
+    inside the engine). For all requests and for the SLO misses: their count, the share of
+    long ones (more than ``SHORT_UNCACHED_TOKENS`` uncached), the share whose floor alone
+    exceeds the SLO, and the mean of each part. ``rate`` defaults to 0.6 x the ideal bound.
+    """
+    from loadgen.sim import Simulator, summarize_sim
+
+    requests, _ = workload_requests(workload, count or DEFAULT_REQUESTS[workload], seed, traces)
+    base = RunConfig(instances=instances, profile=profile, slo_ttft_s=slo_ttft_s, seed=seed,
+                     warmup_fraction=warmup_fraction, progress=False, policy=policy)
+    ideal = workload_bound(requests, base)["ideal_bound_rps"]
+    rate = rate or 0.6 * ideal
+    retimed = retime(requests, rate)
+    out: dict[str, Any] = {"workload": workload, "policy": policy, "rate": round(rate, 4),
+                           "ideal_bound_rps": ideal, "requests": len(requests), "modes": {}}
+
+    class Recording(Simulator):
+        """The simulator, noting when each request left the router's queue."""
+
+        released_at: dict[str, float]
+
+        def _forward(self, releases: list[Release], now: float) -> None:
+            for release in releases:
+                self.released_at[release.request_id] = now
+            super()._forward(releases, now)
+
+    for admission in admissions:
+        config = replace(base, admission=admission, rate=rate)
+        simulator = Recording(config, retimed)
+        simulator.released_at = {}
+        result = simulator.run()
+        summary = summarize_sim(config, result)
+        measured = sorted(result.outcomes, key=lambda o: (o.arrival_s, o.request_id))[
+            int(warmup_fraction * len(result.outcomes)):]
+        rows = []
+        for o in measured:
+            if o.ttft_s is None:
+                continue
+            cached = o.cached_tokens or 0
+            router = simulator.released_at.get(o.request_id, o.arrival_s) - o.arrival_s
+            floor = idle_prefill_s(profile, o.prompt_len, cached)
+            rows.append((o.ttft_s, router, floor, o.ttft_s - router - floor,
+                         o.prompt_len - cached))
+
+        def part(selected: list[tuple[float, float, float, float, int]]) -> dict[str, Any]:
+            n = len(selected)
+            if not n:
+                return {"requests": 0}
+            return {
+                "requests": n,
+                "long_share": round(sum(r[4] > SHORT_UNCACHED_TOKENS for r in selected) / n, 4),
+                "floor_over_slo_share": round(sum(r[2] > slo_ttft_s for r in selected) / n, 4),
+                "ttft_mean_s": round(sum(r[0] for r in selected) / n, 3),
+                "router_wait_mean_s": round(sum(r[1] for r in selected) / n, 3),
+                "idle_prefill_mean_s": round(sum(r[2] for r in selected) / n, 3),
+                "engine_wait_mean_s": round(sum(r[3] for r in selected) / n, 3),
+            }
+
+        misses = [r for r in rows if r[0] > slo_ttft_s]
+        out["modes"][admission] = {
+            "slo_attainment": summary["slo_attainment"],
+            "ttft_p50": summary["ttft_p50"], "ttft_p90": summary["ttft_p90"],
+            "ttft_p99_short": summary["ttft_p99_short"],
+            "cache_hit_rate": summary["cache_hit_rate"],
+            "all": part(rows), "misses": part(misses),
+            "admission_counters": summary["admission_counters"],
+        }
+    return out
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
