@@ -26,9 +26,16 @@ inter-token gap before the move); ``gap_ms`` the raw gap; ``stopped_ms`` how lon
 source held the request stopped (live); ``total_ms`` from the migration order to the
 commit (live; replay: the gap); ``bytes`` of KV sent over gRPC (modelled rows: the modelled
 bytes; replay: the continuation request body); ``stages`` pre-copy stages plus the
-stop-and-copy. Numbers are medians over ``--repeat`` runs. ``grpc_loopback_gbytes_per_s``
-is a 1 GiB ``PushBlocks`` stream of 1 MiB batches into a sink process, beside the same bytes
-over a plain TCP socket (``tcp_loopback_gbytes_per_s``), measured in the same run.
+stop-and-copy. Numbers are medians over ``--repeat`` runs.
+
+``grpc_loopback_gbytes_per_s``: 1 GiB of KV blocks per round as one ``PushBlocks`` stream
+of 1 MiB batches (4 KiB blocks) into a sink process, encoded, sent and decoded as the agents
+do it (``migration.transport``: identity serializers, no protobuf copy of the payload);
+beside it in alternating rounds the same bytes over a plain TCP socket
+(``tcp_loopback_gbytes_per_s``) and as ordinary protobuf ``BlockBatch`` messages
+(``grpc_loopback_protobuf_gbytes_per_s``, the naive path); medians of
+``--loopback-rounds``, each round's figures under ``loopback``. ``--only grpc_loopback``
+runs just this part and prints it.
 """
 
 from __future__ import annotations

@@ -87,6 +87,15 @@ class MigrationAgentServicer:
     def PushBlocks(self, request_iterator, context):
         """Destination: full KV blocks of a migration, a client stream of batches. Each batch is
         imported (hash-checked, payload-checked) into the migration's reservation.
+
+        The KV bytes' path. The agents (migration/transport.py) call and serve this method with
+        identity (de)serializers, so protobuf never copies a payload: the sender serializes the
+        header fields of a BlockBatch and appends field 7 (`payload`) itself, the blocks'
+        payloads joined straight into the message (each message stays a valid BlockBatch:
+        "header, then payload last"); the receiver walks the message's top-level fields, parses
+        everything but `payload` as the BlockBatch header and imports the payload from a view
+        of the received bytes. Any protobuf client may send ordinary BlockBatch messages (field
+        order free; a repeated `payload` field: the last wins, as in protobuf).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
