@@ -5,16 +5,32 @@ The live side starts an embedded Redis, N emulated reference-engine replicas (re
 with the load generator), all on free ports of 127.0.0.1, and replays the workload with
 ``loadgen.runner.run_live``. The simulated side runs ``loadgen.sim.run_sim`` on the very
 same request list (same arrival times, prompts, output lengths), with the same instance ids
-(so the hash rings agree), the same engine seeds and the same policy parameters.
+(so the hash rings agree), the same engine seeds, the same policy parameters and the same
+admission mode (``--admission``; both build it with ``router.admission.build_admission``).
+
+``--workload long_tailed`` (or ``mooncake``, ``azure_conv``) replays instead one of the
+admission experiment's workloads (``loadgen.laps_experiment.workload_requests``: the same
+builder, the first ``--max-requests`` of it re-timed to ``--rate``).
 
 The simulator is run twice: ``fresh`` (every decision sees the engines' current stats) and
 ``modelled`` (load views refreshed only every ``report_interval_s``, as the gateway sees the
 heartbeat load reports, and each request reaching its engine ``dispatch_delay_s`` after the
-decision, the gateway's forwarding time). Ratios are live / sim; ``within_tolerance`` says
+decision, the gateway's forwarding time). Both run the admission mode's control loop
+(rebalancing queued requests) every ``refresh_interval_s``, as the gateway does. Ratios
+are live / sim; ``within_tolerance`` says
 whether TTFT p50/p90 and throughput agree within ``tolerance`` (10 % by default).
+``machine`` records what the live side had to run on: load average before and after, the
+CPU seconds of the gateway, the replicas and the load generator over the live run, how
+late the load generator sent requests and how far the replicas fell behind their emulated
+device (a starved live side shows there first). ``live_gateway`` is the gateway's own count
+of decisions, admission releases, moves and queue waits (from its ``/metrics``), to set
+beside the simulator's ``admission_counters``.
 
     python -m loadgen.fidelity --json --out docs/results/sim-vs-live.json \
         --plot docs/results/sim-vs-live.png
+    python -m loadgen.fidelity --workload long_tailed --instances 16 --admission laps \
+        --rate R --max-requests N --out docs/results/sim-vs-live-laps.json \
+        --plot docs/results/sim-vs-live-laps.png
 """
 
 from __future__ import annotations
@@ -33,7 +49,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +115,139 @@ def _wait_healthy(url: str, instances: int, timeout_s: float, proc: subprocess.P
     raise TimeoutError(f"gateway at {url} not ready after {timeout_s}s: {last}")
 
 
+@dataclass
+class LiveFleet:
+    """A running live fleet: the gateway's URL and the process ids of its parts."""
+
+    url: str
+    gateway_pid: int
+    engine_pids: list[int] = field(default_factory=list)
+    engine_urls: list[str] = field(default_factory=list)
+
+
+def engine_loops(urls: Sequence[str]) -> list[dict[str, float]]:
+    """Each replica's real-time loop counters (``GET /load``: iterations, modelled device
+    seconds, real busy seconds, seconds late)."""
+    return [httpx.get(url + "/load", timeout=10.0).json()["loop"] for url in urls]
+
+
+def engine_lag(before: Sequence[dict[str, float]], after: Sequence[dict[str, float]]
+               ) -> dict[str, Any]:
+    """How far the replicas fell behind their emulated device between two ``engine_loops``
+    readings: busy real time per modelled time minus one (0.05 = tokens 5 % late), over
+    the fleet and for the worst replica, and the mean lateness per iteration."""
+    deltas = [{k: b[k] - a[k] for k in ("iterations", "device_s", "wall_s", "late_s")}
+              for a, b in zip(before, after, strict=True)]
+    device = sum(d["device_s"] for d in deltas)
+    iterations = sum(d["iterations"] for d in deltas)
+    per_engine = [d["wall_s"] / d["device_s"] - 1.0 for d in deltas if d["device_s"] > 0]
+    return {"iterations": int(iterations),
+            "slowdown": round(sum(d["wall_s"] for d in deltas) / device - 1.0, 4)
+            if device else None,
+            "slowdown_max": round(max(per_engine), 4) if per_engine else None,
+            "late_ms_per_iteration": round(1e3 * sum(d["late_s"] for d in deltas)
+                                           / iterations, 3) if iterations else None}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its children (0 once it is gone)."""
+    import psutil
+
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        for member in (proc, *proc.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                times = member.cpu_times()
+                total += times.user + times.system
+    return total
+
+
+def fleet_cpu_seconds(fleet: LiveFleet) -> dict[str, Any]:
+    """CPU seconds used so far by the gateway, each replica, and this process (the load
+    generator; in-process threads included)."""
+    own = os.times()
+    return {"gateway": cpu_seconds(fleet.gateway_pid),
+            "engines": [cpu_seconds(pid) for pid in fleet.engine_pids],
+            "loadgen": own.user + own.system}
+
+
+def cpu_report(before: dict[str, Any], after: dict[str, Any], wall_s: float
+               ) -> dict[str, Any]:
+    """CPU used between two ``fleet_cpu_seconds`` readings, in seconds and in cores (CPU
+    seconds / wall seconds) per part."""
+    engines = [b - a for a, b in zip(before["engines"], after["engines"], strict=True)]
+    used = {"gateway": after["gateway"] - before["gateway"], "engines": sum(engines),
+            "engine_max": max(engines, default=0.0),
+            "loadgen": after["loadgen"] - before["loadgen"]}
+    total = used["gateway"] + used["engines"] + used["loadgen"]
+    out: dict[str, Any] = {"wall_s": round(wall_s, 3)}
+    out.update({f"{k}_cpu_s": round(v, 3) for k, v in used.items()})
+    out["total_cpu_s"] = round(total, 3)
+    if wall_s > 0:
+        out.update({f"{k}_cores": round(v / wall_s, 3) for k, v in used.items()})
+        out["total_cores"] = round(total / wall_s, 3)
+    return out
+
+
+def gateway_counters(url: str) -> dict[str, Any]:
+    """The gateway's own view of the run from its ``/metrics``: routing decisions, admission
+    releases and moves by reason, requests released from each admission queue and their
+    mean wait, and its mean TTFT (from the request reaching it to its first token)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10.0).text
+    out: dict[str, Any] = {"decisions": {}, "released": {}, "moves": {}, "queue_wait": {}}
+    by_label = {"llmfleet_routing_decisions_total": ("decisions", "reason"),
+                "llmfleet_admission_releases_total": ("released", "reason"),
+                "llmfleet_admission_moves_total": ("moves", "reason")}
+    waits: dict[str, dict[str, float]] = {}
+    ttft = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in by_label:
+                key, label = by_label[sample.name]
+                if sample.value:
+                    out[key][sample.labels[label]] = int(sample.value)
+            elif sample.name.startswith("llmfleet_admission_queue_wait_seconds_"):
+                stat = sample.name.rsplit("_", 1)[1]
+                if stat in ("sum", "count"):
+                    waits.setdefault(sample.labels["queue"], {})[stat] = sample.value
+            elif sample.name.startswith("llmfleet_time_to_first_token_seconds_"):
+                stat = sample.name.rsplit("_", 1)[1]
+                if stat in ttft:
+                    ttft[stat] = sample.value
+    for queue, stats in waits.items():
+        if stats.get("count"):
+            out["queue_wait"][queue] = {
+                "released": int(stats["count"]),
+                "wait_s_mean": round(stats.get("sum", 0.0) / stats["count"], 6)}
+    out["gateway_ttft_mean"] = round(ttft["sum"] / ttft["count"], 6) if ttft["count"] else None
+    return out
+
+
+def send_lag(workload: Sequence[TraceRequest], outcomes: Sequence[RequestOutcome]
+             ) -> dict[str, Any]:
+    """How late the load generator sent each request (actual send time on the run's clock
+    minus the scheduled arrival), in ms: p50, p99, max."""
+    scheduled = {r.request_id: r.arrival_s for r in workload}
+    lags = [o.arrival_s - scheduled[o.request_id] for o in outcomes
+            if o.request_id in scheduled]
+    if not lags:
+        return {"requests": 0}
+    return {"requests": len(lags),
+            "send_lag_ms_p50": round(float(np.percentile(lags, 50)) * 1e3, 2),
+            "send_lag_ms_p99": round(float(np.percentile(lags, 99)) * 1e3, 2),
+            "send_lag_ms_max": round(max(lags) * 1e3, 2)}
+
+
 @contextlib.contextmanager
 def live_fleet(config: RunConfig, *, heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_S,
-               refresh_interval_s: float = 0.2, log_dir: str | None = None) -> Iterator[str]:
+               refresh_interval_s: float = 0.2, log_dir: str | None = None
+               ) -> Iterator[LiveFleet]:
     """Redis + ``config.instances`` emulated replicas + one gateway (child process), all on
-    free 127.0.0.1 ports; yields the gateway URL and stops everything on exit."""
+    free 127.0.0.1 ports; yields the fleet (gateway URL, process ids) and stops everything
+    on exit."""
     from instances.launcher import EngineSpec, EngineSupervisor, free_port
     from router.embedded_redis import embedded_redis
 
@@ -133,7 +277,9 @@ def live_fleet(config: RunConfig, *, heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_
              "--heartbeat-ttl", repr(heartbeat_ttl_s),
              "--refresh-interval", repr(refresh_interval_s)],
             stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            # Its own session, as each replica: on a kernel with autogroup scheduling it
+            # then gets its own share of the CPU instead of splitting the load generator's.
+            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
         def stop_gateway() -> None:
             if gateway.poll() is None:
@@ -146,7 +292,7 @@ def live_fleet(config: RunConfig, *, heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_
 
         stack.callback(stop_gateway)
         _wait_healthy(url, config.instances, 60.0, gateway)
-        yield url
+        yield LiveFleet(url, gateway.pid, supervisor.pids(), [spec.url for spec in specs])
 
 
 def _engine_args(engine_params: dict[str, Any]) -> list[str]:
@@ -177,6 +323,18 @@ def _serve_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def named_workload(name: str, count: int, rate: float, seed: int = 0
+                   ) -> tuple[list[TraceRequest], dict[str, Any]]:
+    """Workload ``name`` of the admission experiments (``loadgen.laps_experiment``:
+    ``long_tailed``, ``mooncake``, ``azure_conv``), at most ``count`` requests re-timed to
+    mean ``rate``, and how it was made (for the JSON)."""
+    from loadgen.capacity import retime
+    from loadgen.laps_experiment import workload_requests
+
+    requests, source = workload_requests(name, count, seed)
+    return retime(requests, rate), source
+
+
 def _compact(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k not in _SUMMARY_DROP}
 
@@ -196,12 +354,12 @@ def within(ratio: dict[str, float | None], tolerance: float) -> dict[str, bool]:
             for k in GATED}
 
 
-def _simulate(config: RunConfig, workload: Sequence[TraceRequest]
+def _simulate(config: RunConfig, workload: Sequence[TraceRequest], control_interval_s: float
               ) -> tuple[dict[str, Any], list[RequestOutcome]]:
     from loadgen.sim import Simulator, summarize_sim
 
     start = time.perf_counter()
-    result = Simulator(config, workload).run()
+    result = Simulator(config, workload, control_interval_s=control_interval_s).run()
     result.wall_seconds = time.perf_counter() - start
     return summarize_sim(config, result), result.outcomes
 
@@ -242,23 +400,27 @@ def run_fidelity(
     dispatch_delay_s: float = 0.0,
     tolerance: float = 0.10,
     requests: Sequence[TraceRequest] | None = None,
+    workload_source: dict[str, Any] | None = None,
     live: bool = True,
 ) -> dict[str, Any]:
     """Run ``config`` live and in the simulator on the same requests; return the comparison.
 
     ``report_interval_s`` (default: the replicas' heartbeat period, TTL/3, plus the
-    gateway's refresh interval) and ``dispatch_delay_s`` configure the ``modelled`` sim."""
+    gateway's refresh interval) and ``dispatch_delay_s`` configure the ``modelled`` sim.
+    ``workload_source`` (how ``requests`` were made) is recorded in the config."""
     from loadgen.runner import run_live
 
     workload = list(requests) if requests is not None else load_workload(config)
     if report_interval_s is None:
         report_interval_s = heartbeat_ttl_s / 3.0 + refresh_interval_s
     wall_start = time.perf_counter()
+    load_before = os.getloadavg()
     fresh, fresh_outcomes = _simulate(
-        replace(config, report_interval_s=0.0, dispatch_delay_s=0.0), workload)
+        replace(config, report_interval_s=0.0, dispatch_delay_s=0.0), workload,
+        refresh_interval_s)
     modelled, modelled_outcomes = _simulate(
         replace(config, report_interval_s=report_interval_s, dispatch_delay_s=dispatch_delay_s),
-        workload)
+        workload, refresh_interval_s)
     result: dict[str, Any] = {
         "config": {
             "trace": config.trace, "trace_format": config.trace_format, "rate": config.rate,
@@ -270,20 +432,42 @@ def run_fidelity(
             "gateway_refresh_interval_s": refresh_interval_s,
             "sim_report_interval_s": report_interval_s,
             "sim_dispatch_delay_s": dispatch_delay_s,
+            # The gateway runs its admission job (rebalancing queued requests) once per
+            # refresh; the simulated control loop gets the same period.
+            "sim_control_interval_s": refresh_interval_s,
             "workload_params": config.workload_params,
+            "workload": workload_source,
+            "admission": config.admission,
+            "admission_params": config.admission_params,
         },
         "tolerance": tolerance,
         "sim_fresh": _compact(fresh),
         "sim_modelled": _compact(modelled),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }
+    machine: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version(),
+                               "loadavg_before": [round(x, 2) for x in load_before]}
+    result["machine"] = machine
     if live:
         with live_fleet(config, heartbeat_ttl_s=heartbeat_ttl_s,
-                        refresh_interval_s=refresh_interval_s) as url:
+                        refresh_interval_s=refresh_interval_s) as fleet:
             live_outcomes: list[RequestOutcome] = []
-            live_summary = asyncio.run(run_live(replace(config, url=url, progress=False),
-                                                requests=workload, outcomes_out=live_outcomes))
+            machine["loadavg_live_start"] = [round(x, 2) for x in os.getloadavg()]
+            loops_before = engine_loops(fleet.engine_urls)
+            cpu_before, live_start = fleet_cpu_seconds(fleet), time.perf_counter()
+            # Every request of the list, as the simulator (a built workload can come out a
+            # few requests over max_requests, where the live runner would cut it).
+            live_config = replace(config, url=fleet.url, progress=False,
+                                  max_requests=len(workload))
+            live_summary = asyncio.run(run_live(live_config, requests=workload,
+                                                outcomes_out=live_outcomes))
+            machine["live_cpu"] = cpu_report(cpu_before, fleet_cpu_seconds(fleet),
+                                             time.perf_counter() - live_start)
+            machine["loadavg_live_end"] = [round(x, 2) for x in os.getloadavg()]
+            machine["engine_lag"] = engine_lag(loops_before, engine_loops(fleet.engine_urls))
+            gateway_view = gateway_counters(fleet.url)
+        machine["loadgen_send_lag"] = send_lag(workload, live_outcomes)
         result["live"] = _compact(live_summary)
+        result["live_gateway"] = gateway_view
         for name, sim, outcomes in (("fresh", fresh, fresh_outcomes),
                                     ("modelled", modelled, modelled_outcomes)):
             ratio = ratios(live_summary, sim)
@@ -352,12 +536,17 @@ def plot_fidelity(result: dict[str, Any], path: str | Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loadgen.laps_experiment import DEFAULT_REQUESTS  # the workloads it can build
+
     p = argparse.ArgumentParser(prog="python -m loadgen.fidelity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", default=DEFAULT_TRACE)
     p.add_argument("--trace-format", default="mooncake")
     p.add_argument("--rate", type=float, default=3.0)
     p.add_argument("--max-requests", type=int, default=360)
+    p.add_argument("--workload", default=None, choices=sorted(DEFAULT_REQUESTS),
+                   help="an admission-experiment workload (loadgen.laps_experiment) instead "
+                        "of --trace: its first --max-requests re-timed to --rate")
     p.add_argument("--workload-param", action="append", default=[], metavar="KEY=VALUE",
                    help="synthetic workload field override (JSON value)")
     p.add_argument("--instances", type=int, default=4)
@@ -401,7 +590,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             params[key] = json.loads(value)
         except ValueError:
             params[key] = value
-    config = RunConfig(trace=args.trace, trace_format=args.trace_format, rate=args.rate,
+    requests: list[TraceRequest] | None = None
+    source: dict[str, Any] | None = None
+    if args.workload:
+        requests, source = named_workload(args.workload, args.max_requests, args.rate,
+                                          args.seed)
+    config = RunConfig(trace=None if args.workload else args.trace,
+                       trace_format=args.trace_format, rate=args.rate,
                        max_requests=args.max_requests, seed=args.seed,
                        workload_params=params, slo_ttft_s=args.slo_ttft,
                        warmup_fraction=args.warmup_fraction, instances=args.instances,
@@ -410,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           refresh_interval_s=args.refresh_interval,
                           report_interval_s=args.report_interval,
                           dispatch_delay_s=args.dispatch_delay, tolerance=args.tolerance,
-                          live=not args.sim_only)
+                          requests=requests, workload_source=source, live=not args.sim_only)
     result["command"] = "python -m loadgen.fidelity " + " ".join(
         sys.argv[1:] if argv is None else list(argv))
     if args.out:

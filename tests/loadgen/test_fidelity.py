@@ -9,7 +9,19 @@ from pathlib import Path
 import pytest
 
 from loadgen.config import RunConfig
-from loadgen.fidelity import GATED, main, ratios, run_fidelity, within
+from loadgen.fidelity import (
+    GATED,
+    cpu_report,
+    engine_lag,
+    main,
+    named_workload,
+    ratios,
+    run_fidelity,
+    send_lag,
+    within,
+)
+from loadgen.laps_experiment import workload_requests
+from loadgen.metrics import RequestOutcome
 from loadgen.request import Segment, TraceRequest, segment_key
 
 
@@ -49,6 +61,20 @@ def test_live_and_sim_serve_the_same_requests() -> None:
     assert diff["ttft_diff_ms_p50"] <= 250.0
     assert 0.8 <= result["ratio_live_over_sim_fresh"]["throughput_rps"] <= 1.25
     assert result["live"]["tpot_p50"] == pytest.approx(result["sim_fresh"]["tpot_p50"], rel=0.5)
+    # What the live side ran on: every part used some CPU, and sends were on time.
+    cpu = result["machine"]["live_cpu"]
+    assert cpu["gateway_cpu_s"] > 0 and cpu["engines_cpu_s"] > 0 and cpu["loadgen_cpu_s"] > 0
+    assert cpu["engine_max_cpu_s"] <= cpu["engines_cpu_s"]
+    assert cpu["wall_s"] >= workload[-1].arrival_s
+    assert result["machine"]["loadgen_send_lag"]["requests"] == len(workload)
+    assert result["machine"]["loadgen_send_lag"]["send_lag_ms_p50"] < 100.0
+    assert len(result["machine"]["loadavg_before"]) == 3
+    lag = result["machine"]["engine_lag"]
+    assert lag["iterations"] > 0 and lag["slowdown"] is not None and lag["slowdown"] > -0.05
+    # The gateway's own counts: one decision per request, nothing queued without admission.
+    assert sum(result["live_gateway"]["decisions"].values()) == len(workload)
+    assert result["live_gateway"]["queue_wait"] == {}
+    assert result["live_gateway"]["gateway_ttft_mean"] > 0
 
 
 def test_cli_sim_only_writes_json(tmp_path: Path) -> None:
@@ -61,3 +87,59 @@ def test_cli_sim_only_writes_json(tmp_path: Path) -> None:
     assert result["sim_fresh"]["completed"] == 20
     assert result["config"]["sim_report_interval_s"] == pytest.approx(1.2)
     assert "live" not in result
+
+
+def test_named_workload_is_the_admission_experiments_workload_retimed() -> None:
+    requests, source = named_workload("long_tailed", 60, rate=5.0, seed=3)
+    built, built_source = workload_requests("long_tailed", 60, seed=3)
+    assert source == built_source and source["workload"] == "long_tailed"
+    # The same requests (ids, prompts, order), only the arrivals scaled to the rate.
+    assert [(r.request_id, r.prompt_len, r.output_len) for r in requests] == \
+        [(r.request_id, r.prompt_len, r.output_len) for r in built]
+    span = requests[-1].arrival_s - requests[0].arrival_s
+    assert (len(requests) - 1) / span == pytest.approx(5.0, rel=0.01)
+    assert any(r.request_id.startswith("doc-") for r in requests)  # the long tail is there
+
+
+def test_cpu_report_and_send_lag() -> None:
+    before = {"gateway": 1.0, "engines": [1.0, 2.0], "loadgen": 0.5}
+    after = {"gateway": 3.0, "engines": [2.0, 5.0], "loadgen": 1.5}
+    report = cpu_report(before, after, wall_s=2.0)
+    assert report["gateway_cpu_s"] == pytest.approx(2.0)
+    assert report["engines_cpu_s"] == pytest.approx(4.0)
+    assert report["engine_max_cpu_s"] == pytest.approx(3.0)
+    assert report["total_cores"] == pytest.approx(3.5)
+    workload = _workload(4)
+    outcomes = [RequestOutcome(r.request_id, r.arrival_s + 0.01 * i, r.prompt_len, r.output_len)
+                for i, r in enumerate(workload)]
+    lag = send_lag(workload, outcomes)
+    assert lag["requests"] == 4
+    assert lag["send_lag_ms_max"] == pytest.approx(30.0)
+    assert lag["send_lag_ms_p50"] == pytest.approx(15.0)
+
+
+def test_engine_lag_from_loop_counters() -> None:
+    before = [{"iterations": 10, "device_s": 1.0, "wall_s": 1.0, "late_s": 0.0},
+              {"iterations": 0, "device_s": 0.0, "wall_s": 0.0, "late_s": 0.0}]
+    after = [{"iterations": 110, "device_s": 2.0, "wall_s": 2.1, "late_s": 0.05},
+             {"iterations": 100, "device_s": 2.0, "wall_s": 2.3, "late_s": 0.15}]
+    lag = engine_lag(before, after)
+    assert lag["iterations"] == 200
+    assert lag["slowdown"] == pytest.approx((1.1 + 2.3) / 3.0 - 1.0, abs=1e-4)
+    assert lag["slowdown_max"] == pytest.approx(0.15)
+    assert lag["late_ms_per_iteration"] == pytest.approx(1.0)
+
+
+def test_cli_named_workload_with_admission_sim_only(tmp_path: Path) -> None:
+    out = tmp_path / "fid.json"
+    assert main(["--workload", "long_tailed", "--rate", "2", "--max-requests", "30",
+                 "--instances", "2", "--admission", "laps", "--sim-only",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    config = result["config"]
+    assert config["workload"]["workload"] == "long_tailed" and config["trace"] is None
+    assert config["admission"] == "laps"
+    assert config["requests"] == len(workload_requests("long_tailed", 30)[0])
+    assert result["sim_fresh"]["admission"] == "laps"
+    assert result["sim_fresh"]["completed"] == config["requests"]
+    assert result["command"].startswith("python -m loadgen.fidelity --workload long_tailed")
