@@ -42,11 +42,12 @@ from tests.migration.fleet import reference_tokens
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 ENGINES = ("engine-0", "engine-1", "engine-2")
-SPEEDUP = 0.05  # the tiny model's ~0.3 ms steps, slowed to ~6 ms: time to order moves
+SPEEDUP = 0.1  # the tiny model's ~0.3 ms steps, slowed to ~3 ms: time to order moves
 # Greedy answers of 120+ tokens from the tiny model; each starts with a run of ASCII tokens
 # (the replay tests kill the replica inside it, see the module docstring).
 COMPLETION_PROMPT = "Once upon a time, in a fleet of replicas far away, "  # 23 ASCII tokens
-CHAT_MESSAGES = [{"role": "user", "content": "me gateway a model once token router a alpha"}]
+# (this one 18)
+CHAT_MESSAGES = [{"role": "user", "content": "!!! replica !!! replica gamma ### upon fleet"}]
 MAX_TOKENS = 200
 
 
@@ -92,7 +93,17 @@ def fleet(redis_url: str) -> Iterator[dict[str, Any]]:
     namespace = f"t{uuid.uuid4().hex[:10]}"
     with gateway_fleet(redis_url, namespace, len(ENGINES), speedup=SPEEDUP,
                        executor="tiny", policy="round_robin", ready_timeout_s=60) as fleet:
+        fleet["agents"] = {i: r.migration for i, r in fleet["gateway"].records.items()}
         yield fleet
+
+
+@pytest.fixture
+def fleet3(fleet: dict[str, Any]) -> dict[str, Any]:
+    """The module's fleet with every replica running (a replay test kills one)."""
+    for engine in fleet["supervisor"].engines:
+        if not engine.alive():
+            _revive(fleet, engine.spec.instance_id)
+    return fleet
 
 
 @pytest.fixture(scope="module")
@@ -219,10 +230,10 @@ PLAN = st.lists(st.tuples(st.integers(1, 30), st.integers(1, len(ENGINES) - 1)),
 @example(plan=[(3, 1), (10, 1), (10, 1)])  # round the ring: back where it started
 @example(plan=[(1, 1), (1, 2)])  # there and straight back
 def test_moved_stream_is_token_identical_through_the_gateway(
-    fleet: dict[str, Any], expected: dict[str, tuple[str, int]], kind: str,
+    fleet3: dict[str, Any], expected: dict[str, tuple[str, int]], kind: str,
     plan: list[tuple[int, int]],
 ) -> None:
-    answer, moves = asyncio.run(_stream_with_moves(fleet, KINDS[kind], plan))
+    answer, moves = asyncio.run(_stream_with_moves(fleet3, KINDS[kind], plan))
     _check(answer, expected[kind])
     committed = [m for m in moves if m[2] == "committed"]
     # The first move is ordered early in a 120+ token answer: it must happen.
@@ -238,10 +249,11 @@ def _ascii_lead(kind: Kind) -> int:
     return next((i for i, t in enumerate(tokens) if t >= 128), len(tokens))
 
 
-def _revive(fleet: dict[str, Any], instance_id: str, old_agent: str) -> None:
+def _revive(fleet: dict[str, Any], instance_id: str) -> None:
     """Start a killed replica again and wait until the gateway sees its new agent."""
     gateway: Gateway = fleet["gateway"]
     engine = next(e for e in fleet["supervisor"].engines if e.spec.instance_id == instance_id)
+    old_agent = fleet["agents"][instance_id]
     engine.start()
     engine.wait_healthy(60)
 
@@ -253,15 +265,18 @@ def _revive(fleet: dict[str, Any], instance_id: str, old_agent: str) -> None:
                 and record.migration != old_agent and view is not None and view.healthy)
 
     wait_until(back, timeout_s=30)
+    fleet["agents"][instance_id] = gateway.records[instance_id].migration
 
 
 async def _stream_with_kill(
-    fleet: dict[str, Any], kind: Kind, kill_after: int,
-) -> tuple[Answer, str, str, list[tuple[str, str, str]]]:
+    fleet: dict[str, Any], kind: Kind, kill_after: int, kill_before: int,
+) -> tuple[Answer, str, str, list[tuple[str, str, str]]] | None:
     """Stream ``kind``; after ``kill_after`` text chunks, kill the serving replica (stopped
     first, so that what it sent has reached the client: the replay point is known); the
     gateway replays the request on a survivor; then live-migrate it to the third replica
-    and back. Returns the answer, the victim, the text before the kill, and the moves."""
+    and back. Returns the answer, the victim, the text before the kill, and the moves; None
+    (the replica resumed, nothing killed) if it had sent ``kill_before`` characters or more
+    by the time it stopped (a slow client)."""
     gateway: Gateway = fleet["gateway"]
     engines = {e.spec.instance_id: e for e in fleet["supervisor"].engines}
     answer, started = Answer(), asyncio.Event()
@@ -274,6 +289,10 @@ async def _stream_with_kill(
     proc.send_signal(signal.SIGSTOP)
     await asyncio.sleep(0.3)
     before_kill = answer.text
+    if len(before_kill) >= kill_before:
+        proc.send_signal(signal.SIGCONT)
+        await task
+        return None
     proc.send_signal(signal.SIGKILL)
     await asyncio.to_thread(proc.wait)
     moves: list[tuple[str, str, str]] = []
@@ -296,25 +315,28 @@ async def _stream_with_kill(
     return answer, victim, before_kill, moves
 
 
-@pytest.mark.parametrize(("kind", "kill_after"), [("completion", 6), ("chat", 3)])
+@pytest.mark.parametrize(("kind", "kill_after"), [("completion", 5), ("chat", 3)])
 def test_token_replay_after_a_replica_dies_is_token_identical(
-    fleet: dict[str, Any], expected: dict[str, tuple[str, int]], kind: str, kill_after: int,
+    fleet3: dict[str, Any], expected: dict[str, tuple[str, int]], kind: str, kill_after: int,
 ) -> None:
-    gateway: Gateway = fleet["gateway"]
+    gateway: Gateway = fleet3["gateway"]
     resumer = gateway.relay.resumer
     assert resumer is not None
     replays = resumer.resumed["replay"]  # type: ignore[attr-defined]
-    agents = {i: r.migration for i, r in gateway.records.items()}
-    answer, victim, before_kill, moves = asyncio.run(
-        _stream_with_kill(fleet, KINDS[kind], kill_after))
-    try:
-        # The replay point is inside the answer's ASCII lead (module docstring).
-        assert kill_after <= len(before_kill) <= _ascii_lead(KINDS[kind]) - 2, before_kill
-        assert resumer.resumed["replay"] == replays + 1  # type: ignore[attr-defined]
-        # Usage after a replay is the continuation's own (its prompt holds the text
-        # generated before): compare the text.
-        _check(answer, expected[kind], tokens=False)
-        assert [state for _, _, state in moves] == ["committed", "committed"], moves
-        assert moves[1][1] == moves[0][0]  # back to the replica the replay ran on
-    finally:
-        _revive(fleet, victim, agents[victim])
+    # The replay point must be inside the answer's ASCII lead (module docstring): a try
+    # whose replica had sent more by the time it stopped is let finish, and tried again.
+    lead = _ascii_lead(KINDS[kind])
+    for _ in range(3):
+        killed = asyncio.run(_stream_with_kill(fleet3, KINDS[kind], kill_after, lead - 1))
+        if killed is not None:
+            break
+    assert killed is not None, "the replica never stopped inside the answer's ASCII lead"
+    answer, victim, before_kill, moves = killed
+    assert kill_after <= len(before_kill) < lead - 1, before_kill
+    assert resumer.resumed["replay"] == replays + 1  # type: ignore[attr-defined]
+    # Usage after a replay is the continuation's own (its prompt holds the text generated
+    # before): compare the text.
+    _check(answer, expected[kind], tokens=False)
+    assert [state for _, _, state in moves] == ["committed", "committed"], moves
+    assert moves[1][1] == moves[0][0]  # back to the replica the replay ran on
+    assert victim not in {replica for move in moves for replica in move[:2]}
