@@ -13,10 +13,10 @@ return through ``migration.coordinator``.
   freeness left after the moves already planned, if it fits.
 * **Rate limits** (``FreenessRebalancer``, what the control loop calls each period): one
   planning round per ``period_s``, at most ``max_per_source`` moves out of an instance at a
-  time and ``max_moves`` per round, an instance a move touched left alone until a load
-  report newer than the move arrives (its report still shows the request where it was), and
-  a request that moved stays where it went for ``cooldown_s`` (nothing ping-pongs). It keeps
-  that memory itself but reads no clock: ``now`` is passed in.
+  time and ``max_moves`` per round, and a request that moved stays where it went for
+  ``cooldown_s`` (nothing ping-pongs). Moves the load reports do not show yet (under way, or
+  ended after the last report) are counted into the loads by the planner itself. It keeps
+  that memory but reads no clock: ``now`` is passed in.
 
 Which request leaves an instance: ``last_come`` (Llumnix's default: the newest has the least
 KV, so it is the cheapest to copy and the least likely to finish during the copy) or
@@ -106,6 +106,7 @@ def rebalance(
     selection: str = "last_come",
     busy: frozenset[str] = frozenset(),
     max_per_source: int = 1,
+    quota: Mapping[str, int] | None = None,
 ) -> list[Move]:
     """Moves from instances below ``threshold`` freeness to instances above it.
 
@@ -113,8 +114,9 @@ def rebalance(
     destination stays above the threshold after taking the request's blocks (so moves do
     not create a new hotspot) and at most ``max_per_source`` requests leave each source per
     call (in rounds: each round takes one from every source still below the threshold after
-    the moves already planned; the next call sees the fresh loads). ``busy`` request ids
-    (already migrating) are skipped.
+    the moves already planned; the next call sees the fresh loads), fewer where ``quota``
+    says so (moves a source may still give). ``busy`` request ids (already migrating) are
+    skipped.
     """
     states = {load.instance_id: _State(load.instance_id, load.free_blocks - load.queued_blocks,
                                        load.num_running, load.accepts_migrations)
@@ -124,6 +126,8 @@ def rebalance(
         by_instance.setdefault(request.instance_id, []).append(request)
     moves: list[Move] = []
     taken = set(busy)
+    given: dict[str, int] = {}
+    quota = quota or {}
     for _ in range(max_per_source):
         sources = sorted((s for s in states.values() if s.freeness < threshold),
                          key=lambda s: (s.freeness, s.instance_id))
@@ -131,6 +135,9 @@ def rebalance(
         for source in sources:
             if len(moves) >= max_moves:
                 return moves
+            if given.get(source.instance_id, 0) >= quota.get(source.instance_id,
+                                                             max_per_source):
+                continue
             chosen = pick_request(by_instance.get(source.instance_id, ()), selection,
                                   frozenset(taken))
             if chosen is None:
@@ -140,6 +147,7 @@ def rebalance(
                 continue  # too big for any roomy instance; a smaller one elsewhere may fit
             _apply(states, source, destination, chosen)
             taken.add(chosen.request_id)
+            given[source.instance_id] = given.get(source.instance_id, 0) + 1
             moves.append(Move(chosen.request_id, source.instance_id,
                               destination.instance_id, chosen.num_blocks))
         if len(moves) == planned:
@@ -188,23 +196,36 @@ class RebalanceConfig:
         return cls(**values)
 
 
+@dataclass
+class _Pending:
+    """A move the loads may not show yet: under way (``reported`` None), or committed and
+    waiting, at each end, for a report newer than the one held when it ended."""
+
+    move: Move
+    reported: dict[str, float] | None = None
+
+
 class FreenessRebalancer:
     """Llumnix freeness rebalancing, rate-limited, for a control loop (see the module
     docstring): ``plan`` each tick, ``finished`` when an ordered move ended. Pure: no I/O,
-    no clock (``now`` is any monotonic reading, the same clock on every call)."""
+    no clock (``now`` is any monotonic reading, the same clock on every call).
+
+    Load reports lag the moves: until an instance's report is newer than a move's end (or
+    while the move is under way), the planner counts the move into that instance's load
+    itself (the source without the request's blocks, the destination with them), so the
+    next round neither moves a second request for the same shortage nor overfills a
+    destination, and need not wait for the report either.
+    """
 
     def __init__(self, config: RebalanceConfig | None = None) -> None:
         self.config = config or RebalanceConfig()
         self._next_round = -math.inf
-        self._in_flight: dict[str, Move] = {}
+        self._pending: dict[str, _Pending] = {}
         self._moved_at: dict[str, float] = {}  # request id -> when it was last ordered
-        # instance -> the report time its load had when a move touching it ended: its load
-        # counts again from the next report on.
-        self._settling: dict[str, float] = {}
 
     @property
     def in_flight(self) -> list[Move]:
-        return list(self._in_flight.values())
+        return [p.move for p in self._pending.values() if p.reported is None]
 
     def plan(self, now: float, loads: Sequence[InstanceLoad],
              requests: Sequence[RunningRequest],
@@ -216,36 +237,55 @@ class FreenessRebalancer:
             return []
         self._next_round = now + config.period_s
         self._moved_at = {r: t for r, t in self._moved_at.items() if now - t < config.cooldown_s}
-        for load in loads:
-            settled_at = self._settling.get(load.instance_id)
-            if settled_at is not None and load.report_time > settled_at:
-                del self._settling[load.instance_id]
-        # An instance with a move under way or not reported since one ended: its load is
-        # stale in both directions, so it neither gives nor takes this round.
-        frozen = set(self._settling)
-        for move in self._in_flight.values():
-            frozen.update((move.source, move.destination))
-        if frozen:
-            loads = [replace(load, accepts_migrations=False) if load.instance_id in frozen
-                     else load for load in loads]
-            requests = [r for r in requests if r.instance_id not in frozen]
-        moves = rebalance(loads, requests, config.threshold, config.max_moves,
+        adjusted = self._adjusted(loads)
+        quota = {load.instance_id: config.max_per_source for load in loads}
+        for move in self.in_flight:
+            quota[move.source] = quota.get(move.source, config.max_per_source) - 1
+        moves = rebalance(adjusted, requests, config.threshold, config.max_moves,
                           config.selection, busy | frozenset(self._moved_at),
-                          config.max_per_source)
+                          config.max_per_source, quota)
         for move in moves:
-            self._in_flight[move.request_id] = move
+            self._pending[move.request_id] = _Pending(move)
             self._moved_at[move.request_id] = now
         return moves
 
-    def finished(self, request_id: str, report_times: Mapping[str, float]) -> None:
-        """The move of ``request_id`` ended (committed or not). ``report_times``: the report
-        time each instance's load has now; both ends wait for a newer one."""
-        move = self._in_flight.pop(request_id, None)
-        if move is None:
+    def _adjusted(self, loads: Sequence[InstanceLoad]) -> list[InstanceLoad]:
+        """``loads`` with the moves their reports may not show counted in."""
+        report_time = {load.instance_id: load.report_time for load in loads}
+        delta: dict[str, tuple[int, int]] = {}  # instance -> (free blocks, running)
+        for request_id, pending in list(self._pending.items()):
+            move = pending.move
+            if pending.reported is not None:
+                # An end whose report is newer than the move's end shows it already.
+                pending.reported = {end: seen for end, seen in pending.reported.items()
+                                    if report_time.get(end, math.inf) <= seen}
+                if not pending.reported:
+                    del self._pending[request_id]
+                    continue
+            for end, sign in ((move.source, 1), (move.destination, -1)):
+                if pending.reported is None or end in pending.reported:
+                    free, running = delta.get(end, (0, 0))
+                    delta[end] = (free + sign * move.num_blocks, running - sign)
+        if not delta:
+            return list(loads)
+        return [replace(load, free_blocks=load.free_blocks + delta[load.instance_id][0],
+                        num_running=max(0, load.num_running + delta[load.instance_id][1]))
+                if load.instance_id in delta else load for load in loads]
+
+    def finished(self, request_id: str, committed: bool,
+                 report_times: Mapping[str, float]) -> None:
+        """The move of ``request_id`` ended. Committed: each end's load counts it until a
+        report newer than ``report_times`` (what the caller holds now) arrives; not
+        committed: the request stayed, nothing to count."""
+        pending = self._pending.get(request_id)
+        if pending is None or pending.reported is not None:
             return
-        for instance in (move.source, move.destination):
-            seen = report_times.get(instance, -math.inf)
-            self._settling[instance] = max(self._settling.get(instance, -math.inf), seen)
+        if not committed:
+            del self._pending[request_id]
+            return
+        move = pending.move
+        pending.reported = {end: report_times.get(end, -math.inf)
+                            for end in (move.source, move.destination)}
 
 
 def drain(

@@ -19,7 +19,8 @@ client's stream follows the request through the gateway's stream resumer
   whose freeness (free KV blocks per running request, queued demand subtracted) is below
   the threshold move to replicas that stay above it, rate-limited by
   ``migration.policy.FreenessRebalancer`` (a round per period, a few moves per source at a
-  time, a fresh load report before an instance counts again, a cooldown per request).
+  time, moves the load reports do not show yet counted in, a cooldown per request); only
+  streams that relayed tokens since the previous tick (decoding) are candidates.
 
 Both are ``router.control.ControlAction``s (``plan_moves(now, snapshot)``, pure planning on
 the snapshot's load reports) whose moves run through the same path as the admin API's:
@@ -182,12 +183,12 @@ class GatewayMigrations:
         return best
 
     # -- planned moves (drain, freeness) -----------------------------------------------------
-    def movable_streams(self, where: Callable[[str], bool]) -> list[RunningRequest]:
-        """The streams this gateway relays from instances ``where`` accepts, not migrating."""
+    def movable_streams(self, where: Callable[[RequestContext], bool]) -> list[RunningRequest]:
+        """The streams this gateway relays that ``where`` accepts, not migrating now."""
         records = self.records()
         return [running_request(ctx, records.get(ctx.instance_id))
                 for ctx in list(self.streams.values())
-                if where(ctx.instance_id) and ctx.request_id not in self._in_flight]
+                if where(ctx) and ctx.request_id not in self._in_flight]
 
     @property
     def busy(self) -> frozenset[str]:
@@ -198,15 +199,15 @@ class GatewayMigrations:
         self.order(moves, "drain")
 
     def order(self, moves: Iterable[Move], trigger: str,
-              done: Callable[[Move], None] | None = None) -> None:
-        """Start ``moves`` in the background (the admin API's path); ``done(move)`` once
-        each has ended, however it ended (also when it could not start)."""
+              done: Callable[[Move, bool], None] | None = None) -> None:
+        """Start ``moves`` in the background (the admin API's path); ``done(move,
+        committed)`` once each has ended, however it ended (also when it could not start)."""
         records = self.records()
         for move in moves:
             source, target = records.get(move.source), records.get(move.destination)
             if source is None or target is None or move.request_id in self._in_flight:
                 if done is not None:
-                    done(move)
+                    done(move, False)
                 continue
             record = self._start(move.request_id, source, target, trigger)
             task = asyncio.ensure_future(self._execute(record, source, target))
@@ -264,8 +265,11 @@ class GatewayMigrations:
         await self.pool.close()
 
 
-def _call_done(done: Callable[[Move], None], move: Move, _task: asyncio.Future[Any]) -> None:
-    done(move)
+def _call_done(done: Callable[[Move, bool], None], move: Move,
+               task: asyncio.Future[MigrationRecord]) -> None:
+    committed = not task.cancelled() and task.exception() is None \
+        and task.result().state == "committed"
+    done(move, committed)
 
 
 class DrainMoves:
@@ -279,7 +283,7 @@ class DrainMoves:
         draining = {v.instance_id for v in snapshot.instances if v.draining}
         if not draining:
             return []
-        mine = self.migrations.movable_streams(draining.__contains__)
+        mine = self.migrations.movable_streams(lambda ctx: ctx.instance_id in draining)
         if not mine:
             return []
         moves, _stuck = drain(sorted(draining),
@@ -290,15 +294,25 @@ class DrainMoves:
 class FreenessMoves:
     """Llumnix freeness rebalancing as a ``ControlAction``: plans with the rate-limited
     ``FreenessRebalancer`` over the streams this gateway relays (those on draining
-    replicas are the drain's), and ``order`` runs the moves as ``freeness`` migrations."""
+    replicas are the drain's), and ``order`` runs the moves as ``freeness`` migrations.
+
+    A stream that relayed nothing since the previous tick is not decoding now (preempted
+    and waiting to be recomputed, most likely: engines preempt the newest request, the one
+    ``last_come`` would pick) and cannot move; it is left out of this round rather than
+    tried and refused."""
 
     def __init__(self, migrations: GatewayMigrations, planner: FreenessRebalancer) -> None:
         self.migrations = migrations
         self.planner = planner
+        self._chunks: dict[str, int] = {}  # request id -> chunks relayed at the last tick
 
     def plan_moves(self, now: float, snapshot: ClusterSnapshot) -> list[Move]:
+        streams = self.migrations.streams
+        before, self._chunks = self._chunks, {r: ctx.chunks for r, ctx in streams.items()}
         staying = {v.instance_id for v in snapshot.instances if not v.draining}
-        requests = self.migrations.movable_streams(staying.__contains__)
+        requests = self.migrations.movable_streams(
+            lambda ctx: ctx.instance_id in staying
+            and ctx.chunks > before.get(ctx.request_id, ctx.chunks))
         if not requests:
             return []
         return self.planner.plan(now, fleet_loads(snapshot, self.migrations.records()),
@@ -307,6 +321,6 @@ class FreenessMoves:
     async def order(self, moves: Sequence[Move], now: float) -> None:
         self.migrations.order(moves, "freeness", self._finished)
 
-    def _finished(self, move: Move) -> None:
+    def _finished(self, move: Move, committed: bool) -> None:
         reports = {v.instance_id: v.report_time for v in self.migrations.snapshot().instances}
-        self.planner.finished(move.request_id, reports)
+        self.planner.finished(move.request_id, committed, reports)

@@ -68,26 +68,51 @@ def test_one_round_per_period() -> None:
     loads, requests = _crowded()
     first = planner.plan(0.0, loads, requests)
     assert [m.source for m in first] == ["hot"]
-    planner.finished(first[0].request_id, {"hot": 1.0, "cold": 1.0, "warm": 1.0})
+    planner.finished(first[0].request_id, True, {"hot": 1.0, "cold": 1.0, "warm": 1.0})
     fresh = _with_reports(loads, 2.0)
     assert planner.plan(0.5, fresh, requests) == []  # within the period
     assert [m.source for m in planner.plan(1.0, fresh, requests)] == ["hot"]
 
 
-def test_an_instance_waits_for_a_load_report_newer_than_its_last_move() -> None:
+def test_moves_the_reports_do_not_show_yet_are_counted_in() -> None:
+    """hot: 6 free blocks, 6 requests of 8 blocks (freeness 1). One move leaves it at
+    14 / 5 = 2.8, still crowded; two at 22 / 4 = 5.5, roomy."""
     planner = FreenessRebalancer(RebalanceConfig(period_s=0.0))
     loads, requests = _crowded()
     move = planner.plan(0.0, loads, requests)[0]
-    # Under way: both ends are frozen (their reports do not show the move yet).
+    # Under way, and one move at a time out of a source.
     assert planner.plan(1.0, loads, requests) == []
     assert planner.in_flight == [move]
-    planner.finished(move.request_id, {"hot": 1.0, move.destination: 1.0})
+    planner.finished(move.request_id, True, {"hot": 1.0, move.destination: 1.0})
     assert planner.in_flight == []
-    # The reports the gateway held when the move ended are still stale.
-    assert planner.plan(2.0, loads, requests) == []
-    # A newer report of both ends: the source gives again (another request).
-    again = planner.plan(3.0, _with_reports(loads, 1.5), requests)
-    assert [(m.source, m.request_id != move.request_id) for m in again] == [("hot", True)]
+    # The reports are the ones held when it ended: counting the move, hot is still
+    # crowded (2.8), so a second request leaves...
+    second = planner.plan(2.0, loads, requests)
+    assert [(m.source, m.request_id) for m in second] == [("hot", "hot-4")]
+    planner.finished("hot-4", True, {"hot": 1.0, second[0].destination: 1.0})
+    # ...and counting both, it is roomy (5.5): no third move on the same stale report.
+    assert planner.plan(3.0, loads, requests) == []
+    # A newer report is the truth again (here: the answers grew, hot is crowded again).
+    newer = [InstanceLoad("hot", 2, 4, report_time=2.0),
+             *_with_reports(loads[1:], 2.0)]
+    assert [m.source for m in planner.plan(4.0, newer, requests)] == ["hot"]
+
+
+def test_a_move_that_did_not_commit_changes_no_load() -> None:
+    planner = FreenessRebalancer(RebalanceConfig(period_s=0.0, max_per_source=3,
+                                                 threshold=6.0))
+    loads, requests = _crowded()
+    first = planner.plan(0.0, loads, requests)
+    assert len(first) == 3  # 6 / 6 -> 14 / 5 -> 22 / 4 -> 30 / 3 = 10 free blocks each
+    held = {"hot": 1.0, "cold": 1.0, "warm": 1.0}
+    planner.finished(first[0].request_id, True, held)
+    for move in first[1:]:
+        planner.finished(move.request_id, False, held)
+    # Only the committed move counts: hot is at 14 / 5, and two more must leave (the
+    # refused ones cool down, others go). Had the refused ones counted, it would be roomy.
+    again = planner.plan(1.0, loads, requests)
+    assert len(again) == 2 and {m.source for m in again} == {"hot"}
+    assert not {m.request_id for m in again} & {m.request_id for m in first}
 
 
 def test_a_moved_request_does_not_ping_pong_within_its_cooldown() -> None:
@@ -95,7 +120,7 @@ def test_a_moved_request_does_not_ping_pong_within_its_cooldown() -> None:
     loads, requests = _crowded()
     move = planner.plan(0.0, loads, requests)[0]
     assert move.request_id == "hot-5"
-    planner.finished(move.request_id, {})
+    planner.finished(move.request_id, True, {})
     # Now the request's new home is the crowded one and its old home is roomy.
     moved = RunningRequest(move.request_id, move.destination, 8, 5.0)
     flipped = [InstanceLoad("hot", 300, 1, report_time=2.0),
@@ -103,7 +128,7 @@ def test_a_moved_request_does_not_ping_pong_within_its_cooldown() -> None:
                InstanceLoad("other", 300, 1, report_time=2.0)]
     others = _requests(move.destination, [8, 8], start=0)
     assert planner.plan(5.0, flipped, [moved, *others])[0].request_id != move.request_id
-    planner.finished(planner.in_flight[0].request_id, {})
+    planner.finished(planner.in_flight[0].request_id, False, {})
     # Only the moved request is left to give: nothing until its cooldown has passed...
     later = _with_reports(flipped, 3.0)
     assert planner.plan(9.0, later, [moved]) == []
@@ -129,7 +154,8 @@ def test_rate_limits_hold_over_any_sequence_of_rounds(
 ) -> None:
     """Whatever the loads: never more than ``max_per_source`` moves out of an instance at
     a time, a request never in flight twice or moved again within its cooldown, and no
-    move out of a roomy instance or into one that ends crowded."""
+    move out of a roomy instance or into one that ends crowded (counting the moves under
+    way)."""
     config = RebalanceConfig(period_s=0.5, cooldown_s=2.0, max_per_source=per_source,
                              max_moves=5)
     planner = FreenessRebalancer(config)
@@ -140,12 +166,19 @@ def test_rate_limits_hold_over_any_sequence_of_rounds(
         now = step * 0.5
         loads = [InstanceLoad(n, f, sum(r.instance_id == n for r in requests),
                               report_time=float(step)) for n, f in zip(names, frees, strict=True)]
-        moves = planner.plan(now, loads, requests)
-        by_id = {x.instance_id: x for x in loads}
+        # The planner's view: each step's reports are newer than every ended move, so only
+        # the moves under way are counted into them.
         free = {x.instance_id: x.free_blocks for x in loads}
         running = {x.instance_id: x.num_running for x in loads}
+        for move in planner.in_flight:
+            free[move.source] += move.num_blocks
+            running[move.source] -= 1
+            free[move.destination] -= move.num_blocks
+            running[move.destination] += 1
+        before = {n: freeness(free[n], max(0, running[n])) for n in names}
+        moves = planner.plan(now, loads, requests)
         for move in moves:
-            assert by_id[move.source].freeness < config.threshold
+            assert before[move.source] < config.threshold
             assert now - moved_at.get(move.request_id, -math.inf) >= config.cooldown_s
             moved_at[move.request_id] = now
             free[move.destination] -= move.num_blocks
@@ -160,7 +193,7 @@ def test_rate_limits_hold_over_any_sequence_of_rounds(
             assert sum(m.source == name for m in in_flight) <= per_source
         # Finish some; the moved requests now run on their destinations.
         for move in in_flight[:finish]:
-            planner.finished(move.request_id, {n: float(step) for n in names})
+            planner.finished(move.request_id, True, {n: float(step) for n in names})
             requests = [RunningRequest(r.request_id, move.destination, r.num_blocks,
                                        r.arrival) if r.request_id == move.request_id else r
                         for r in requests]
@@ -211,6 +244,46 @@ def test_a_stream_as_a_running_request() -> None:
     request = running_request(ctx, _record("a"))
     assert (request.num_blocks, request.arrival, request.migratable) == (4, 3.0, True)
     assert not running_request(ctx, _record("a", migration="")).migratable
+
+
+def test_only_streams_that_progressed_since_the_last_tick_can_move(
+    redis_url: str, namespace: str,
+) -> None:
+    """A stream that relayed nothing since the previous tick is not decoding (preempted,
+    most likely): the rebalancer leaves it out instead of trying a move that is refused."""
+    from router.metrics import GatewayMetrics
+    from router.migrations import GatewayMigrations
+
+    snapshot = ClusterSnapshot(1, (
+        InstanceView("hot", free_blocks=0, num_running=2, report_time=1.0),
+        InstanceView("cold", free_blocks=500, num_running=0, report_time=1.0)))
+    records = {i: _record(i) for i in ("hot", "cold")}
+
+    def stream(request_id: str, started: float) -> RequestContext:
+        return RequestContext(endpoint="/v1/completions", raw=b"", view=None,  # type: ignore[arg-type]
+                              routing=RoutingRequest(request_id, list(range(40))),
+                              started=started, instance_id="hot", first_token_at=started,
+                              chunks=5)
+
+    async def main() -> list[list[Move]]:
+        store = ClusterStateStore(redis_url, namespace)
+        streams = {"old": stream("old", 1.0), "new": stream("new", 2.0)}
+        migrations = GatewayMigrations(store, GatewayMetrics(), lambda: records,
+                                       lambda: snapshot, streams,
+                                       rebalance=RebalanceConfig(period_s=0.0))
+        assert migrations.rebalancer is not None
+        try:
+            plans = [migrations.rebalancer.plan_moves(0.0, snapshot)]  # first sight
+            streams["old"].chunks += 3  # "new" (the newest, last_come's pick) stalls
+            plans.append(migrations.rebalancer.plan_moves(0.2, snapshot))
+            return plans
+        finally:
+            await migrations.close()
+            await store.close()
+
+    first, second = asyncio.run(main())
+    assert first == []
+    assert [(m.request_id, m.source, m.destination) for m in second] == [("old", "hot", "cold")]
 
 
 # -- the control loop's one interface ---------------------------------------------------------
@@ -284,3 +357,27 @@ def test_gateway_flags_reach_the_config() -> None:
     with pytest.raises(SystemExit, match="unknown migration parameter"):
         _gateway_config(parser.parse_args(["gateway", "--migration-param", "nope=1"]),
                         "redis://127.0.0.1:1")
+
+
+# -- the live measurement's reading of /metrics ------------------------------------------------
+def test_live_measurement_reads_the_samples_it_reports() -> None:
+    from loadgen.rebalance_live import _metric, summarize
+
+    text = "\n".join([
+        "# HELP vllm:num_preemptions_total Preemptions",
+        'vllm:num_preemptions_total{model_name="m"} 4.0',
+        'llmfleet_migrations_total{outcome="committed",reason="admin"} 1.0',
+        'llmfleet_migrations_total{outcome="committed",reason="freeness"} 5.0',
+        "llmfleet_migration_downtime_seconds_count 5.0"])
+    assert _metric(text, "vllm:num_preemptions_total") == 4.0
+    assert _metric(text, "llmfleet_migrations_total", outcome="committed",
+                   reason="freeness") == 5.0
+    assert _metric(text, "llmfleet_migration_downtime_seconds_count") == 5.0
+    assert _metric(text, "llmfleet_migrations_total", outcome="failed") == 0.0
+    runs = [{"rebalance": mode, "makespan_s": m, "mean_stream_s": m, "preemptions_engine0": 0,
+             "migrations_committed": 0} for mode, m in
+            (("off", 4.0), ("on", 2.0), ("off", 3.0), ("on", 3.0), ("off", 5.0), ("on", 1.0))]
+    result = summarize(runs)
+    assert result["median"]["off"]["makespan_s"] == 4.0
+    assert result["median"]["on"]["makespan_s"] == 2.0
+    assert result["on_over_off"]["makespan_s"] == 0.5
