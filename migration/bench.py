@@ -299,73 +299,58 @@ async def _stitched_once(response: httpx.Response, stitcher: StreamStitcher
 # ---- gRPC loopback throughput ----------------------------------------------------------------
 
 
-class _Sink(pb_grpc.MigrationAgentServicer):
-    """``PushBlocks`` as the agent serves it (``serve_migration_agent``, ``decode_batch``),
-    without an engine behind it: the bytes are counted, not imported."""
+# The loopback measurement runs each gRPC side in a process of its own, so that the
+# baseline is the path as it was before ``migration.transport``'s codec (generated protobuf
+# (de)serializers, the default allocator) and the other one the agents' path (codec,
+# ``tune_allocator``), side by side in one run.
+_SINK_CPU_KEY = "llmfleet-sink-cpu-s"
 
-    async def PushBlocks(self, request_iterator: AsyncIterator[bytes],
+
+class _Sink(pb_grpc.MigrationAgentServicer):
+    """``PushBlocks`` without an engine behind it: the bytes are counted, not imported.
+    ``raw``: as the agent serves it (``serve_migration_agent``, ``decode_batch``); else
+    through the generated protobuf deserializer. Its process's CPU seconds for the call go
+    back in the trailing metadata."""
+
+    def __init__(self, raw: bool) -> None:
+        self.raw = raw
+
+    async def PushBlocks(self, request_iterator: AsyncIterator[Any],
                          context: grpc.aio.ServicerContext) -> pb.PushReply:
+        cpu = time.process_time()
         blocks = received = 0
         async for message in request_iterator:
-            batch, payload = decode_batch(message)
+            if self.raw:
+                batch, payload = decode_batch(message)
+                received += len(payload)
+            else:
+                batch = message
+                received += len(batch.payload)
             blocks += len(batch.block_hashes)
-            received += len(payload)
+        context.set_trailing_metadata(((_SINK_CPU_KEY, str(time.process_time() - cpu)),))
         return pb.PushReply(blocks_received=blocks, bytes_received=received)
 
 
-class _ProtobufSink(pb_grpc.MigrationAgentServicer):
-    """``PushBlocks`` through the generated protobuf (de)serializers: the naive baseline."""
-
-    async def PushBlocks(self, request_iterator: AsyncIterator[pb.BlockBatch],
-                         context: grpc.aio.ServicerContext) -> pb.PushReply:
-        blocks = received = 0
-        async for batch in request_iterator:
-            blocks += len(batch.block_hashes)
-            received += len(batch.payload)
-        return pb.PushReply(blocks_received=blocks, bytes_received=received)
-
-
-async def _serve_sink(port_file: str) -> None:
-    """Both sinks in one process, as a replica would run them: the agent's ``PushBlocks``
-    on one port, the plain generated one on another (``port,port`` in ``port_file``)."""
-    tune_allocator()
-    ports = []
-    servers = []
-    for sink in (_Sink(), _ProtobufSink()):
-        server = grpc.aio.server(options=CHANNEL_OPTIONS)
-        if isinstance(sink, _Sink):
-            serve_migration_agent(sink, server)
-        else:
-            pb_grpc.add_MigrationAgentServicer_to_server(sink, server)
-        ports.append(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        servers.append(server)
-    Path(port_file).write_text(",".join(map(str, ports)))
-    await servers[0].wait_for_termination()
+async def _serve_sink(kind: str, port_file: str) -> None:
+    raw = kind == "grpc"
+    if raw:
+        tune_allocator()
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    if raw:
+        serve_migration_agent(_Sink(raw=True), server)
+    else:
+        pb_grpc.add_MigrationAgentServicer_to_server(_Sink(raw=False), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    Path(port_file).write_text(str(port))
+    await server.wait_for_termination()
 
 
-def _tcp_sink(server: socket.socket) -> None:
-    conn, _ = server.accept()
-    buffer = bytearray(1 << 20)
-    with conn:
-        while conn.recv_into(buffer):
-            pass
-
-
-def _tcp_rate(total_bytes: int, chunk: bytes) -> float:
-    """GB/s of ``total_bytes`` sent in ``chunk``s over a plain loopback TCP socket."""
-    server = socket.create_server(("127.0.0.1", 0))
-    thread = threading.Thread(target=_tcp_sink, args=(server,), daemon=True)
-    thread.start()
-    count = total_bytes // len(chunk)
-    with socket.create_connection(server.getsockname()) as conn:
-        started = time.perf_counter()
-        for _ in range(count):
-            conn.sendall(chunk)
-    thread.join()
-    elapsed = time.perf_counter() - started
-    server.close()
-    return count * len(chunk) / elapsed / 1e9
+@dataclass
+class _Round:
+    gbytes_per_s: float
+    sender_cpu_s: float  # CPU seconds of the sending side (its process, or its thread)
+    receiver_cpu_s: float
 
 
 def _loopback_batch(batch_bytes: int, block_bytes: int) -> tuple[pb.BlockBatch, list[bytes]]:
@@ -379,86 +364,154 @@ def _loopback_batch(batch_bytes: int, block_bytes: int) -> tuple[pb.BlockBatch, 
     return header, [blob[i * block_bytes:(i + 1) * block_bytes] for i in range(count)]
 
 
-def measure_loopback(total_bytes: int = 1 << 30, rounds: int = 5,
-                     batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, block_bytes: int = 4096,
-                     protobuf_baseline: bool = True) -> dict[str, Any]:
-    """GB/s of KV blocks over ``PushBlocks`` into a sink process on loopback, beside plain
-    TCP, in alternating rounds (medians; the per-round figures too).
+async def _push_round(kind: str, address: str, count: int, batch_bytes: int,
+                      block_bytes: int) -> _Round:
+    """One timed stream of ``count`` batches (after a short untimed one) to a sink."""
+    header, payloads = _loopback_batch(batch_bytes, block_bytes)
+    sent = count * sum(len(p) for p in payloads)
 
-    ``grpc``: what the agents do — each batch (``batch_bytes`` of ``block_bytes`` blocks)
-    encoded with ``encode_batch`` per message (its one join of the payloads counted), sent
-    with identity serializers, split with ``decode_batch`` on the far side. ``protobuf``:
-    the same batches as generated ``BlockBatch`` messages (payload joined, set, serialized,
-    parsed and read by protobuf). ``tcp``: the same bytes with ``sendall`` of 1 MiB.
-    """
+    async def raw_messages(n: int) -> AsyncIterator[bytes]:
+        for _ in range(n):
+            yield encode_batch(header, payloads)
+
+    async def pb_messages(n: int) -> AsyncIterator[pb.BlockBatch]:
+        for _ in range(n):
+            batch = pb.BlockBatch()
+            batch.CopyFrom(header)
+            batch.payload = b"".join(payloads)
+            yield batch
+
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        if kind == "grpc":
+            call = push_blocks_call(channel)
+            messages: Any = raw_messages
+        else:
+            call = pb_grpc.MigrationAgentStub(channel).PushBlocks
+            messages = pb_messages
+        await call(messages(min(count, 64)))  # warm-up (connection, buffers)
+        started, cpu = time.perf_counter(), time.process_time()
+        pushed = call(messages(count))
+        reply = await pushed
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        trailing = dict(await pushed.trailing_metadata() or ())
+    if reply.bytes_received != sent or reply.blocks_received != count * len(payloads):
+        raise RuntimeError(f"the sink got {reply.bytes_received} of {sent} bytes")
+    return _Round(sent / elapsed / 1e9, cpu, float(trailing[_SINK_CPU_KEY]))
+
+
+def _client_main(spec: str) -> int:
+    """``--loopback-client kind,address,count,batch_bytes,block_bytes``: one round, as JSON."""
+    kind, address, count, batch_bytes, block_bytes = spec.split(",")
+    if kind == "grpc":
+        tune_allocator()
+    measured = asyncio.run(_push_round(kind, address, int(count), int(batch_bytes),
+                                       int(block_bytes)))
+    print(json.dumps(measured.__dict__))
+    return 0
+
+
+def _tcp_round(total_bytes: int, chunk: bytes) -> _Round:
+    """``total_bytes`` sent in ``chunk``s over a plain loopback TCP socket to a thread."""
+    server = socket.create_server(("127.0.0.1", 0))
+    receiver_cpu: list[float] = []
+
+    def sink() -> None:
+        conn, _ = server.accept()
+        cpu = time.thread_time()
+        buffer = bytearray(1 << 20)
+        with conn:
+            while conn.recv_into(buffer):
+                pass
+        receiver_cpu.append(time.thread_time() - cpu)
+
+    thread = threading.Thread(target=sink, daemon=True)
+    thread.start()
+    count = total_bytes // len(chunk)
+    with socket.create_connection(server.getsockname()) as conn:
+        started, cpu = time.perf_counter(), time.thread_time()
+        for _ in range(count):
+            conn.sendall(chunk)
+        sender_cpu = time.thread_time() - cpu
+    thread.join()
+    elapsed = time.perf_counter() - started
+    server.close()
+    return _Round(count * len(chunk) / elapsed / 1e9, sender_cpu, receiver_cpu[0])
+
+
+@contextlib.contextmanager
+def _sink_process(kind: str) -> Iterator[str]:
+    """A sink of ``kind`` in a child process; yields its ``host:port``."""
     import tempfile
 
-    tune_allocator()
-    header, payloads = _loopback_batch(batch_bytes, block_bytes)
-    message_bytes = sum(len(p) for p in payloads)
-    count = max(1, total_bytes // message_bytes)
-    sent = count * message_bytes
-    chunk = os.urandom(1 << 20)
-    rates: dict[str, list[float]] = {"grpc": [], "protobuf": [], "tcp": []}
     with tempfile.NamedTemporaryFile("r", suffix=".port") as port_file:
         proc = subprocess.Popen([sys.executable, "-m", "migration.bench", "--sink",
-                                 port_file.name])
+                                 f"{kind},{port_file.name}"])
         try:
             deadline = time.monotonic() + 30
             while not Path(port_file.name).read_text().strip():
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the gRPC sink did not start")
+                    raise RuntimeError(f"the {kind} sink did not start")
                 time.sleep(0.05)
-            raw_port, pb_port = Path(port_file.name).read_text().strip().split(",")
-
-            async def raw_messages() -> AsyncIterator[bytes]:
-                for _ in range(count):
-                    yield encode_batch(header, payloads)
-
-            async def pb_messages() -> AsyncIterator[pb.BlockBatch]:
-                for _ in range(count):
-                    batch = pb.BlockBatch()
-                    batch.CopyFrom(header)
-                    batch.payload = b"".join(payloads)
-                    yield batch
-
-            async def push(kind: str) -> float:
-                port = raw_port if kind == "grpc" else pb_port
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
-                                                     options=CHANNEL_OPTIONS) as channel:
-                    if kind == "grpc":
-                        call = push_blocks_call(channel)
-                        messages: Any = raw_messages
-                    else:
-                        call = pb_grpc.MigrationAgentStub(channel).PushBlocks
-                        messages = pb_messages
-                    await call(messages())  # warm-up (connection, buffers)
-                    started = time.perf_counter()
-                    reply = await call(messages())
-                    elapsed = time.perf_counter() - started
-                if reply.bytes_received != sent or reply.blocks_received != count * len(
-                        payloads):
-                    raise RuntimeError(f"the sink got {reply.bytes_received} of {sent} bytes")
-                return sent / elapsed / 1e9
-
-            kinds = ["grpc", "tcp"] + (["protobuf"] if protobuf_baseline else [])
-            for _ in range(rounds):
-                for kind in kinds:
-                    rate = _tcp_rate(sent, chunk) if kind == "tcp" else asyncio.run(push(kind))
-                    rates[kind].append(rate)
+            yield f"127.0.0.1:{Path(port_file.name).read_text().strip()}"
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def measure_loopback(total_bytes: int = 1 << 30, rounds: int = 5,
+                     batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, block_bytes: int = 4096,
+                     protobuf_baseline: bool = True) -> dict[str, Any]:
+    """GB/s of KV blocks over ``PushBlocks`` from one process into a sink process on
+    loopback, beside plain TCP, in alternating rounds (medians; each round's figures too).
+
+    ``grpc``: the agents' path — each batch (``batch_bytes`` of ``block_bytes`` blocks)
+    encoded with ``encode_batch`` per message (its one join of the payloads counted), sent
+    with identity serializers, split with ``decode_batch``; both processes
+    ``tune_allocator``. ``protobuf``: the path before that codec — the same batches as
+    generated ``BlockBatch`` messages (payload joined, set, serialized, parsed and read by
+    protobuf), default allocator. ``tcp``: the same bytes with ``sendall`` of 1 MiB.
+
+    Each side's CPU seconds per GB are measured too (process time of the sending and of the
+    sink process; thread time for TCP), and from them ``per_core_gbytes_per_s``: the rate if
+    the busier side had a core to itself, which a loaded shared machine moves much less
+    than the wall-clock rate.
+    """
+    chunk = os.urandom(1 << 20)
+    message_bytes = max(1, batch_bytes // block_bytes) * block_bytes
+    count = max(1, total_bytes // message_bytes)
+    sent = count * message_bytes
+    kinds = ["grpc"] + (["protobuf"] if protobuf_baseline else [])
+    measured: dict[str, list[_Round]] = {kind: [] for kind in [*kinds, "tcp"]}
+    with contextlib.ExitStack() as stack:
+        sinks = {kind: stack.enter_context(_sink_process(kind)) for kind in kinds}
+        for _ in range(rounds):
+            for kind in kinds:
+                spec = f"{kind},{sinks[kind]},{count},{batch_bytes},{block_bytes}"
+                out = subprocess.run(
+                    [sys.executable, "-m", "migration.bench", "--loopback-client", spec],
+                    capture_output=True, text=True, timeout=600, check=True)
+                measured[kind].append(_Round(**json.loads(out.stdout.strip().splitlines()[-1])))
+            measured["tcp"].append(_tcp_round(sent, chunk))
+    gb = sent / 1e9
     result: dict[str, Any] = {
-        "grpc_loopback_gbytes_per_s": statistics.median(rates["grpc"]),
-        "tcp_loopback_gbytes_per_s": statistics.median(rates["tcp"]),
+        "grpc_loopback_gbytes_per_s": statistics.median(r.gbytes_per_s for r in measured["grpc"]),
+        "tcp_loopback_gbytes_per_s": statistics.median(r.gbytes_per_s for r in measured["tcp"]),
     }
     if protobuf_baseline:
-        result["grpc_loopback_protobuf_gbytes_per_s"] = statistics.median(rates["protobuf"])
+        result["grpc_loopback_protobuf_gbytes_per_s"] = statistics.median(
+            r.gbytes_per_s for r in measured["protobuf"])
+    cpu: dict[str, dict[str, float]] = {}
+    for kind, runs in measured.items():
+        sender = statistics.median(r.sender_cpu_s for r in runs) / gb
+        receiver = statistics.median(r.receiver_cpu_s for r in runs) / gb
+        cpu[kind] = {"sender_cpu_s_per_gb": round(sender, 3),
+                     "receiver_cpu_s_per_gb": round(receiver, 3),
+                     "per_core_gbytes_per_s": round(1 / max(sender, receiver), 3)}
     result["loopback"] = {
         "bytes_per_round": sent, "rounds": rounds, "batch_bytes": message_bytes,
-        "block_bytes": block_bytes,
-        "rounds_gbytes_per_s": {k: [round(r, 3) for r in v] for k, v in rates.items() if v},
+        "block_bytes": block_bytes, "cpu": cpu,
+        "rounds_gbytes_per_s": {k: [round(r.gbytes_per_s, 3) for r in v]
+                                for k, v in measured.items()},
     }
     return result
 
@@ -624,8 +677,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.sink:
-        asyncio.run(_serve_sink(args.sink))
+        kind, port_file = args.sink.split(",", 1)
+        asyncio.run(_serve_sink(kind, port_file))
         return 0
+    if args.loopback_client:
+        return _client_main(args.loopback_client)
     if args.plot_only:
         out = Path(args.out)
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
@@ -662,6 +718,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", choices=["grpc_loopback"], default=None,
                         help="run only this part and print it (writes nothing)")
     parser.add_argument("--sink", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--loopback-client", default="", help=argparse.SUPPRESS)
 
 
 def register_bench(bench_subparsers: Any) -> None:
