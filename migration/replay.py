@@ -17,7 +17,8 @@ gateway's forwarder can call for any OpenAI server:
   and the server is asked to continue it (``continue_final_message``, with
   ``add_generation_prompt`` off: vLLM's and SGLang's extension, which the reference engine
   implements too). Nothing generated yet: the original messages, unchanged (a template
-  that trims messages would otherwise cut the assistant header's trailing whitespace).
+  that trims messages would otherwise cut the assistant header's trailing whitespace). A
+  request that already continued its final message gets the text appended to it.
 
 Token identity: the continuation is token-exact when re-tokenizing prompt + generated text
 gives the same tokens and the server's sampling depends only on the seed and the position
@@ -80,9 +81,30 @@ def continuation_body(
             raise ValueError("a chat request without messages cannot be replayed")
         if not generated_text:
             return out
-        messages.append({"role": "assistant", "content": generated_text})
+        if out.get("continue_final_message"):
+            # The client already had the model continue its final message: extend it.
+            messages[-1] = _extended(messages[-1], generated_text)
+        else:
+            messages.append({"role": "assistant", "content": generated_text})
         out["messages"] = messages
         out["continue_final_message"] = True
         out["add_generation_prompt"] = False
         return out
     raise ValueError(f"token replay does not know the endpoint {path!r}")
+
+
+def _extended(message: Any, text: str) -> dict[str, Any]:
+    """``message`` with ``text`` appended to its content (to its last text part, the one
+    ``continue_final_message`` continues)."""
+    if not isinstance(message, dict):
+        raise ValueError("cannot replay a malformed chat message")
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return {**message, "content": (content or "") + text}
+    parts = list(content)
+    for i in range(len(parts) - 1, -1, -1):
+        part = parts[i]
+        if isinstance(part, dict) and part.get("type") == "text":
+            parts[i] = {**part, "text": str(part.get("text", "")) + text}
+            return {**message, "content": parts}
+    return {**message, "content": [*parts, {"type": "text", "text": text}]}

@@ -104,3 +104,29 @@ def test_both_flags_are_refused(engine_url: str) -> None:
                             "continue_final_message": True, "add_generation_prompt": False,
                             "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_a_request_that_continued_its_final_message_is_extended_not_appended_to() -> None:
+    for content, extended in [
+        ("Once", "Once upon"),
+        ([{"type": "text", "text": "Once"}, {"type": "image_url", "image_url": {"url": "x"}}],
+         [{"type": "text", "text": "Once upon"}, {"type": "image_url", "image_url": {"url": "x"}}]),
+    ]:
+        body = {"messages": [*CHAT, {"role": "assistant", "content": content}],
+                "continue_final_message": True, "add_generation_prompt": False,
+                "max_tokens": 10}
+        out = continuation_body(CHAT_PATH, body, " upon", 5)
+        assert out["messages"] == [*CHAT, {"role": "assistant", "content": extended}]
+        assert out["max_tokens"] == 5 and body["messages"][-1]["content"] == content
+
+
+def test_replay_of_a_continued_message_continues_where_it_stopped(engine_url: str) -> None:
+    body = {"messages": CHAT, "max_tokens": MAX_TOKENS, "temperature": 0}
+    answer = _chat(engine_url, body).json()["choices"][0]["message"]["content"]
+    started = {"messages": [*CHAT, {"role": "assistant", "content": answer[:2]}],
+               "continue_final_message": True, "add_generation_prompt": False,
+               "max_tokens": MAX_TOKENS - 2, "temperature": 0}
+    whole = _chat(engine_url, started).json()["choices"][0]["message"]["content"]
+    assert answer[:2] + whole == answer
+    rest = _chat(engine_url, continuation_body(CHAT_PATH, started, whole[:4], 4)).json()
+    assert whole[:4] + rest["choices"][0]["message"]["content"] == whole
