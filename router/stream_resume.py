@@ -13,7 +13,9 @@ continue elsewhere, opens the continuation on the gateway's own upstream pools:
    healthy replica with the text generated so far appended and the remaining budget.
    The remaining budget counts one token per UTF-8 byte of generated text (the reference
    engine's byte-level tokenizer; an upper bound on tokens for subword tokenizers, so the
-   continuation never runs longer than the original budget... but may run shorter).
+   continuation never runs longer than the original budget... but may run shorter). The
+   replica's final ``usage`` counts that text as prompt; the client gets it back as
+   completion tokens (prompt as the gateway tokenized it).
 """
 
 from __future__ import annotations
@@ -70,9 +72,34 @@ class _Watch:
         self.ctx = ctx
         self.stitcher = StreamStitcher()
         self.resumes = 0
+        # Bytes of text the client had when the request was last replayed (0: never).
+        self.replayed_bytes = 0
 
     def feed(self, chunk: bytes) -> bytes:
-        return self.stitcher.feed(chunk)
+        out = self.stitcher.feed(chunk)
+        if self.replayed_bytes and b'"usage"' in out:
+            out = self._client_usage(out)
+        return out
+
+    def _client_usage(self, out: bytes) -> bytes:
+        """After a replay the replica's usage counts the text generated before it as prompt:
+        report it as completion again. The prompt is the one the gateway tokenized (the
+        backend's tokenizer); the shift is at most the replayed text's bytes (one token per
+        byte at most)."""
+        events = out.split(b"\n\n")
+        for i, event in enumerate(events):
+            if not (event.startswith(b"data: {") and b'"usage"' in event):
+                continue
+            try:
+                chunk = orjson.loads(event[6:])
+                usage = chunk["usage"]
+                prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+            shift = min(max(0, prompt - len(self.ctx.routing.token_ids)), self.replayed_bytes)
+            usage["prompt_tokens"], usage["completion_tokens"] = prompt - shift, completion + shift
+            events[i] = b"data: " + orjson.dumps(chunk)
+        return b"\n\n".join(events)
 
     @property
     def wants_resume(self) -> bool:
@@ -135,8 +162,8 @@ class _Watch:
         try:
             body: dict[str, Any] = orjson.loads(ctx.raw)
             generated = self.stitcher.text
-            replay = continuation_body(ctx.endpoint, body, generated,
-                                       len(generated.encode("utf-8")))
+            generated_bytes = len(generated.encode("utf-8"))
+            replay = continuation_body(ctx.endpoint, body, generated, generated_bytes)
         except (ValueError, orjson.JSONDecodeError):
             return None
         raw = orjson.dumps(replay)
@@ -151,6 +178,7 @@ class _Watch:
                 continue
             if answer.status == 200:
                 self.resumer.resumed["replay"] += 1
+                self.replayed_bytes = generated_bytes
                 return record.instance_id, answer
             with contextlib.suppress(UpstreamError):
                 await answer.read()

@@ -60,6 +60,7 @@ class Answer:
     done: int = 0
     errors: list[Any] = field(default_factory=list)
     completion_tokens: int | None = None
+    prompt_tokens: int | None = None
     raw: bytes = b""
     serving: str = ""
     request_id: str = ""
@@ -130,6 +131,7 @@ def _absorb(answer: Answer, data: bytes) -> None:
                     answer.chunks += 1
             if chunk.get("usage"):
                 answer.completion_tokens = chunk["usage"]["completion_tokens"]
+                answer.prompt_tokens = chunk["usage"]["prompt_tokens"]
         else:
             answer.errors.append(event)  # a migration event or anything else unexpected
 
@@ -147,14 +149,13 @@ async def _stream(url: str, kind: Kind, answer: Answer, started: asyncio.Event) 
     assert answer.raw == b"", answer.raw  # the stream ended on an event boundary
 
 
-def _check(answer: Answer, expected: tuple[str, int], tokens: bool = True) -> None:
+def _check(answer: Answer, kind: Kind, expected: tuple[str, int]) -> None:
     text, count = expected
     assert not answer.errors, answer.errors
     assert MIGRATED_EVENT not in answer.text
     assert answer.done == 1
     assert answer.text == text, (len(answer.text), len(text))
-    if tokens:
-        assert answer.completion_tokens == count
+    assert (answer.prompt_tokens, answer.completion_tokens) == (len(kind.prompt_ids), count)
 
 
 async def _wait_chunks(answer: Answer, task: asyncio.Task[None], chunks: int) -> bool:
@@ -234,7 +235,7 @@ def test_moved_stream_is_token_identical_through_the_gateway(
     plan: list[tuple[int, int]],
 ) -> None:
     answer, moves = asyncio.run(_stream_with_moves(fleet3, KINDS[kind], plan))
-    _check(answer, expected[kind])
+    _check(answer, KINDS[kind], expected[kind])
     committed = [m for m in moves if m[2] == "committed"]
     # The first move is ordered early in a 120+ token answer: it must happen.
     assert moves and moves[0][2] == "committed", moves
@@ -334,9 +335,8 @@ def test_token_replay_after_a_replica_dies_is_token_identical(
     answer, victim, before_kill, moves = killed
     assert kill_after <= len(before_kill) < lead - 1, before_kill
     assert resumer.resumed["replay"] == replays + 1  # type: ignore[attr-defined]
-    # Usage after a replay is the continuation's own (its prompt holds the text generated
-    # before): compare the text.
-    _check(answer, expected[kind], tokens=False)
+    # The usage too: the gateway gives the replayed text back to the completion count.
+    _check(answer, KINDS[kind], expected[kind])
     assert [state for _, _, state in moves] == ["committed", "committed"], moves
     assert moves[1][1] == moves[0][0]  # back to the replica the replay ran on
     assert victim not in {replica for move in moves for replica in move[:2]}
