@@ -711,7 +711,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the whole result")
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw the plot of an existing --out file")
-    parser.add_argument("--loopback-rounds", type=int, default=5,
+    parser.add_argument("--loopback-rounds", type=int, default=7,
                         help="rounds of the gRPC/TCP loopback throughput (1 GiB each; medians)")
     parser.add_argument("--loopback-batch-bytes", type=int, default=DEFAULT_MAX_BATCH_BYTES,
                         help="KV payload bytes per PushBlocks message in the loopback run")
