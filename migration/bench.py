@@ -668,8 +668,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=7)
-    fig.suptitle(f"llmfleet live migration vs token replay "
-                 f"(gRPC loopback {result['grpc_loopback_gbytes_per_s']} GB/s)", fontsize=10)
+    fig.suptitle(f"llmfleet live migration vs token replay (KV over gRPC on loopback "
+                 f"{result['grpc_loopback_gbytes_per_s']} GB/s, plain TCP "
+                 f"{result['tcp_loopback_gbytes_per_s']} GB/s)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
