@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -98,13 +98,16 @@ def policy_params(config: RunConfig) -> dict[str, Any]:
     return params
 
 
-def _wait_healthy(url: str, instances: int, timeout_s: float, proc: subprocess.Popen[bytes]
-                  ) -> None:
+def _wait_healthy(url: str, instances: int, timeout_s: float, proc: subprocess.Popen[bytes],
+                  dead_replicas: Callable[[], list[str]] = list) -> None:
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"gateway exited with code {proc.returncode}")
+        dead = dead_replicas()
+        if dead:
+            raise RuntimeError(f"replicas exited during start-up: {dead}")
         with contextlib.suppress(httpx.HTTPError, ValueError):
             response = httpx.get(url + "/health", timeout=2.0)
             last = response.text
@@ -241,58 +244,93 @@ def send_lag(workload: Sequence[TraceRequest], outcomes: Sequence[RequestOutcome
             "send_lag_ms_max": round(max(lags) * 1e3, 2)}
 
 
+class FleetStartError(RuntimeError):
+    """The live fleet did not come up (e.g. a port taken between choosing and binding it)."""
+
+
 @contextlib.contextmanager
 def live_fleet(config: RunConfig, *, heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_S,
-               refresh_interval_s: float = 0.2, log_dir: str | None = None
-               ) -> Iterator[LiveFleet]:
+               refresh_interval_s: float = 0.2, log_dir: str | None = None,
+               start_attempts: int = 3) -> Iterator[LiveFleet]:
     """Redis + ``config.instances`` emulated replicas + one gateway (child process), all on
     free 127.0.0.1 ports; yields the fleet (gateway URL, process ids) and stops everything
-    on exit."""
+    on exit. A fleet that does not come up is stopped and started again on fresh ports,
+    up to ``start_attempts`` times (free ports are picked before binding, and on a shared
+    machine another process can take one in between)."""
+    for attempt in range(1, start_attempts + 1):
+        stack = contextlib.ExitStack()
+        try:
+            fleet = _start_fleet(stack, config, heartbeat_ttl_s, refresh_interval_s, log_dir)
+        except (FleetStartError, TimeoutError) as exc:
+            stack.close()
+            if attempt == start_attempts:
+                raise
+            print(f"live fleet did not start ({exc}); retrying on fresh ports", file=sys.stderr)
+            continue
+        with stack:
+            yield fleet
+        return
+
+
+def _start_fleet(stack: contextlib.ExitStack, config: RunConfig, heartbeat_ttl_s: float,
+                 refresh_interval_s: float, log_dir: str | None) -> LiveFleet:
     from instances.launcher import EngineSpec, EngineSupervisor, free_port
     from router.embedded_redis import embedded_redis
 
     workdir = tempfile.mkdtemp(prefix="llmfleet-fidelity-")
     log_dir = log_dir or os.path.join(workdir, "logs")
     os.makedirs(log_dir, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        redis_url = stack.enter_context(embedded_redis(workdir))
-        specs = [EngineSpec(instance_id=iid, port=free_port(), executor="emulated",
-                            profile=config.profile, speedup=1.0, redis_url=redis_url,
-                            heartbeat_ttl_s=heartbeat_ttl_s,
-                            extra_args=["--seed", str(config.seed + idx),
-                                        *_engine_args(config.engine_params)])
-                 for idx, iid in enumerate(instance_ids(config.instances))]
-        supervisor = EngineSupervisor(specs, log_dir=log_dir, restart=False)
-        stack.callback(supervisor.stop)
+    redis_url = stack.enter_context(embedded_redis(workdir))
+    specs = [EngineSpec(instance_id=iid, port=free_port(), executor="emulated",
+                        profile=config.profile, speedup=1.0, redis_url=redis_url,
+                        heartbeat_ttl_s=heartbeat_ttl_s,
+                        extra_args=["--seed", str(config.seed + idx),
+                                    *_engine_args(config.engine_params)])
+             for idx, iid in enumerate(instance_ids(config.instances))]
+    supervisor = EngineSupervisor(specs, log_dir=log_dir, restart=False)
+    stack.callback(supervisor.stop)
+    try:
         supervisor.start()
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log_file = stack.enter_context(open(os.path.join(log_dir, "gateway.log"), "ab"))
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "loadgen.fidelity", "--serve-gateway",
-             "--redis-url", redis_url, "--port", str(port), "--policy", config.policy,
-             "--policy-params", json.dumps(policy_params(config)),
-             "--slo-ttft", repr(config.slo_ttft_s), "--admission", config.admission,
-             "--admission-params", json.dumps(config.admission_params),
-             "--heartbeat-ttl", repr(heartbeat_ttl_s),
-             "--refresh-interval", repr(refresh_interval_s)],
-            stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-            # Its own session, as each replica: on a kernel with autogroup scheduling it
-            # then gets its own share of the CPU instead of splitting the load generator's.
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except (RuntimeError, TimeoutError) as exc:
+        raise FleetStartError(str(exc)) from exc
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_file = stack.enter_context(open(os.path.join(log_dir, "gateway.log"), "ab"))  # noqa: SIM115
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "loadgen.fidelity", "--serve-gateway",
+         "--redis-url", redis_url, "--port", str(port), "--policy", config.policy,
+         "--policy-params", json.dumps(policy_params(config)),
+         "--slo-ttft", repr(config.slo_ttft_s), "--admission", config.admission,
+         "--admission-params", json.dumps(config.admission_params),
+         "--heartbeat-ttl", repr(heartbeat_ttl_s),
+         "--refresh-interval", repr(refresh_interval_s)],
+        stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+        # Its own session, as each replica: on a kernel with autogroup scheduling it
+        # then gets its own share of the CPU instead of splitting the load generator's.
+        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
-        def stop_gateway() -> None:
-            if gateway.poll() is None:
-                gateway.send_signal(signal.SIGINT)
-                try:
-                    gateway.wait(10)
-                except subprocess.TimeoutExpired:
-                    gateway.kill()
-                    gateway.wait()
+    def stop_gateway() -> None:
+        if gateway.poll() is None:
+            gateway.send_signal(signal.SIGINT)
+            try:
+                gateway.wait(10)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+                gateway.wait()
 
-        stack.callback(stop_gateway)
-        _wait_healthy(url, config.instances, 60.0, gateway)
-        yield LiveFleet(url, gateway.pid, supervisor.pids(), [spec.url for spec in specs])
+    stack.callback(stop_gateway)
+    # A replica that lost its port to another process exits (its /health may even be
+    # answered by that process): fail fast instead of waiting for the gateway.
+    dead = [e.spec.instance_id for e in supervisor.engines if not e.alive()]
+    if dead:
+        raise FleetStartError(f"replicas exited during start-up: {dead}")
+    try:
+        _wait_healthy(url, config.instances, 60.0, gateway,
+                      lambda: [e.spec.instance_id for e in supervisor.engines
+                               if not e.alive()])
+    except RuntimeError as exc:
+        raise FleetStartError(str(exc)) from exc
+    return LiveFleet(url, gateway.pid, supervisor.pids(), [spec.url for spec in specs])
 
 
 def _engine_args(engine_params: dict[str, Any]) -> list[str]:
@@ -378,11 +416,20 @@ def per_request(live: Sequence[RequestOutcome], sim: Sequence[RequestOutcome]
         diffs = [float(a.ttft_s or 0.0) - float(b.ttft_s or 0.0) for a, b in items]
         if not diffs:
             return {"requests": 0}
-        return {"requests": len(diffs),
-                "ttft_diff_ms_p10": round(float(np.percentile(diffs, 10)) * 1e3, 2),
-                "ttft_diff_ms_p50": round(float(np.percentile(diffs, 50)) * 1e3, 2),
-                "ttft_diff_ms_p90": round(float(np.percentile(diffs, 90)) * 1e3, 2),
-                "ttft_diff_ms_mean": round(float(np.mean(diffs)) * 1e3, 2)}
+        out: dict[str, Any] = {
+            "requests": len(diffs),
+            "ttft_diff_ms_p10": round(float(np.percentile(diffs, 10)) * 1e3, 2),
+            "ttft_diff_ms_p50": round(float(np.percentile(diffs, 50)) * 1e3, 2),
+            "ttft_diff_ms_p90": round(float(np.percentile(diffs, 90)) * 1e3, 2),
+            "ttft_diff_ms_mean": round(float(np.mean(diffs)) * 1e3, 2)}
+        lengths = [a.prompt_len for a, _ in items]
+        if len(set(lengths)) > 1:
+            # Least-squares line through the diffs: the fixed part of the live overhead
+            # and the part that grows with the prompt (token lists encoded and parsed).
+            slope, intercept = np.polyfit(np.array(lengths) / 1e3, np.array(diffs) * 1e3, 1)
+            out["ttft_diff_fit"] = {"intercept_ms": round(float(intercept), 2),
+                                    "ms_per_1k_prompt_tokens": round(float(slope), 3)}
+        return out
 
     return {
         "same_instance_fraction": round(len(same) / len(pairs), 4) if pairs else None,
@@ -505,7 +552,7 @@ def plot_fidelity(result: dict[str, Any], path: str | Path) -> Path:
     fractions = [p / 100 for p in QUANTILE_POINTS]
     for key, label, style in (("live", "live (gateway + replicas)", "-"),
                               ("sim_fresh", "sim, fresh stats", "--"),
-                              ("sim_modelled", "sim, stale reports modelled", ":")):
+                              ("sim_modelled", "sim, stale reports + dispatch delay", ":")):
         quantiles = (result.get(key) or {}).get("ttft_quantiles") or []
         if quantiles:
             ax_cdf.plot(quantiles, fractions, style, marker=".", label=label)
@@ -513,8 +560,12 @@ def plot_fidelity(result: dict[str, Any], path: str | Path) -> Path:
     ax_cdf.set_xlabel("TTFT (s)")
     ax_cdf.set_ylabel("fraction of requests")
     cfg = result["config"]
-    ax_cdf.set_title(f"{cfg['policy']}, {cfg['instances']} x {cfg['profile']}, "
-                     f"{cfg['requests']} req @ {cfg['rate']} req/s")
+    workload = (cfg.get("workload") or {}).get("workload") or Path(cfg["trace"] or "").name
+    admission = cfg.get("admission", "none")
+    ax_cdf.set_title(f"{workload}: {cfg['policy']}"
+                     f"{'' if admission == 'none' else ' + ' + admission}, "
+                     f"{cfg['instances']} x {cfg['profile']}, "
+                     f"{cfg['requests']} req @ {cfg['rate']} req/s", fontsize=9)
     ax_cdf.legend()
     names = [k for k in COMPARED if k not in ("cache_hit_rate",)]
     width = 0.4

@@ -3,18 +3,23 @@ gateway) and in the simulator."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 
+import loadgen.fidelity as fidelity
 from loadgen.config import RunConfig
 from loadgen.fidelity import (
     GATED,
+    FleetStartError,
+    LiveFleet,
     cpu_report,
     engine_lag,
     main,
     named_workload,
+    per_request,
     ratios,
     run_fidelity,
     send_lag,
@@ -118,6 +123,50 @@ def test_cpu_report_and_send_lag() -> None:
     assert lag["send_lag_ms_p50"] == pytest.approx(15.0)
 
 
+def test_per_request_diff_fit_separates_fixed_and_per_token_overhead() -> None:
+    # Live = sim + 5 ms + 2 ms per 1k prompt tokens, every request on the same instance.
+    workload = _workload(8)
+    sim = [RequestOutcome(r.request_id, r.arrival_s, r.prompt_len, r.output_len,
+                          instance_id="i00", ttft_s=0.1) for r in workload]
+    live = [RequestOutcome(r.request_id, r.arrival_s, r.prompt_len, r.output_len,
+                           instance_id="i00", ttft_s=0.1 + 0.005 + 2e-6 * r.prompt_len)
+            for r in workload]
+    out = per_request(live, sim)
+    assert out["same_instance_fraction"] == 1.0
+    fit = out["same_instance"]["ttft_diff_fit"]
+    assert fit["intercept_ms"] == pytest.approx(5.0, abs=0.01)
+    assert fit["ms_per_1k_prompt_tokens"] == pytest.approx(2.0, abs=0.001)
+
+
+def test_live_fleet_that_fails_to_start_is_stopped_and_restarted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    stopped: list[int] = []
+    attempts: list[int] = []
+
+    def start(stack: contextlib.ExitStack, *args: object) -> LiveFleet:
+        attempt = len(attempts)
+        attempts.append(attempt)
+        stack.callback(stopped.append, attempt)
+        if attempt == 0:
+            raise FleetStartError("port taken")
+        return LiveFleet(f"http://fleet-{attempt}", gateway_pid=attempt)
+
+    monkeypatch.setattr(fidelity, "_start_fleet", start)
+    with fidelity.live_fleet(RunConfig()) as fleet:
+        assert fleet.url == "http://fleet-1"
+        assert stopped == [0]  # the failed attempt's processes were stopped first
+    assert stopped == [0, 1]
+    attempts.clear()
+    stopped.clear()
+
+    def never(stack: contextlib.ExitStack, *args: object) -> LiveFleet:
+        raise FleetStartError("always")
+
+    monkeypatch.setattr(fidelity, "_start_fleet", never)
+    with pytest.raises(FleetStartError), fidelity.live_fleet(RunConfig(), start_attempts=2):
+        pass
+
+
 def test_engine_lag_from_loop_counters() -> None:
     before = [{"iterations": 10, "device_s": 1.0, "wall_s": 1.0, "late_s": 0.0},
               {"iterations": 0, "device_s": 0.0, "wall_s": 0.0, "late_s": 0.0}]
@@ -134,7 +183,8 @@ def test_cli_named_workload_with_admission_sim_only(tmp_path: Path) -> None:
     out = tmp_path / "fid.json"
     assert main(["--workload", "long_tailed", "--rate", "2", "--max-requests", "30",
                  "--instances", "2", "--admission", "laps", "--sim-only",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--plot", str(tmp_path / "fid.png")]) == 0
+    assert (tmp_path / "fid.png").stat().st_size > 10_000
     result = json.loads(out.read_text())
     config = result["config"]
     assert config["workload"]["workload"] == "long_tailed" and config["trace"] is None
