@@ -167,12 +167,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 def fleet_cpu_seconds(fleet: LiveFleet) -> dict[str, Any]:
-    """CPU seconds used so far by the gateway, each replica, and this process (the load
-    generator; in-process threads included)."""
+    """CPU seconds used so far by the gateway, each replica, and the load generator (this
+    process and its finished worker processes)."""
+    # Children count once reaped: the load generator's worker processes (the replicas and
+    # the gateway are reaped only when the fleet stops, after the last reading).
     own = os.times()
     return {"gateway": cpu_seconds(fleet.gateway_pid),
             "engines": [cpu_seconds(pid) for pid in fleet.engine_pids],
-            "loadgen": own.user + own.system}
+            "loadgen": own.user + own.system + own.children_user + own.children_system}
 
 
 def cpu_report(before: dict[str, Any], after: dict[str, Any], wall_s: float
@@ -373,6 +375,55 @@ def named_workload(name: str, count: int, rate: float, seed: int = 0
     return retime(requests, rate), source
 
 
+def _live_shard(config: RunConfig, requests: list[TraceRequest], start_at: float
+                ) -> list[RequestOutcome]:
+    """One load-generator process: wait for the common start, replay ``requests``."""
+    from loadgen.runner import run_live
+
+    time.sleep(max(0.0, start_at - time.time()))
+    outcomes: list[RequestOutcome] = []
+    asyncio.run(run_live(config, requests=requests, outcomes_out=outcomes))
+    return outcomes
+
+
+def replay_live(config: RunConfig, workload: Sequence[TraceRequest], processes: int = 1
+                ) -> tuple[dict[str, Any], list[RequestOutcome]]:
+    """Replay ``workload`` against ``config.url``; the summary and the per-request outcomes.
+
+    With ``processes`` > 1 the requests are dealt round-robin to that many load-generator
+    processes started together (each its own event loop: a first token does not wait
+    behind thousands of other streams' tokens in one loop), and the summary is computed
+    over all of them."""
+    from loadgen.runner import run_live
+
+    config = replace(config, max_requests=len(workload))
+    if processes <= 1:
+        outcomes: list[RequestOutcome] = []
+        summary = asyncio.run(run_live(config, requests=workload, outcomes_out=outcomes))
+        return summary, outcomes
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from loadgen.config import warmup_count
+    from loadgen.metrics import summarize
+
+    shards = [list(workload[k::processes]) for k in range(processes)]
+    wall_start = time.perf_counter()
+    # Forked (nothing runs in this process yet), started together one second from now.
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")
+                             ) as pool:
+        start_at = time.time() + 1.0
+        futures = [pool.submit(_live_shard, replace(config, max_requests=len(shard)), shard,
+                               start_at) for shard in shards]
+        outcomes = [o for future in futures for o in future.result()]
+    summary = summarize(outcomes, slo_ttft_s=config.slo_ttft_s, slo_tpot_s=config.slo_tpot_s,
+                        warmup_requests=warmup_count(config, len(outcomes)),
+                        wall_seconds=time.perf_counter() - wall_start)
+    summary.update({"mode": "live", "url": config.url, "rate": config.rate,
+                    "load_generator_processes": processes})
+    return summary, outcomes
+
+
 def _compact(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k not in _SUMMARY_DROP}
 
@@ -448,14 +499,15 @@ def run_fidelity(
     tolerance: float = 0.10,
     requests: Sequence[TraceRequest] | None = None,
     workload_source: dict[str, Any] | None = None,
+    loadgen_processes: int = 1,
     live: bool = True,
 ) -> dict[str, Any]:
     """Run ``config`` live and in the simulator on the same requests; return the comparison.
 
     ``report_interval_s`` (default: the replicas' heartbeat period, TTL/3, plus the
     gateway's refresh interval) and ``dispatch_delay_s`` configure the ``modelled`` sim.
-    ``workload_source`` (how ``requests`` were made) is recorded in the config."""
-    from loadgen.runner import run_live
+    ``workload_source`` (how ``requests`` were made) is recorded in the config;
+    ``loadgen_processes`` load-generator processes share the live replay."""
 
     workload = list(requests) if requests is not None else load_workload(config)
     if report_interval_s is None:
@@ -479,6 +531,7 @@ def run_fidelity(
             "gateway_refresh_interval_s": refresh_interval_s,
             "sim_report_interval_s": report_interval_s,
             "sim_dispatch_delay_s": dispatch_delay_s,
+            "loadgen_processes": loadgen_processes,
             # The gateway runs its admission job (rebalancing queued requests) once per
             # refresh; the simulated control loop gets the same period.
             "sim_control_interval_s": refresh_interval_s,
@@ -497,16 +550,13 @@ def run_fidelity(
     if live:
         with live_fleet(config, heartbeat_ttl_s=heartbeat_ttl_s,
                         refresh_interval_s=refresh_interval_s) as fleet:
-            live_outcomes: list[RequestOutcome] = []
             machine["loadavg_live_start"] = [round(x, 2) for x in os.getloadavg()]
             loops_before = engine_loops(fleet.engine_urls)
             cpu_before, live_start = fleet_cpu_seconds(fleet), time.perf_counter()
             # Every request of the list, as the simulator (a built workload can come out a
             # few requests over max_requests, where the live runner would cut it).
-            live_config = replace(config, url=fleet.url, progress=False,
-                                  max_requests=len(workload))
-            live_summary = asyncio.run(run_live(live_config, requests=workload,
-                                                outcomes_out=live_outcomes))
+            live_summary, live_outcomes = replay_live(
+                replace(config, url=fleet.url, progress=False), workload, loadgen_processes)
             machine["live_cpu"] = cpu_report(cpu_before, fleet_cpu_seconds(fleet),
                                              time.perf_counter() - live_start)
             machine["loadavg_live_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -616,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sim load-view refresh period (default: TTL/3 + refresh interval)")
     p.add_argument("--dispatch-delay", type=float, default=0.0,
                    help="sim delay from routing decision to engine arrival")
+    p.add_argument("--loadgen-procs", type=int, default=1,
+                   help="load-generator processes sharing the live replay (round-robin)")
     p.add_argument("--tolerance", type=float, default=0.10)
     p.add_argument("--sim-only", action="store_true", help="skip the live run")
     p.add_argument("--json", action="store_true", help="print the result JSON on stdout")
@@ -656,7 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           refresh_interval_s=args.refresh_interval,
                           report_interval_s=args.report_interval,
                           dispatch_delay_s=args.dispatch_delay, tolerance=args.tolerance,
-                          requests=requests, workload_source=source, live=not args.sim_only)
+                          requests=requests, workload_source=source,
+                          loadgen_processes=args.loadgen_procs, live=not args.sim_only)
     result["command"] = "python -m loadgen.fidelity " + " ".join(
         sys.argv[1:] if argv is None else list(argv))
     if args.out:

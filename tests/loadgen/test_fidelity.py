@@ -47,11 +47,14 @@ def test_ratios_and_tolerance() -> None:
 
 
 @pytest.mark.e2e
-def test_live_and_sim_serve_the_same_requests() -> None:
+@pytest.mark.parametrize("loadgen_processes", [1, 2])
+def test_live_and_sim_serve_the_same_requests(loadgen_processes: int) -> None:
     config = RunConfig(instances=2, policy="round_robin", profile="h100-llama3-8b",
                        slo_ttft_s=1.0, rate=10.0)
     workload = _workload()
-    result = run_fidelity(config, requests=workload, heartbeat_ttl_s=0.9)
+    result = run_fidelity(config, requests=workload, heartbeat_ttl_s=0.9,
+                          loadgen_processes=loadgen_processes)
+    assert result["config"]["loadgen_processes"] == loadgen_processes
     assert result["all_served"] == {"live": True, "sim": True}
     for side in ("live", "sim_fresh", "sim_modelled"):
         assert result[side]["completed"] == len(workload)
