@@ -42,12 +42,15 @@ DEFAULT_PARAMS = {"threshold": 6.0, "period_s": 0.2, "max_per_source": 2, "coold
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
-    """The value of the first Prometheus sample of ``name`` with ``labels`` (0 if none)."""
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    for line in text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if head == name or (head.startswith(name + "{") and all(w in head for w in want)):
-            return float(value)
+    """The value of the first Prometheus sample ``name`` carrying ``labels`` (0 if none),
+    read with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in labels.items()):
+                return float(sample.value)
     return 0.0
 
 
