@@ -13,10 +13,8 @@ every token once), no client sees an error, and ``/metrics`` counts the moves wi
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -26,6 +24,7 @@ from proto import byte_tokenizer
 from router.gateway import Gateway
 from tests.fleet import gateway_fleet, wait_until
 from tests.migration.fleet import reference_tokens
+from tests.sse import StreamAnswer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -55,34 +54,7 @@ def _expected(i: int) -> str:
         byte_tokenizer.encode(_prompt(i)), MAX_TOKENS, 0.0, "reference", executor="emulated"))
 
 
-@dataclass
-class Answer:
-    """One client's stream as it saw it."""
-
-    serving: str = ""
-    text: str = ""
-    done: int = 0
-    completion_tokens: int | None = None
-    errors: list[Any] = field(default_factory=list)
-    raw: bytes = b""
-
-    def absorb(self, data: bytes) -> None:
-        *events, self.raw = (self.raw + data).split(b"\n\n")
-        for event in events:
-            if event == b"data: [DONE]":
-                self.done += 1
-            elif event.startswith(b"data: {"):
-                chunk = json.loads(event[6:])
-                if "error" in chunk:
-                    self.errors.append(chunk["error"])
-                self.text += "".join(c.get("text") or "" for c in chunk.get("choices") or ())
-                if chunk.get("usage"):
-                    self.completion_tokens = chunk["usage"]["completion_tokens"]
-            else:
-                self.errors.append(event)  # a migration event or anything else unexpected
-
-
-async def _stream(client: httpx.AsyncClient, url: str, i: int, answer: Answer) -> None:
+async def _stream(client: httpx.AsyncClient, url: str, i: int, answer: StreamAnswer) -> None:
     body = {"prompt": _prompt(i), "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
@@ -109,7 +81,7 @@ def test_freeness_rebalancing_moves_streams_off_a_crowded_replica(
         _drain(url, instance_id, True)
     wait_until(lambda: {v.instance_id for v in gateway.snapshot.instances if v.draining}
                == set(others), timeout_s=10)
-    answers = [Answer() for _ in range(STREAMS)]
+    answers = [StreamAnswer() for _ in range(STREAMS)]
 
     async def main() -> None:
         async with httpx.AsyncClient(timeout=60) as client:

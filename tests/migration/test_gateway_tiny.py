@@ -20,12 +20,11 @@ such limit.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -38,6 +37,7 @@ from proto.tokenize import BYTE_TOKENIZER
 from router.gateway import Gateway
 from tests.fleet import gateway_fleet, wait_until
 from tests.migration.fleet import reference_tokens
+from tests.sse import StreamAnswer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -49,21 +49,6 @@ COMPLETION_PROMPT = "Once upon a time, in a fleet of replicas far away, "  # 23 
 # (this one 18)
 CHAT_MESSAGES = [{"role": "user", "content": "!!! replica !!! replica gamma ### upon fleet"}]
 MAX_TOKENS = 200
-
-
-@dataclass
-class Answer:
-    """What the client saw of one stream."""
-
-    text: str = ""
-    chunks: int = 0  # data events with text
-    done: int = 0
-    errors: list[Any] = field(default_factory=list)
-    completion_tokens: int | None = None
-    prompt_tokens: int | None = None
-    raw: bytes = b""
-    serving: str = ""
-    request_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,31 +97,7 @@ def expected() -> dict[str, tuple[str, int]]:
     return {name: kind.expected() for name, kind in KINDS.items()}
 
 
-def _absorb(answer: Answer, data: bytes) -> None:
-    answer.raw += data
-    *events, rest = answer.raw.split(b"\n\n")
-    answer.raw = rest
-    for event in events:
-        if event == b"data: [DONE]":
-            answer.done += 1
-        elif event.startswith(b"data: {"):
-            chunk = json.loads(event[6:])
-            if "error" in chunk:
-                answer.errors.append(chunk["error"])
-            for choice in chunk.get("choices") or ():
-                delta = choice.get("delta")
-                text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-                if text:
-                    answer.text += text
-                    answer.chunks += 1
-            if chunk.get("usage"):
-                answer.completion_tokens = chunk["usage"]["completion_tokens"]
-                answer.prompt_tokens = chunk["usage"]["prompt_tokens"]
-        else:
-            answer.errors.append(event)  # a migration event or anything else unexpected
-
-
-async def _stream(url: str, kind: Kind, answer: Answer, started: asyncio.Event) -> None:
+async def _stream(url: str, kind: Kind, answer: StreamAnswer, started: asyncio.Event) -> None:
     body = {**kind.body, "stream": True, "stream_options": {"include_usage": True}}
     async with httpx.AsyncClient(timeout=60) as client, client.stream(
             "POST", url + kind.path, json=body) as response:
@@ -145,11 +106,11 @@ async def _stream(url: str, kind: Kind, answer: Answer, started: asyncio.Event) 
         answer.request_id = response.headers["x-request-id"]
         started.set()
         async for data in response.aiter_raw():
-            _absorb(answer, data)
+            answer.absorb(data)
     assert answer.raw == b"", answer.raw  # the stream ended on an event boundary
 
 
-def _check(answer: Answer, kind: Kind, expected: tuple[str, int]) -> None:
+def _check(answer: StreamAnswer, kind: Kind, expected: tuple[str, int]) -> None:
     text, count = expected
     assert not answer.errors, answer.errors
     assert MIGRATED_EVENT not in answer.text
@@ -158,7 +119,7 @@ def _check(answer: Answer, kind: Kind, expected: tuple[str, int]) -> None:
     assert (answer.prompt_tokens, answer.completion_tokens) == (len(kind.prompt_ids), count)
 
 
-async def _wait_chunks(answer: Answer, task: asyncio.Task[None], chunks: int) -> bool:
+async def _wait_chunks(answer: StreamAnswer, task: asyncio.Task[None], chunks: int) -> bool:
     """Until the client has ``chunks`` text chunks; False if the stream ended first."""
     while answer.chunks < chunks:
         if task.done():
@@ -167,7 +128,7 @@ async def _wait_chunks(answer: Answer, task: asyncio.Task[None], chunks: int) ->
     return not task.done()
 
 
-async def _move(client: httpx.AsyncClient, gateway: Gateway, answer: Answer,
+async def _move(client: httpx.AsyncClient, gateway: Gateway, answer: StreamAnswer,
                 task: asyncio.Task[None], target: str) -> str:
     """Order a live migration through the admin API; its final state. After a commit, wait
     until the gateway relays the stream from ``target`` (the next move starts there)."""
@@ -196,12 +157,12 @@ async def _move(client: httpx.AsyncClient, gateway: Gateway, answer: Answer,
 
 async def _stream_with_moves(
     fleet: dict[str, Any], kind: Kind, plan: list[tuple[int, int]],
-) -> tuple[Answer, list[tuple[str, str, str]]]:
+) -> tuple[StreamAnswer, list[tuple[str, str, str]]]:
     """Stream ``kind``; for each (after, hop) of ``plan``, once ``after`` more text chunks
     reached the client, move the request ``hop`` replicas on (in ``ENGINES`` order) from
     where it runs. Returns the answer and the moves (from, to, state)."""
     gateway: Gateway = fleet["gateway"]
-    answer, started = Answer(), asyncio.Event()
+    answer, started = StreamAnswer(), asyncio.Event()
     task = asyncio.create_task(_stream(fleet["url"], kind, answer, started))
     moves: list[tuple[str, str, str]] = []
     async with httpx.AsyncClient(base_url=fleet["url"], timeout=30) as client:
@@ -271,7 +232,7 @@ def _revive(fleet: dict[str, Any], instance_id: str) -> None:
 
 async def _stream_with_kill(
     fleet: dict[str, Any], kind: Kind, kill_after: int, kill_before: int,
-) -> tuple[Answer, str, str, list[tuple[str, str, str]]] | None:
+) -> tuple[StreamAnswer, str, str, list[tuple[str, str, str]]] | None:
     """Stream ``kind``; after ``kill_after`` text chunks, kill the serving replica (stopped
     first, so that what it sent has reached the client: the replay point is known); the
     gateway replays the request on a survivor; then live-migrate it to the third replica
@@ -280,7 +241,7 @@ async def _stream_with_kill(
     by the time it stopped (a slow client)."""
     gateway: Gateway = fleet["gateway"]
     engines = {e.spec.instance_id: e for e in fleet["supervisor"].engines}
-    answer, started = Answer(), asyncio.Event()
+    answer, started = StreamAnswer(), asyncio.Event()
     task = asyncio.create_task(_stream(fleet["url"], kind, answer, started))
     await asyncio.wait({task, asyncio.ensure_future(started.wait())},
                        return_when=asyncio.FIRST_COMPLETED)
