@@ -1,5 +1,9 @@
 """Live load generator: replays a workload against an OpenAI-compatible server over HTTP.
 
+The client is ``router.upstream``'s (asyncio protocol + httptools, keep-alive, ``http://``
+only); bodies are encoded and SSE events parsed with orjson, so the client's own CPU stays
+small next to what it measures.
+
 Each request is a streaming ``POST /v1/completions`` whose ``prompt`` is the list of engine
 token ids (the OpenAI API accepts token arrays) and whose ``max_tokens`` is the request's
 output length, with ``stream_options.include_usage`` so the final chunk carries usage (and,
@@ -12,13 +16,12 @@ or ``max_seconds`` and requests still running ``drain_timeout_s`` later are canc
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import httpx
+import orjson
 from tqdm import tqdm
 
 from loadgen.config import RunConfig, load_workload, warmup_count
@@ -31,6 +34,11 @@ from loadgen.metrics import (
 )
 from loadgen.request import TraceRequest
 from proto.headers import INSTANCE_HEADER, REQUEST_ID_HEADER
+from router.upstream import UpstreamError, UpstreamPool
+
+_JSON_HEADERS = ((b"content-type", b"application/json"), (b"accept", b"text/event-stream"))
+_INSTANCE = INSTANCE_HEADER.encode()
+_REQUEST_ID = REQUEST_ID_HEADER.encode()
 
 
 def completion_body(request: TraceRequest, model: str, ignore_eos: bool) -> dict[str, Any]:
@@ -48,21 +56,36 @@ def completion_body(request: TraceRequest, model: str, ignore_eos: bool) -> dict
     return body
 
 
-async def _discover_model(client: httpx.AsyncClient, url: str) -> str:
+def client_pool(url: str, max_concurrency: int, connect_timeout_s: float = 10.0) -> UpstreamPool:
+    """The load generator's HTTP/1.1 client to ``url`` (``http://host:port[/prefix]``).
+
+    It is the gateway's own upstream client (``router.upstream``: asyncio protocol +
+    httptools, keep-alive): a load generator that spends a millisecond of CPU per request
+    in its HTTP library delays its own TTFT timestamps and takes CPU from the system it
+    measures (``docs/results/loadgen-client.json``). Up to ``max_concurrency`` (at most 256)
+    idle connections are kept.
+    """
+    return UpstreamPool(url.rstrip("/"), connect_timeout_s=connect_timeout_s,
+                        max_idle=min(max_concurrency, 256))
+
+
+async def _discover_model(client: UpstreamPool) -> str:
     """The first model ``GET /v1/models`` lists, or ``"default"`` if it lists none."""
     try:
-        response = await client.get(f"{url}/v1/models", timeout=10.0)
-        data = response.json().get("data") or []
-        if response.status_code == 200 and data:
+        async with asyncio.timeout(10.0):
+            response = await client.request(b"GET", "/v1/models", ())
+            raw = await response.read()
+        data = orjson.loads(raw).get("data") or []
+        if response.status == 200 and data:
             return str(data[0]["id"])
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+    except (UpstreamError, TimeoutError, orjson.JSONDecodeError, AttributeError, KeyError,
+            TypeError, IndexError):
         pass
     return "default"
 
 
 async def send_one(
-    client: httpx.AsyncClient,
-    url: str,
+    client: UpstreamPool,
     request: TraceRequest,
     outcome: RequestOutcome,
     model: str,
@@ -73,51 +96,73 @@ async def send_one(
 ) -> None:
     """Send one request and fill ``outcome`` (TTFT, inter-token gaps, E2E, usage, errors).
 
-    TTFT is from just before the request is written to the first chunk carrying text;
-    output tokens are ``usage.completion_tokens`` when reported, else text chunks.
+    The body is encoded before the clock starts: TTFT is from just before the request is
+    written to the first chunk carrying text; output tokens are ``usage.completion_tokens``
+    when reported, else text chunks. ``timeout_s`` bounds the wait for the response head and
+    for each next piece of the body (an idle timeout, as httpx's read timeout); a request
+    that runs into it is an error ``TimeoutError`` and its connection is dropped.
     """
-    body = completion_body(request, model, ignore_eos)
+    body = orjson.dumps(completion_body(request, model, ignore_eos))
+    headers = (*_JSON_HEADERS, (_REQUEST_ID, request.request_id.encode()))
+    loop = asyncio.get_running_loop()
     start = clock()
     chunks = 0
     last_token_at: float | None = None
     usage: dict[str, Any] | None = None
+    response = None
     try:
-        async with client.stream(
-            "POST", f"{url}/v1/completions", json=body, timeout=timeout_s,
-            headers={REQUEST_ID_HEADER: request.request_id},
-        ) as response:
-            outcome.instance_id = response.headers.get(INSTANCE_HEADER)
-            if response.status_code != 200:
-                text = (await response.aread()).decode("utf-8", "replace")
-                outcome.error = f"HTTP {response.status_code}: {text[:200]}"
+        async with asyncio.timeout(timeout_s) as deadline:
+            response = await client.request(b"POST", "/v1/completions", headers, body)
+            instance = response.header(_INSTANCE)
+            outcome.instance_id = None if instance is None else instance.decode("latin-1")
+            if response.status != 200:
+                text = (await response.read()).decode("utf-8", "replace")
+                outcome.error = f"HTTP {response.status}: {text[:200]}"
                 return
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
+            pending = b""
+            done = False
+            async for piece in response.chunks():
+                deadline.reschedule(loop.time() + timeout_s)
+                if done:  # read to the end, so the connection is kept alive
                     continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                chunk = json.loads(payload)
-                if "error" in chunk:
-                    outcome.error = f"stream error: {str(chunk['error'])[:200]}"
-                    return
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                if any(choice.get("text") for choice in chunk.get("choices") or ()):
-                    now = clock()
-                    if last_token_at is None:
-                        outcome.ttft_s = now - start
-                    else:
-                        outcome.inter_token_s.append(now - last_token_at)
-                    last_token_at = now
-                    chunks += 1
+                lines = (pending + piece).split(b"\n") if pending else piece.split(b"\n")
+                pending = lines.pop()  # an incomplete last line waits for the next piece
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        done = True
+                        break
+                    chunk = orjson.loads(payload)
+                    if "error" in chunk:
+                        outcome.error = f"stream error: {str(chunk['error'])[:200]}"
+                        return
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    if any(choice.get("text") for choice in chunk.get("choices") or ()):
+                        now = clock()
+                        if last_token_at is None:
+                            outcome.ttft_s = now - start
+                        else:
+                            outcome.inter_token_s.append(now - last_token_at)
+                        last_token_at = now
+                        chunks += 1
         outcome.e2e_s = clock() - start
         if outcome.ttft_s is None:
             outcome.error = "no tokens in stream"
             return
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except TimeoutError:
+        outcome.error = f"TimeoutError: nothing received for {timeout_s:g} s"
+        return
+    except (UpstreamError, orjson.JSONDecodeError) as exc:
         outcome.error = f"{type(exc).__name__}: {str(exc)[:200]}"
         return
+    finally:
+        # A body not read to its end leaves the connection mid-response: drop it (cancelled
+        # at the end of a bounded run, timed out, an error event, or [DONE] before the end).
+        if response is not None and not response.complete:
+            response.close()
     outcome.output_tokens = chunks
     if usage is not None:
         outcome.output_tokens = int(usage.get("completion_tokens") or chunks)
@@ -131,7 +176,6 @@ async def run_live(
     config: RunConfig,
     *,
     requests: Sequence[TraceRequest] | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
     outcomes_out: list[RequestOutcome] | None = None,
 ) -> dict[str, Any]:
     """Replay the workload of ``config`` against ``config.url`` and return the summary JSON
@@ -145,18 +189,17 @@ async def run_live(
     url = config.url.rstrip("/")
     outcomes = [RequestOutcome(r.request_id, r.arrival_s, r.prompt_len, r.output_len)
                 for r in workload]
-    limits = httpx.Limits(max_connections=config.max_concurrency,
-                          max_keepalive_connections=min(config.max_concurrency, 256))
     wall_start = time.perf_counter()
-    async with httpx.AsyncClient(transport=transport, limits=limits, timeout=None) as client:
-        model = config.model or await _discover_model(client, url)
+    client = client_pool(url, config.max_concurrency)
+    try:
+        model = config.model or await _discover_model(client)
         gate = asyncio.Semaphore(config.max_concurrency)
         bar = tqdm(total=len(workload), desc="loadgen", unit="req", file=sys.stderr,
                    disable=not config.progress, leave=False)
 
         async def one(request: TraceRequest, outcome: RequestOutcome) -> None:
             async with gate:
-                await send_one(client, url, request, outcome, model,
+                await send_one(client, request, outcome, model,
                                ignore_eos=config.ignore_eos,
                                timeout_s=config.request_timeout_s)
             bar.update(1)
@@ -180,6 +223,8 @@ async def run_live(
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         bar.close()
+    finally:
+        client.close()
     outcomes = outcomes[:sent]
     if outcomes_out is not None:
         outcomes_out.extend(outcomes)
