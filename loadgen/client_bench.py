@@ -5,7 +5,10 @@ the current one (``loadgen.runner.send_one``: ``router.upstream`` + orjson).
 Both send the same long-prompt streaming completions, from this one process, to one
 emulated replica in another process (fast ``--speedup`` so the replica's time is small);
 rounds alternate between the clients and each figure is the median over rounds of the
-client process's CPU seconds per request (``time.process_time``) and of its TTFT.
+client process's CPU seconds per request (``time.process_time``) and of its TTFT. Each
+event loop (asyncio, uvloop) is measured in turn: the old client ran on asyncio, the load
+generator now runs on uvloop. Requests are sent one at a time, so every streamed token is
+its own socket read (the costly case; many concurrent streams share wake-ups).
 
 ``python -m loadgen.client_bench --out docs/results/loadgen-client.json``
 """
@@ -19,7 +22,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,47 +115,60 @@ async def _measure(url: str, model: str, prompt_len: int, output_len: int, reque
     return results
 
 
-def run(prompt_len: int = 8192, output_len: int = 64, requests: int = 60, rounds: int = 5,
-        speedup: float = 50.0, loop: str = "uvloop") -> dict[str, Any]:
-    """Start one emulated replica, measure both clients, return the result JSON."""
+def run(prompt_len: int = 12288, output_len: int = 256, requests: int = 30, rounds: int = 5,
+        speedup: float = 50.0, loops: Sequence[str] = ("asyncio", "uvloop")) -> dict[str, Any]:
+    """Start one emulated replica, measure both clients on each event loop in turn, return
+    the result JSON (medians per loop and client; ``old_over_new``: the load generator's
+    client before (httpx on asyncio) over now (upstream on uvloop), where both were run)."""
     engine = EngineProcess(EngineSpec("client-bench", free_port(), speedup=speedup,
                                       extra_args=["--migration-port", "-1"]))
+    loadavg_before = [round(x, 2) for x in os.getloadavg()]
+    raw: dict[str, dict[str, list[dict[str, float]]]] = {}
     engine.start()
     try:
         engine.wait_healthy()
-        measure = _measure(engine.spec.url, engine.spec.model, prompt_len, output_len,
-                           requests, rounds)
-        raw = uvloop.run(measure) if loop == "uvloop" else asyncio.run(measure)
+        for loop in loops:
+            measure = _measure(engine.spec.url, engine.spec.model, prompt_len, output_len,
+                               requests, rounds)
+            raw[loop] = uvloop.run(measure) if loop == "uvloop" else asyncio.run(measure)
     finally:
         engine.stop()
-    medians = {name: {key: round(statistics.median(r[key] for r in rows), 3)
-                      for key in rows[0]} for name, rows in raw.items()}
-    ratio = medians["httpx"]["cpu_us_per_request"] / medians["upstream"]["cpu_us_per_request"]
-    return {
+    medians = {loop: {name: {key: round(statistics.median(r[key] for r in rows), 3)
+                             for key in rows[0]} for name, rows in by_client.items()}
+               for loop, by_client in raw.items()}
+    result: dict[str, Any] = {
         "setup": {"prompt_tokens": prompt_len, "output_tokens": output_len,
                   "requests_per_round": requests, "rounds": rounds, "replica_speedup": speedup,
-                  "event_loop": loop,
                   "sequential": True, "cpu": "client process only (time.process_time)",
-                  "loadavg_before": [round(x, 2) for x in os.getloadavg()]},
+                  "loadavg_before": loadavg_before,
+                  "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
         "median": medians,
-        "cpu_ratio_httpx_over_upstream": round(ratio, 2),
-        "rounds": raw,
+        "cpu_ratio_httpx_over_upstream": {
+            loop: round(m["httpx"]["cpu_us_per_request"] / m["upstream"]["cpu_us_per_request"], 2)
+            for loop, m in medians.items()},
     }
+    if "asyncio" in medians and "uvloop" in medians:
+        old, new = medians["asyncio"]["httpx"], medians["uvloop"]["upstream"]
+        result["old_over_new"] = {
+            "cpu_per_request": round(old["cpu_us_per_request"] / new["cpu_us_per_request"], 2),
+            "ttft_p50_ms_saved": round(old["ttft_p50_ms"] - new["ttft_p50_ms"], 3)}
+    result["rounds"] = raw
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--prompt-len", type=int, default=8192)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--prompt-len", type=int, default=12288)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--speedup", type=float, default=50.0)
-    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--loops", default="asyncio,uvloop",
+                        help="event loops to measure on, in turn (asyncio, uvloop)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     result = run(args.prompt_len, args.output_len, args.requests, args.rounds, args.speedup,
-                 args.loop)
-    result["setup"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+                 [loop for loop in args.loops.split(",") if loop])
     result["command"] = "python -m loadgen.client_bench " + " ".join(
         argv if argv is not None else sys.argv[1:])
     text = json.dumps(result, indent=2)
