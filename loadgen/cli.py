@@ -108,6 +108,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
                      help="sim laps: experiment jobs run in parallel processes")
     cap.add_argument("--workloads", default="long_tailed,mooncake,azure_conv",
                      help="sim laps: comma-separated workloads, in priority order")
+    cap.add_argument("--resume", default=None, metavar="RESULT.json",
+                     help="sim laps: keep the finished cells of this earlier result")
     cap.add_argument("--workload-requests", default=None, metavar="NAME=N,...",
                      help="sim laps: requests per probe per workload (default: "
                      "loadgen.laps_experiment.DEFAULT_REQUESTS)")
@@ -221,7 +223,8 @@ def _run_admission_experiment(args: argparse.Namespace) -> int:
             requests_per_workload=counts, instances=args.instances,
             profile=args.profile, slo_ttft_s=args.slo_ttft, target=args.target,
             rel_tol=args.rel_tol, max_probes=args.max_probes, seed=args.seed,
-            jobs=args.jobs, progress=progress, on_progress=save_partial)
+            jobs=args.jobs, progress=progress, on_progress=save_partial,
+            resume=json.loads(Path(args.resume).read_text()) if args.resume else None)
         if args.plot:
             lx.plot_laps(result, args.plot)
     else:

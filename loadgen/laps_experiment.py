@@ -55,7 +55,7 @@ LAPS_POLICIES = ("dualmap", "least_loaded", "cache_aware")
 # from there until it brackets the capacity.
 SEARCH_START: dict[str, dict[str, float]] = {
     "long_tailed": {"dualmap": 0.85, "least_loaded": 0.55, "cache_aware": 0.5},
-    "mooncake": {"dualmap": 0.5, "least_loaded": 0.5, "cache_aware": 0.5},
+    "mooncake": {"dualmap": 0.5, "least_loaded": 0.3, "cache_aware": 0.4},
     "azure_conv": {"dualmap": 0.9, "least_loaded": 0.9, "cache_aware": 0.9},
 }
 DEFAULT_SEARCH_START = 0.6
@@ -186,7 +186,11 @@ def measure_policy(
         if on_update is not None:
             on_update(entry)
 
+    # Parts already in ``entry`` (a resumed run) are kept; a search that found nothing is
+    # run again.
     for admission in admissions if "search" in phases else ():
+        if (entry.get(admission) or {}).get("effective_capacity_rps"):
+            continue
         config = replace(base, policy=policy, admission=admission)
         probes: list[dict[str, Any]] = []
 
@@ -236,6 +240,8 @@ def measure_policy(
     entry.setdefault("at_80pct", {})
     entry.setdefault("cliff", {})
     for admission in admissions if reference > 0 and "at80" in phases else ():
+        if admission in entry["at_80pct"]:
+            continue
         config = replace(base, policy=policy, admission=admission)
         rate = 0.8 * reference
         summary = run_sim(replace(config, rate=rate), requests=retime(requests, rate))
@@ -245,6 +251,8 @@ def measure_policy(
         update()
     for admission in admissions if reference > 0 and cliff_factors and "cliff" in phases \
             else ():
+        if admission in entry["cliff"]:
+            continue
         config = replace(base, policy=policy, admission=admission)
         cliff = []
         for factor in cliff_factors:
@@ -360,8 +368,11 @@ def run_laps_experiment(
     progress: bool = True,
     traces: Path = TRACES,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``docs/results/laps.json`` result (see the module docstring). One job per
+    """The ``docs/results/laps.json`` result (see the module docstring). ``resume``: an
+    earlier (partial) result of the same settings; its finished searches and runs are kept
+    and only the rest is run (in-process runs only). One job per
     workload x policy in ``job_order``; with ``jobs`` > 1 that many at a time in separate
     processes, else in this process, with ``on_progress`` after every search and run (so an
     interrupted run leaves its finished cells). Results do not depend on ``jobs``: every job
@@ -387,6 +398,11 @@ def run_laps_experiment(
         requests, source = workload_requests(name, counts[name], seed, traces)
         result["workloads"][name] = {"source": source, **workload_bound(requests, base),
                                      "policies": {}}
+        if resume is not None and jobs <= 1:
+            earlier = resume.get("workloads", {}).get(name, {})
+            if earlier.get("requests") == result["workloads"][name]["requests"]:
+                result["workloads"][name]["policies"] = json.loads(
+                    json.dumps(earlier.get("policies", {})))
     order = job_order(workloads, policies)
 
     def job_args(name: str, policy: str) -> dict[str, Any]:
@@ -631,8 +647,11 @@ def ttft_breakdown(
     warmup_fraction: float = WARMUP_FRACTION,
     seed: int = 0,
     traces: Path = TRACES,
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Where the TTFT of each measured request goes, at one rate, per admission mode: the
+    """Where the TTFT of each measured request goes, at one rate, per admission mode (and
+    per named variant: ``RunConfig`` overrides, e.g. ``{"laps_no_rebalance":
+    {"admission": "laps", "rebalance": False}}``): the
     wait in the router's queue (submit to release), the uncached prefill on an idle
     instance (``idle_prefill_s``: the floor), and the rest (waiting and sharing iterations
     inside the engine). For all requests and for the SLO misses: their count, the share of
@@ -660,8 +679,10 @@ def ttft_breakdown(
                 self.released_at[release.request_id] = now
             super()._forward(releases, now)
 
-    for admission in admissions:
-        config = replace(base, admission=admission, rate=rate)
+    runs: dict[str, Mapping[str, Any]] = {a: {"admission": a} for a in admissions}
+    runs.update(variants or {})
+    for label, overrides in runs.items():
+        config = replace(base, rate=rate, **overrides)
         simulator = Recording(config, retimed)
         simulator.released_at = {}
         result = simulator.run()
@@ -693,7 +714,7 @@ def ttft_breakdown(
             }
 
         misses = [r for r in rows if r[0] > slo_ttft_s]
-        out["modes"][admission] = {
+        out["modes"][label] = {
             "slo_attainment": summary["slo_attainment"],
             "ttft_p50": summary["ttft_p50"], "ttft_p90": summary["ttft_p90"],
             "ttft_p99_short": summary["ttft_p99_short"],
@@ -708,17 +729,27 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _waits(row: dict[str, Any]) -> str:
+    waits = (row.get("admission_counters") or {}).get("wait_s_mean")
+    if not waits:
+        return "-"
+    return f"{_fmt(waits.get('short'))} / {_fmt(waits.get('long'))}"
+
+
 def laps_tables(result: dict[str, Any]) -> str:
     """Markdown tables of a ``sim laps`` result (``python -m loadgen.laps_experiment``)."""
     lines: list[str] = []
+    if result.get("complete") is False:
+        lines += ["(partial: the run was stopped before every step had run)", ""]
     for name, workload in result["workloads"].items():
         lines += [f"### {name}: ideal bound {workload['ideal_bound_rps']:.1f} req/s, "
                   f"{workload['requests']} requests, prompt p50/p90/p99 "
                   f"{workload['prompt_p50']:.0f}/{workload['prompt_p90']:.0f}/"
                   f"{workload['prompt_p99']:.0f}", "",
                   "| policy | admission | capacity rps | % of ideal | hit rate | "
+                  "TTFT p50 / p90 (s) | router wait short / long (s) | "
                   "short TTFT p99 at 80 % (s) | span / E2E p90 |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for policy, entry in workload["policies"].items():
             for admission in ADMISSIONS:
                 row = entry.get(admission)
@@ -729,6 +760,8 @@ def laps_tables(result: dict[str, Any]) -> str:
                     f"| {policy} | {admission} | {_fmt(row['effective_capacity_rps'], 1)} | "
                     f"{_fmt(100 * (row.get('fraction_of_ideal') or 0), 0)}% | "
                     f"{_fmt(row.get('cache_hit_rate'), 3)} | "
+                    f"{_fmt(row.get('ttft_p50'))} / {_fmt(row.get('ttft_p90'))} | "
+                    f"{_waits(row)} | "
                     f"{_fmt(at80.get('ttft_p99_short'), 3)} | "
                     f"{_fmt(row.get('span_over_e2e_p90'), 1)} |")
         cliffs = [(p, a, c) for p, e in workload["policies"].items()

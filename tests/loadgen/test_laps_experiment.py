@@ -75,6 +75,15 @@ def test_in_process_run_reports_partial_results_and_stays_under_the_bound() -> N
             0.8 * entry["none"]["effective_capacity_rps"], 4)
     assert entry["cliff"] == {}  # cliffs only for the cliff workloads' policies
 
+    # Resuming from the finished result runs nothing again and keeps every cell.
+    again: list[dict[str, Any]] = []
+    resumed = run_laps_experiment(
+        workloads=("azure_conv",), policies=("least_loaded",), admissions=("none", "laps"),
+        requests_per_workload=150, instances=2, max_probes=2, progress=False,
+        on_progress=again.append, resume=result)
+    assert again == []
+    assert resumed["workloads"]["azure_conv"]["policies"] == workload["policies"]
+
 
 def _result(span: float) -> dict[str, Any]:
     def cell(rps: float) -> dict[str, Any]:
