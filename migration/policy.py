@@ -115,8 +115,10 @@ def rebalance(
     not create a new hotspot) and at most ``max_per_source`` requests leave each source per
     call (in rounds: each round takes one from every source still below the threshold after
     the moves already planned; the next call sees the fresh loads), fewer where ``quota``
-    says so (moves a source may still give). ``busy`` request ids (already migrating) are
-    skipped.
+    says so (moves a source may still give). An instance below the threshold when the call
+    starts never takes a request in it, even once its own moves out lift it: a request
+    moving in while another moves out is churn that copies KV for nothing. ``busy``
+    request ids (already migrating) are skipped.
     """
     states = {load.instance_id: _State(load.instance_id, load.free_blocks - load.queued_blocks,
                                        load.num_running, load.accepts_migrations)
@@ -124,6 +126,7 @@ def rebalance(
     by_instance: dict[str, list[RunningRequest]] = {}
     for request in requests:
         by_instance.setdefault(request.instance_id, []).append(request)
+    crowded = frozenset(s.instance_id for s in states.values() if s.freeness < threshold)
     moves: list[Move] = []
     taken = set(busy)
     given: dict[str, int] = {}
@@ -142,7 +145,7 @@ def rebalance(
                                   frozenset(taken))
             if chosen is None:
                 continue
-            destination = _roomiest(states, source.instance_id, chosen.num_blocks, threshold)
+            destination = _roomiest(states, crowded, chosen.num_blocks, threshold)
             if destination is None:
                 continue  # too big for any roomy instance; a smaller one elsewhere may fit
             _apply(states, source, destination, chosen)
@@ -315,7 +318,8 @@ def drain(
         if not request.migratable:
             stuck.append(request)
             continue
-        destination = _roomiest(states, request.instance_id, request.num_blocks, -math.inf)
+        destination = _roomiest(states, frozenset((request.instance_id,)), request.num_blocks,
+                                -math.inf)
         source = states.get(request.instance_id)
         if destination is None or source is None:
             stuck.append(request)
@@ -326,12 +330,14 @@ def drain(
     return moves, stuck
 
 
-def _roomiest(states: dict[str, _State], source: str, num_blocks: int,
+def _roomiest(states: dict[str, _State], excluded: frozenset[str], num_blocks: int,
               threshold: float) -> _State | None:
+    """The instance, not ``excluded``, with the most freeness after taking ``num_blocks``
+    (ties to the lower id), if that stays above ``threshold``."""
     best: _State | None = None
     best_after = -math.inf
     for state in states.values():
-        if not state.accepts or state.instance_id == source or state.free < num_blocks:
+        if not state.accepts or state.instance_id in excluded or state.free < num_blocks:
             continue
         after = freeness(state.free - num_blocks, state.running + 1)
         if after <= threshold:
