@@ -60,8 +60,9 @@ def test_the_control_loop_clears_a_hotspot_of_queued_requests_and_sends_each_onc
     requests pile up in the router at the home; the rebalancer moves them away until the
     home's predicted TTFT is within the SLO; every request is released exactly once."""
     rng = np.random.default_rng(3)
+    # One key: one home; the paper's trigger (a hotspot past the SLO itself).
     policy = DualMapPolicy(slo_ttft_s=1.0, slo_aware=False, prefill_s_per_token=1e-4,
-                           adaptive_key=False)  # one key: one home
+                           adaptive_key=False, rebalance_ttft_factor=1.0)
     admission = build_admission("laps", budget_tokens=2000, max_wait_s=60.0, long_age_s=60.0)
     assert isinstance(admission, LapsAdmission)
     snap = _fleet(8)

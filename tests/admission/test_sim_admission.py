@@ -55,7 +55,7 @@ def test_rebalancing_moves_queued_requests_in_the_sim() -> None:
     hot = {"zipf_exponent": 1.3, "num_prefixes": 20, "prefix_len": 2048,
            "suffix_len_mean": 3000.0}
     config = _config("laps", policy="dualmap_no_slo", rebalance=True, rate=60.0,
-                     workload_params=hot)
+                     workload_params=hot, policy_params={"rebalance_ttft_factor": 1.0})
     summary = run_sim(config)
     moves = summary["admission_counters"]["moves"]
     assert sum(moves.values()) > 0

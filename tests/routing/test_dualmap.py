@@ -173,10 +173,14 @@ def test_dispatch_books_only_the_uncached_part_as_prefill_work() -> None:
     assert policy.board.tracker.pending_prefill_tokens(c1) == 2000 - 1600
 
 
-def test_rebalance_moves_queued_requests_off_a_hotspot() -> None:
+@pytest.mark.parametrize("factor", [1.0, 2.0])
+def test_rebalance_moves_queued_requests_off_a_hotspot(factor: float) -> None:
+    """Past ``rebalance_ttft_factor`` x the SLO (1: the paper's trigger; 2: the default),
+    the newest queued requests move off until the predicted TTFT is back within it."""
     rng = np.random.default_rng(9)
-    policy = _policy()
-    snap = _with_backlog(snapshot(4), {"i00": 7500})
+    policy = _policy(rebalance_ttft_factor=factor)
+    backlog = 7500 + round(10_000 * (factor - 1))  # the same excess over the bound
+    snap = _with_backlog(snapshot(4), {"i00": backlog})
     queued = [QueuedRequest(request(f"q{k}", tokens(rng, 1000)), "i00", enqueued_at=k * 0.1)
               for k in range(6)]
     policy.sync(snap)
@@ -188,8 +192,23 @@ def test_rebalance_moves_queued_requests_off_a_hotspot() -> None:
                for m in moves)
     moved = {m.request_id for m in moves}
     assert "q5" in moved and "q0" not in moved  # the newest leave first
-    kept = 7500 + 1000 * (6 - len(moves))
-    assert kept * S_PER_TOKEN <= SLO < (kept + 1000) * S_PER_TOKEN  # no more moves than needed
+    kept = backlog + 1000 * (6 - len(moves))
+    bound = factor * SLO
+    assert kept * S_PER_TOKEN <= bound < (kept + 1000) * S_PER_TOKEN  # no more than needed
+
+
+def test_the_default_rebalancing_trigger_leaves_an_instance_just_past_the_slo() -> None:
+    """By default (2x the SLO) a hotspot the paper's trigger would clear (predicted TTFT
+    1.35x the SLO) is left alone: near capacity such moves ping-pong and cost cache."""
+    rng = np.random.default_rng(9)
+    policy = _policy()
+    snap = _with_backlog(snapshot(4), {"i00": 7500})
+    queued = [QueuedRequest(request(f"q{k}", tokens(rng, 1000)), "i00", enqueued_at=k * 0.1)
+              for k in range(6)]
+    policy.sync(snap)
+    for q in queued:
+        policy.on_dispatched(q.request, Decision("i00", "affinity", ("i00",)), 0.0)
+    assert policy.plan_rebalance(queued, snap, now=1.0) == []
 
 
 def test_the_fleet_fallback_finds_a_cached_copy_off_the_rings() -> None:
