@@ -117,14 +117,22 @@ class EngineProcess:
         raise TimeoutError(f"engine {self.spec.instance_id} not healthy after {timeout_s}s")
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM, timeout_s)
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
+                 timeout_s: float = 5.0) -> None:
+    """Ask ``proc`` to stop with ``sig``; kill it if it has not exited within
+    ``timeout_s``. Nothing if it already exited."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class EngineSupervisor:

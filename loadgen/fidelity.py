@@ -275,7 +275,7 @@ def live_fleet(config: RunConfig, *, heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_
 
 def _start_fleet(stack: contextlib.ExitStack, config: RunConfig, heartbeat_ttl_s: float,
                  refresh_interval_s: float, log_dir: str | None) -> LiveFleet:
-    from instances.launcher import EngineSpec, EngineSupervisor, free_port
+    from instances.launcher import EngineSpec, EngineSupervisor, free_port, stop_process
     from router.embedded_redis import embedded_redis
 
     workdir = tempfile.mkdtemp(prefix="llmfleet-fidelity-")
@@ -310,16 +310,7 @@ def _start_fleet(stack: contextlib.ExitStack, config: RunConfig, heartbeat_ttl_s
         # then gets its own share of the CPU instead of splitting the load generator's.
         start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
-    def stop_gateway() -> None:
-        if gateway.poll() is None:
-            gateway.send_signal(signal.SIGINT)
-            try:
-                gateway.wait(10)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
-                gateway.wait()
-
-    stack.callback(stop_gateway)
+    stack.callback(stop_process, gateway, signal.SIGINT, 10.0)
     # A replica that lost its port to another process exits (its /health may even be
     # answered by that process): fail fast instead of waiting for the gateway.
     dead = [e.spec.instance_id for e in supervisor.engines if not e.alive()]

@@ -72,7 +72,7 @@ def _wait_ready(url: str, engines: int, proc: subprocess.Popen[bytes],
 def _fleet(redis_url: str, namespace: str, engines: int, blocks: int, rebalance: bool,
            params: dict[str, Any], log_dir: str) -> Iterator[tuple[str, list[str]]]:
     """Replicas and a gateway; yields (gateway URL, engine URLs)."""
-    from instances.launcher import EngineSpec, EngineSupervisor, free_port
+    from instances.launcher import EngineSpec, EngineSupervisor, free_port, stop_process
 
     heartbeat_ttl_s = 1.5  # load reports every 0.5 s
     specs = [EngineSpec(instance_id=f"engine-{i}", port=free_port(), redis_url=redis_url,
@@ -94,15 +94,7 @@ def _fleet(redis_url: str, namespace: str, engines: int, blocks: int, rebalance:
         gateway = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
-        def stop_gateway() -> None:
-            gateway.send_signal(signal.SIGINT)
-            try:
-                gateway.wait(10)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
-                gateway.wait()
-
-        stack.callback(stop_gateway)
+        stack.callback(stop_process, gateway, signal.SIGINT, 10.0)
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, engines, gateway)
         yield url, [spec.url for spec in specs]
