@@ -4,8 +4,13 @@ Such a server does not heartbeat into our registry, so an ``ExternalReplicaAgent
 for it: it health-checks the server, reads its load the way its kind allows
 (``proto.backends``: Prometheus metrics, SGLang's ``/get_load``, or nothing for a plain
 OpenAI server, whose load the gateway counts itself), and writes what it read to the
-registry. A server that fails its health checks leaves the registry (and so the rings) at
-once and joins again when it answers.
+registry. A server that is down (its health check refused or failed) leaves the registry
+(and so the rings) after ``unhealthy_after`` checks in a row and joins again when it
+answers. A server that is only slow (a check timed out: a loaded vLLM's API process can
+take seconds to answer) is not dead: it keeps its registration, with its last load report
+(whose ``report_time`` then shows its age), for up to ``busy_grace_s`` since it last
+answered. Its registration's TTL is refreshed on a timer of its own, so a slow load read
+cannot let it expire either.
 
 Metrics are parsed with ``prometheus_client``'s parser. A metric the kind should have but the
 page lacks (engines rename metrics between versions) is logged once per server and field,
@@ -246,7 +251,8 @@ class ExternalReplicaAgent:
                  model: str | None = None, poll_s: float = 1.0, kind: str = "auto",
                  kv_events: str | None = None, block_size: int | None = None,
                  weight: float = 1.0, tokenizer: Tokenizer | None = None,
-                 unhealthy_after: int = 2) -> None:
+                 unhealthy_after: int = 2, busy_grace_s: float = 15.0,
+                 probe_timeout_s: float | None = None) -> None:
         self.url = url.rstrip("/")
         self.store = store
         self.instance_id = instance_id
@@ -259,9 +265,19 @@ class ExternalReplicaAgent:
         self.weight = weight
         self.tokenizer = tokenizer
         self.unhealthy_after = unhealthy_after
+        self.busy_grace_s = busy_grace_s
+        self.probe_timeout_s = probe_timeout_s or max(2.0, poll_s * 2)
         self.tokenizer_agrees: bool | None = None
         self.registered = False
         self.failures = 0
+        # Whether the last poll failed only by timing out (the server took the connection
+        # but did not answer in time): busy, not down.
+        self.timed_out = False
+        self.last_answer = float("-inf")  # monotonic time of the last successful poll
+        self.last_record: InstanceRecord | None = None
+        # Registry writes in order: a keepalive that started before a deregistration must
+        # not land after it and bring a dead server back.
+        self._writing = asyncio.Lock()
         self._checked = False
         self._reader: LoadReader | None = None
 
@@ -308,7 +324,9 @@ class ExternalReplicaAgent:
         return agrees
 
     async def poll_once(self, client: httpx.AsyncClient) -> InstanceRecord | None:
-        """One health check and load read; None if the server is not healthy now."""
+        """One health check and load read; None if the server is not healthy now
+        (``timed_out`` tells a server that did not answer in time from one that is down)."""
+        self.timed_out = False
         try:
             health = await client.get(self.url + "/health")
             if health.status_code != 200:
@@ -335,6 +353,11 @@ class ExternalReplicaAgent:
                     self._reader = LoadReader(self.backend, self.url)
                 for key, value in self._reader.read(metrics_text).items():
                     load.setdefault(key, value)
+        except httpx.TimeoutException as exc:
+            # Connected but no answer in time: loaded, or hung; not refused.
+            self.timed_out = not isinstance(exc, httpx.ConnectTimeout)
+            log.debug("external replica %s did not answer in time: %r", self.url, exc)
+            return None
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
             # Every poll while it is down: DEBUG (joining and leaving are logged at INFO).
             log.debug("external replica %s not ready: %r", self.url, exc)
@@ -346,27 +369,59 @@ class ExternalReplicaAgent:
                               api=self.backend.kind, weight=self.weight, block_size=block_size,
                               load=load, kv_events=self.kv_events or "")
 
+    def busy(self, now: float) -> bool:
+        """Registered, and last heard from within ``busy_grace_s``: slow, not gone."""
+        return self.registered and now - self.last_answer < self.busy_grace_s
+
     async def step(self, client: httpx.AsyncClient) -> InstanceRecord | None:
-        """One poll, then register/refresh, or leave after ``unhealthy_after`` failures."""
+        """One poll, then register/refresh; leave after ``unhealthy_after`` failed checks
+        in a row, or once a server that stopped answering in time passed its grace."""
         record = await self.poll_once(client)
+        now = time.monotonic()
         if record is not None:
             self.failures = 0
-            await self.store.heartbeat(record)
+            self.last_answer = now
+            self.last_record = record
+            async with self._writing:
+                await self.store.heartbeat(record)
             if not self.registered:
                 log.info("external replica %s joined as %s (%s)", self.url, self.instance_id,
                          record.api)
             self.registered = True
             return record
+        if self.timed_out and self.busy(now):
+            await self.keepalive(now)
+            return None
         self.failures += 1
-        if self.registered and self.failures >= self.unhealthy_after:
-            log.warning("external replica %s failed %d health checks: leaving the fleet",
-                        self.url, self.failures)
-            await self.store.deregister(self.instance_id)
-            self.registered = False
+        if self.registered and (self.failures >= self.unhealthy_after or self.timed_out):
+            log.warning("external replica %s failed %d health checks%s: leaving the fleet",
+                        self.url, self.failures,
+                        f" (no answer for {now - self.last_answer:.1f} s)"
+                        if self.timed_out else "")
+            async with self._writing:
+                self.registered = False
+                await self.store.deregister(self.instance_id)
         return None
 
+    async def keepalive(self, now: float) -> None:
+        """Refresh the registration of a server that is busy (see ``busy``) with its last
+        load report, so the TTL does not outrun a slow poll."""
+        async with self._writing:
+            if self.busy(now) and self.last_record is not None:
+                await self.store.heartbeat(self.last_record)
+
+    async def _keepalive_loop(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.keepalive(time.monotonic())
+            except Exception as exc:  # Redis briefly away: the poll loop says so too
+                log.debug("external replica %s: keepalive failed: %r", self.url, exc)
+
     async def run(self) -> None:
-        async with httpx.AsyncClient(timeout=max(2.0, self.poll_s * 2)) as client:
+        ttl = getattr(self.store, "heartbeat_ttl_s", self.poll_s * 3)
+        keepalive = asyncio.create_task(self._keepalive_loop(ttl / 3))
+        async with httpx.AsyncClient(timeout=self.probe_timeout_s) as client:
             try:
                 while True:
                     try:
@@ -376,6 +431,9 @@ class ExternalReplicaAgent:
                                     self.url, exc)
                     await asyncio.sleep(self.poll_s)
             finally:
+                keepalive.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keepalive
                 if self.registered:
                     with contextlib.suppress(Exception):
                         await self.store.deregister(self.instance_id)

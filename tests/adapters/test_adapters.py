@@ -226,6 +226,72 @@ def test_plain_openai_server_joins_without_load_and_leaves_when_it_fails(
     assert seen == [{"plain-0"}, set(), {"plain-0"}]
 
 
+def test_a_server_slow_to_answer_stays_in_the_fleet_for_its_grace_then_leaves(
+        redis_url: str, namespace: str) -> None:
+    # A loaded vLLM's API process can take seconds to answer /health: timing out is not
+    # being down. The registration outlives both the probe timeout and the registry TTL
+    # (the keepalive refreshes it) until the grace runs out.
+    app = FastAPI()
+    state = {"hang": False}
+
+    @app.get("/health")
+    async def health() -> PlainTextResponse:
+        while state["hang"]:
+            await asyncio.sleep(0.02)
+        return PlainTextResponse("ok")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, object]:
+        return {"object": "list", "data": [{"id": "slow", "object": "model"}]}
+
+    ttl, grace = 0.6, 2.0
+
+    async def scenario(url: str) -> tuple[list[bool], list[bool], bool, ExternalReplicaAgent]:
+        store = ClusterStateStore(redis_url, namespace, ttl)
+        agent = ExternalReplicaAgent(url, store, "slow-0", poll_s=0.05, kind="openai",
+                                     probe_timeout_s=0.2, busy_grace_s=grace)
+        task = asyncio.create_task(agent.run())
+
+        async def registered() -> bool:
+            return "slow-0" in await _live(redis_url, namespace)
+
+        try:
+            for _ in range(100):
+                if await registered():
+                    break
+                await asyncio.sleep(0.02)
+            state["hang"] = True
+            hung_at = asyncio.get_running_loop().time()
+            within: list[bool] = []  # sampled over 1.2 s: two TTLs, six probe timeouts
+            while asyncio.get_running_loop().time() - hung_at < 1.2:
+                within.append(await registered())
+                await asyncio.sleep(0.1)
+            after: list[bool] = []  # sampled until well past the grace
+            while asyncio.get_running_loop().time() - hung_at < grace + 1.5:
+                after.append(await registered())
+                await asyncio.sleep(0.1)
+            state["hang"] = False
+            rejoined = False
+            for _ in range(100):
+                if rejoined := await registered():
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            state["hang"] = False
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await store.close()
+        return within, after, rejoined, agent
+
+    with serve_in_thread(app, free_port()) as url:
+        within, after, rejoined, agent = asyncio.run(scenario(url))
+    assert within and all(within), within  # timed-out checks within the grace: still in
+    assert after[-1] is False, after  # past the grace: out
+    assert rejoined  # answering again: back in
+    assert agent.registered
+
+
 def test_a_vanished_server_leaves_and_rejoins(redis_url: str, namespace: str) -> None:
     port = free_port()
 
