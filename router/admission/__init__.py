@@ -30,12 +30,16 @@ __all__ = ["ADMISSION_MODES", "LONG", "SHORT", "Admission", "ControlAction", "No
 def admission_defaults(slo_ttft_s: float, max_num_batched_tokens: int = 8192) -> dict[str, Any]:
     """Parameters derived from the fleet, as ``fleet_policy_params`` does for policies: a
     budget of two engine iterations of prefill in flight per instance (the engine never runs
-    dry between releases), longs promoted over shorts after a third of the SLO, and every
-    request released by the SLO at the latest (holding it longer cannot help it)."""
+    dry between releases), longs promoted over shorts after a third of the SLO, every
+    request released by the SLO at the latest in ``fifo`` order (holding it longer cannot
+    help it), and in ``goodput`` order the SLO that decides which requests can still make
+    it, with deferred ones released by 10 x the SLO at the latest."""
     return {
         "budget_tokens": 2 * max_num_batched_tokens,
         "long_age_s": slo_ttft_s / 3.0,
         "max_wait_s": slo_ttft_s,
+        "slo_ttft_s": slo_ttft_s,
+        "defer_max_s": 10.0 * slo_ttft_s,
     }
 
 

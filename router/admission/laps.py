@@ -15,18 +15,40 @@ Independently of room, any request queued ``max_wait_s`` is released (``aged``):
 in the router is bounded for every request, long or short. Until released, a request can be
 re-decided (``move``) to another instance, keeping its place in time; after release it
 cannot (``NotQueued``), so it is sent exactly once.
+
+**Release order** (``order``). ``fifo`` is the above. ``goodput`` (SLO-aware) changes two
+things, so that under overload the instance spends its time on requests that can still
+meet the TTFT SLO instead of releasing everything at ``max_wait_s`` in arrival order:
+
+* before a request would be released for room, its TTFT is predicted: the time it has
+  waited plus the predicted prefill on its instance if released now
+  (``PrefillTimeModel``, DualMap's model ``fixed + s × (tokens ahead + own)``, learned
+  here per instance from this admission's own releases: tokens ahead = uncached prefill
+  released there and not yet past its first token, TTFT = release to first token). If
+  that exceeds ``slo_ttft_s`` the request is *deferred*: put behind every request of the
+  instance that can still make it. Deferred requests go (reason ``deferred``), oldest
+  first, when the instance has room and nothing else is waiting there. A deferred request
+  stays deferred (its wait only grows) until released; a move re-queues it in its class.
+* the hard bound is ``defer_max_s`` (default 10 × the SLO) instead of ``max_wait_s``: a
+  request that waited ``max_wait_s`` (= the SLO) has missed it, so releasing it then
+  whatever the room would only delay those still on time; but no request waits in the
+  router past ``defer_max_s`` (``aged``, room or not), so deferral never starves one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from proto.defaults import DEFAULT_SLO_TTFT_S
 from router.admission.classes import AdaptiveBoundary
 from router.admission.interfaces import LONG, SHORT, Admission, NotQueued, Release
 from router.admission.queues import CLASSES, Entry, InstanceQueue
 from router.admission.window import AdaptiveWindow
 from router.policy.interfaces import Decision, RoutingRequest
+from router.policy.predictor import PrefillTimeModel
 from router.policy.rebalance import QueuedRequest
+
+ORDERS = ("fifo", "goodput")
 
 # Float slack when comparing an age with a deadline computed as enqueued_at + bound.
 _EPS = 1e-9
@@ -50,14 +72,35 @@ class LapsAdmission(Admission):
         adaptive_boundary: bool = True,
         batch_size: int = 4,
         max_window_s: float = 0.02,
+        order: str = "fifo",
+        slo_ttft_s: float = DEFAULT_SLO_TTFT_S,
+        defer_max_s: float | None = None,
+        predictor: PrefillTimeModel | None = None,
     ) -> None:
         if budget_tokens <= 0:
             raise ValueError("budget_tokens must be positive")
         if long_age_s < 0 or max_wait_s <= 0:
             raise ValueError("long_age_s must be >= 0 and max_wait_s > 0")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if slo_ttft_s <= 0:
+            raise ValueError("slo_ttft_s must be positive")
+        if defer_max_s is None:
+            defer_max_s = 10.0 * slo_ttft_s
+        if defer_max_s <= 0:
+            raise ValueError("defer_max_s must be positive")
         self.budget_tokens = budget_tokens
         self.long_age_s = long_age_s
         self.max_wait_s = max_wait_s
+        self.order = order
+        self.goodput = order == "goodput"
+        self.slo_ttft_s = slo_ttft_s
+        self.defer_max_s = defer_max_s
+        # The hard bound on a request's wait in the router (released then, room or not).
+        self.bound_s = defer_max_s if self.goodput else max_wait_s
+        self.predictor = predictor or PrefillTimeModel()
+        # Released request -> (released at, uncached tokens ahead of it there + its own).
+        self._released_at: dict[str, tuple[float, int]] = {}
         self.boundary = boundary or AdaptiveBoundary(
             boundary_tokens, short_quantile=short_quantile, adaptive=adaptive_boundary)
         self.window = window or AdaptiveWindow(batch_size, max_window_s)
@@ -69,12 +112,13 @@ class LapsAdmission(Admission):
         self._deadline_dirty = False
         # counters
         self.submitted = 0
-        self.released: dict[str, int] = {"room": 0, "aged": 0}
+        self.released: dict[str, int] = {"room": 0, "aged": 0, "deferred": 0}
         self.released_by_class: dict[str, int] = {SHORT: 0, LONG: 0}
         self.wait_sum: dict[str, float] = {SHORT: 0.0, LONG: 0.0}
         self.wait_max: dict[str, float] = {SHORT: 0.0, LONG: 0.0}
         self.moves: dict[str, int] = {}
         self.cancelled = 0
+        self.deferrals = 0
 
     # ---- classification ---------------------------------------------------------------
 
@@ -118,9 +162,17 @@ class LapsAdmission(Admission):
         """Subclass hook: a request of ``klass`` was queued (spatial mode adapts pools)."""
 
     def on_first_token(self, request_id: str, now: float) -> list[Release]:
+        released = self._released_at.pop(request_id, None)
+        instance_id = self._where.get(request_id)
+        if released is not None and instance_id is not None:
+            # One observation of the instance's prefill speed: TTFT since release against
+            # the uncached tokens ahead of it and its own.
+            released_at, tokens = released
+            self.predictor.observe(instance_id, tokens, now - released_at)
         return self._prefilled(request_id, now)
 
     def on_finished(self, request_id: str, now: float) -> list[Release]:
+        self._released_at.pop(request_id, None)
         releases = self._prefilled(request_id, now)
         instance_id = self._where.get(request_id)
         if instance_id is not None:
@@ -185,10 +237,31 @@ class LapsAdmission(Admission):
     def has_room(self, queue: InstanceQueue) -> bool:
         return queue.inflight_tokens < self.budget_tokens
 
+    def predicted_ttft(self, queue: InstanceQueue, entry: Entry, now: float) -> float:
+        """``entry``'s TTFT if released now: its wait so far plus the predicted prefill
+        behind what its instance has in flight."""
+        return (now - entry.enqueued_at) + self.predictor.predict(
+            queue.instance_id, queue.inflight_tokens, entry.uncached_tokens)
+
+    def _head(self, queue: InstanceQueue, klass: str, now: float) -> Entry | None:
+        """The next entry of ``klass`` in release order. In goodput order, heads that can
+        no longer meet the SLO are deferred first (each entry is checked once it is
+        next, so deferring costs O(1) per request)."""
+        entry = queue.oldest(klass)
+        if not self.goodput:
+            return entry
+        while entry is not None and self.predicted_ttft(queue, entry, now) > self.slo_ttft_s:
+            queue.defer(entry)
+            self.deferrals += 1
+            entry = queue.oldest(klass)
+        return entry
+
     def _release(self, queue: InstanceQueue, entry: Entry, now: float, reason: str,
                  out: list[Release]) -> None:
-        queue.of(entry.klass).pop(entry.request.request_id)
-        queue.start(entry.request.request_id, entry.uncached_tokens)
+        rid = entry.request.request_id
+        queue.remove(rid)
+        self._released_at[rid] = (now, queue.inflight_tokens + entry.uncached_tokens)
+        queue.start(rid, entry.uncached_tokens)
         waited = now - entry.enqueued_at
         self.released[reason] += 1
         self.released_by_class[entry.klass] += 1
@@ -203,20 +276,19 @@ class LapsAdmission(Admission):
         out: list[Release] = []
         if not len(queue):
             return out
-        # Bounded wait: whatever waited max_wait_s goes now, room or not.
-        limit = now - self.max_wait_s + _EPS
-        for klass in CLASSES:
-            while True:
-                entry = queue.oldest(klass)
-                if entry is None or entry.enqueued_at > limit:
-                    break
-                self._release(queue, entry, now, "aged", out)
+        # Bounded wait: whatever waited the bound goes now, room or not, oldest first.
+        limit = now - self.bound_s + _EPS
+        while True:
+            aged = [e for e in queue.heads() if e.enqueued_at <= limit]
+            if not aged:
+                break
+            self._release(queue, min(aged, key=Entry.key), now, "aged", out)
         while len(queue) and self.has_room(queue):
-            long = queue.oldest(LONG)
+            long = self._head(queue, LONG, now)
             if long is not None and now - long.enqueued_at + _EPS >= self.long_age_s:
                 self._release(queue, long, now, "room", out)
                 continue
-            short = queue.oldest(SHORT)
+            short = self._head(queue, SHORT, now)
             if short is not None:
                 window = self.window.window_s(queue.instance_id)
                 ready = (len(queue.short) >= self.window.batch_size
@@ -225,13 +297,20 @@ class LapsAdmission(Admission):
                 if not ready:
                     break  # hold the shorts (and, behind them, the longs) for the batch
                 for _ in range(self.window.batch_size):
-                    short = queue.oldest(SHORT)
-                    if short is None or not self.has_room(queue):
+                    if not self.has_room(queue):
+                        break
+                    short = self._head(queue, SHORT, now)
+                    if short is None:
                         break
                     self._release(queue, short, now, "room", out)
                 continue
-            assert long is not None
-            self._release(queue, long, now, "room", out)
+            if long is not None:
+                self._release(queue, long, now, "room", out)
+                continue
+            # Only deferred requests wait here: the room is theirs, oldest first.
+            deferred = queue.oldest_deferred()
+            assert deferred is not None
+            self._release(queue, deferred, now, "deferred", out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -246,16 +325,14 @@ class LapsAdmission(Admission):
         for queue in self._queues.values():
             if not len(queue):
                 continue
-            times: list[float] = []
+            times = [e.enqueued_at + self.bound_s for e in queue.heads()]
             short = queue.oldest(SHORT)
             if short is not None:
-                times.append(short.enqueued_at + self.max_wait_s)
                 window = self.window.window_s(queue.instance_id)
                 if window > 0 and self.has_room(queue):
                     times.append(short.enqueued_at + window)
             long = queue.oldest(LONG)
             if long is not None:
-                times.append(long.enqueued_at + self.max_wait_s)
                 times.append(long.enqueued_at + self.long_age_s)
             for t in times:
                 if t > now and (best is None or t < best):
@@ -267,10 +344,19 @@ class LapsAdmission(Admission):
     def queued(self, instance_id: str | None = None) -> list[QueuedRequest]:
         queues = ([self._queues[instance_id]] if instance_id in self._queues else []
                   ) if instance_id is not None else list(self._queues.values())
-        entries = [e for q in queues for e in (*q.short.values(), *q.long.values())]
+        entries = [e for q in queues for e in (*q.short.values(), *q.long.values(),
+                                                *q.deferred[SHORT].values(),
+                                                *q.deferred[LONG].values())]
         entries.sort(key=Entry.key)
         return [QueuedRequest(e.request, e.decision.instance_id, e.enqueued_at,
                               e.decision.candidates, e.klass) for e in entries]
+
+    def is_deferred(self, request_id: str) -> bool:
+        instance_id = self._where.get(request_id)
+        if instance_id is None:
+            return False
+        deferred = self._queues[instance_id].deferred
+        return request_id in deferred[SHORT] or request_id in deferred[LONG]
 
     def queued_count(self) -> int:
         return sum(len(q) for q in self._queues.values())
@@ -280,8 +366,8 @@ class LapsAdmission(Admission):
         return 0 if queue is None else queue.inflight_tokens
 
     def counters(self) -> dict[str, Any]:
-        queued = {klass: sum(len(q.of(klass)) for q in self._queues.values())
-                  for klass in CLASSES}
+        queued = {klass: sum(len(q.of(klass)) + len(q.deferred[klass])
+                             for q in self._queues.values()) for klass in CLASSES}
         return {
             "mode": self.mode,
             "submitted": self.submitted,
@@ -294,4 +380,7 @@ class LapsAdmission(Admission):
             "moves": dict(sorted(self.moves.items())),
             "cancelled": self.cancelled,
             "boundary_tokens": self.boundary.tokens,
+            "order": self.order,
+            "deferrals": self.deferrals,
+            "deferred_queued": sum(q.deferred_count() for q in self._queues.values()),
         }

@@ -10,6 +10,7 @@ from router.admission import NotQueued, Release, build_admission
 from router.admission.classes import AdaptiveBoundary
 from router.admission.laps import LapsAdmission
 from router.admission.window import AdaptiveWindow
+from router.policy.predictor import PrefillTimeModel
 from router.policy.interfaces import Decision, RoutingRequest
 
 
@@ -231,3 +232,123 @@ def test_shorts_are_held_for_the_window_then_released_as_a_batch() -> None:
     deadline = admission.next_deadline()
     assert deadline is not None and 0.04 < deadline <= 0.04 + 0.05
     assert _ids(admission.tick(deadline)) == ["s4"]
+
+
+# ---- goodput (SLO-aware) release order ------------------------------------------------
+
+
+def _goodput(**params: object) -> LapsAdmission:
+    return _laps(order="goodput", slo_ttft_s=3.0, **params)
+
+
+def test_goodput_order_releases_a_feasible_request_before_an_infeasible_one() -> None:
+    """Overload: ``old`` waited past the SLO by the time room opens, ``new`` can still
+    make it. FIFO releases ``old`` at its bound whatever the room; goodput order sends
+    ``new`` into the room first and ``old`` only when nothing feasible is left."""
+    fifo = _laps(budget_tokens=500)
+    fifo.submit(_req("big", 5000), _dec("i0"), 0.0)
+    fifo.submit(_req("old", 100), _dec("i0"), 0.1)
+    fifo.submit(_req("new", 500), _dec("i0"), 2.9)
+    aged = fifo.tick(3.1)  # old's bound (SLO): out, no room or not
+    assert _ids(aged) == ["old"] and aged[0].reason == "aged"
+
+    admission = _goodput(budget_tokens=500)
+    admission.submit(_req("big", 5000), _dec("i0"), 0.0)
+    admission.submit(_req("old", 100), _dec("i0"), 0.1)
+    admission.submit(_req("new", 500), _dec("i0"), 2.9)
+    assert admission.tick(3.1) == []  # no room, and 3 s is no bound in goodput order
+    # Room at 3.5 s: old (waited 3.4 s) cannot make the 3 s SLO, new (0.6 s) can.
+    released = admission.on_first_token("big", 3.5)
+    assert _ids(released) == ["new"] and released[0].reason == "room"
+    assert admission.is_deferred("old") and not admission.is_deferred("new")
+    assert [q.request.request_id for q in admission.queued("i0")] == ["old"]
+    # Room again and nothing feasible waiting: the deferred one goes.
+    released = admission.on_first_token("new", 3.8)
+    assert _ids(released) == ["old"] and released[0].reason == "deferred"
+    counters = admission.counters()
+    assert counters["order"] == "goodput" and counters["deferrals"] == 1
+    assert counters["released"] == {"room": 2, "aged": 0, "deferred": 1}
+
+
+def test_goodput_defers_a_prompt_whose_predicted_prefill_alone_exceeds_the_slo() -> None:
+    # 1 ms per token: a 5,000-token prompt needs ~5 s of prefill, over the 3 s SLO even
+    # on an idle instance; the shorts queued after it go first.
+    admission = _goodput(budget_tokens=500, predictor=PrefillTimeModel(1e-3))
+    admission.submit(_req("busy", 500), _dec("i0"), 0.0)  # takes the whole room
+    admission.submit(_req("huge", 5000), _dec("i0"), 0.1)
+    admission.submit(_req("s1", 100), _dec("i0"), 0.2)
+    admission.submit(_req("s2", 100), _dec("i0"), 0.3)
+    released = admission.on_first_token("busy", 0.5)
+    assert _ids(released) == ["s1", "s2", "huge"]  # shorts, then the room left: huge
+    assert released[2].reason == "deferred"
+    # On an idle instance it is not held back: nothing else waits, so it goes at once.
+    assert _ids(admission.submit(_req("huge2", 5000), _dec("i1"), 1.0)) == ["huge2"]
+
+
+def test_goodput_learns_the_prefill_speed_from_its_own_releases() -> None:
+    admission = _goodput(budget_tokens=10_000)
+    before = admission.predictor.params("i0")
+    # Each 2,000-token prompt takes 1 s from release to first token on an idle instance.
+    for k in range(30):
+        t = 2.0 * k
+        admission.submit(_req(f"r{k}", 2000), _dec("i0"), t)
+        admission.on_first_token(f"r{k}", t + 1.0)
+        admission.on_finished(f"r{k}", t + 1.5)
+    fixed, per_token = admission.predictor.params("i0")
+    assert (fixed, per_token) != before
+    assert fixed + 2000 * per_token == pytest.approx(1.0, rel=0.05)
+    assert admission.predictor.params("i1") == before  # per instance
+
+
+def test_goodput_no_request_waits_past_the_deferral_bound_under_a_stream_of_feasible_ones(
+) -> None:
+    """A saturating stream of shorts that can each still make the SLO when they arrive:
+    room, whenever it opens, always finds a feasible one, so deferred requests (the huge
+    prompt, and every short that waited past the SLO) never get room on their own. The
+    bound releases each by ``defer_max_s``; the fresh shorts keep meeting the SLO."""
+    slo, bound = 0.5, 2.0
+    admission = _laps(order="goodput", slo_ttft_s=slo, defer_max_s=bound, budget_tokens=200,
+                      long_age_s=0.2, predictor=PrefillTimeModel(1e-3))
+    submitted: dict[str, float] = {}
+    released: dict[str, Release] = {}
+    inflight: list[tuple[float, str]] = []  # (first-token time, id)
+
+    def forward(releases: list[Release], at: float) -> None:
+        for r in releases:
+            assert r.request_id not in released
+            released[r.request_id] = r
+            inflight.append((at + 0.05, r.request_id))  # every prefill takes 50 ms
+
+    def submit(rid: str, tokens: int, at: float) -> None:
+        submitted[rid] = at
+        forward(admission.submit(_req(rid, tokens), _dec("i0"), at), at)
+
+    submit("first", 200, 0.0)  # takes the whole room
+    submit("huge", 5000, 0.005)  # ~5 s of predicted prefill: deferred at once
+    now, k = 0.0, 0
+    while now < 8.0:
+        now = round(now + 0.01, 6)
+        k += 1
+        # The timer fires on time (as the gateway's and the simulator's do).
+        while (deadline := admission.next_deadline()) is not None and deadline <= now:
+            forward(admission.tick(deadline), deadline)
+        submit(f"s{k}", 150, now)  # 100 shorts/s against 20/s served: overload
+        for done in [x for x in inflight if x[0] <= now]:
+            inflight.remove(done)
+            forward(admission.on_first_token(done[1], now), now)
+    counters = admission.counters()
+    # Every request submitted more than the bound ago is out, and none waited past it.
+    for rid, at in submitted.items():
+        if at <= now - bound - 0.01:
+            assert rid in released, rid
+    assert max(r.waited_s for r in released.values()) <= bound + 1e-9
+    assert max(counters["wait_s_max"].values()) <= bound + 1e-9
+    # The huge prompt never got room while feasible shorts waited: the bound let it out.
+    assert released["huge"].reason == "aged"
+    assert released["huge"].waited_s == pytest.approx(bound, abs=0.011)
+    # The room went to requests that could still make it (every release for room waited
+    # less than the SLO); the bound's releases, room or not, take the rest of it.
+    room = [r for r in released.values() if r.reason == "room"]
+    assert len(room) > 50
+    assert sum(r.waited_s <= slo for r in room) == len(room)
+    assert counters["deferrals"] > 100 and counters["released"]["aged"] > 100
