@@ -10,8 +10,8 @@ from router.admission import NotQueued, Release, build_admission
 from router.admission.classes import AdaptiveBoundary
 from router.admission.laps import LapsAdmission
 from router.admission.window import AdaptiveWindow
-from router.policy.predictor import PrefillTimeModel
 from router.policy.interfaces import Decision, RoutingRequest
+from router.policy.predictor import PrefillTimeModel
 
 
 def _req(rid: str, tokens: int) -> RoutingRequest:
