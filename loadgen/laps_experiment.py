@@ -167,6 +167,7 @@ def measure_policy(
     on_update: Callable[[dict[str, Any]], None] | None = None,
     entry: dict[str, Any] | None = None,
     phases: Sequence[str] = ("search", "at80", "cliff"),
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One policy on workload ``name``: its capacity with each admission mode (phase
     ``search``), then at 80 % of its no-admission capacity the short-request TTFTs
@@ -174,9 +175,16 @@ def measure_policy(
     each admission mode. A self-contained job (it rebuilds the workload), so jobs can run in
     separate processes; ``phases`` and ``entry`` (an earlier call's result, completed in
     place) let a caller run the phases at different times; ``on_update`` (in-process runs)
-    gets the entry after each search or run, for partial results."""
+    gets the entry after each search or run, for partial results. ``admissions`` are
+    labels: a label named in ``variants`` runs with those ``RunConfig`` overrides (e.g.
+    ``{"laps_goodput": {"admission": "laps", "admission_params": {"order": "goodput"}}}``),
+    any other is an admission mode; ``none`` is the reference."""
     requests, _ = workload_requests(name, count, base.seed, traces)
     entry = {} if entry is None else entry
+
+    def configured(label: str) -> RunConfig:
+        overrides = (variants or {}).get(label, {"admission": label})
+        return replace(base, policy=policy, **overrides)
 
     def log(message: str) -> None:
         print(f"[laps {time.strftime('%H:%M:%S')}] {name} {policy}: {message}",
@@ -191,7 +199,7 @@ def measure_policy(
     for admission in admissions if "search" in phases else ():
         if (entry.get(admission) or {}).get("effective_capacity_rps"):
             continue
-        config = replace(base, policy=policy, admission=admission)
+        config = configured(admission)
         probes: list[dict[str, Any]] = []
 
         def on_probe(rate: float, summary: dict[str, Any],
@@ -242,7 +250,7 @@ def measure_policy(
     for admission in admissions if reference > 0 and "at80" in phases else ():
         if admission in entry["at_80pct"]:
             continue
-        config = replace(base, policy=policy, admission=admission)
+        config = configured(admission)
         rate = 0.8 * reference
         summary = run_sim(replace(config, rate=rate), requests=retime(requests, rate))
         entry["at_80pct"][admission] = {"rate": round(rate, 4), **_row(summary)}
@@ -253,7 +261,7 @@ def measure_policy(
             else ():
         if admission in entry["cliff"]:
             continue
-        config = replace(base, policy=policy, admission=admission)
+        config = configured(admission)
         cliff = []
         for factor in cliff_factors:
             rate = factor * reference
@@ -261,12 +269,102 @@ def measure_policy(
             cliff.append({"factor": factor, "rate": round(rate, 4),
                           "slo_attainment": summary.get("slo_attainment"),
                           "ttft_p50": summary.get("ttft_p50"),
-                          "ttft_p99_short": summary.get("ttft_p99_short")})
+                          "ttft_p90": summary.get("ttft_p90"),
+                          "ttft_p99_short": summary.get("ttft_p99_short"),
+                          "cache_hit_rate": summary.get("cache_hit_rate"),
+                          "admission_counters": summary.get("admission_counters")})
             log(f"{admission} at {factor}x ({rate:.2f} req/s): attainment "
                 f"{summary.get('slo_attainment')} ({summary.get('wall_seconds', 0):.0f} s)")
         entry["cliff"][admission] = cliff
         update()
     return entry
+
+
+# The goodput experiment's variants (``run_goodput_experiment``): LAPS's arrival order with
+# its hard bound at the SLO against the SLO-aware order, with DualMap's rebalancing as
+# ``--admission laps`` runs it (``auto``: on) and off.
+GOODPUT_VARIANTS: dict[str, dict[str, Any]] = {
+    "none": {"admission": "none"},
+    "laps": {"admission": "laps", "admission_params": {"order": "fifo"}},
+    "laps_goodput": {"admission": "laps", "admission_params": {"order": "goodput"}},
+    "laps_goodput_no_rebalance": {"admission": "laps", "admission_params": {"order": "goodput"},
+                                  "rebalance": False},
+    "laps_no_rebalance": {"admission": "laps", "admission_params": {"order": "fifo"},
+                          "rebalance": False},
+}
+GOODPUT_COMMAND = ("python -c \"from loadgen.laps_experiment import run_goodput_experiment; "
+                   "run_goodput_experiment('docs/results/laps-goodput.json')\"")
+
+
+def run_goodput_experiment(
+    out: str | Path,
+    *,
+    workload: str = "long_tailed",
+    policy: str = "dualmap",
+    variants: Mapping[str, Mapping[str, Any]] = GOODPUT_VARIANTS,
+    count: int | None = None,
+    instances: int = 16,
+    profile: str = "h100-llama3-8b",
+    slo_ttft_s: float = 3.0,
+    target: float = 0.9,
+    rel_tol: float = 0.1,
+    max_probes: int = 4,
+    cliff_factors: Sequence[float] = (1.1, 1.25),
+    seed: int = 0,
+    resume: bool = True,
+    traces: Path = TRACES,
+) -> dict[str, Any]:
+    """The goodput (SLO-aware) release order against LAPS's arrival order and no
+    admission, side by side on ``sim laps``'s settings and code (``measure_policy``): the
+    no-admission capacity, every variant's attainment at ``cliff_factors`` x it, each
+    goodput variant's capacity, the short TTFT p99 at 80 % of it, then the plain ``laps``
+    variants' capacities. The JSON at ``out`` is rewritten after every search or run; with
+    ``resume`` an existing file's finished cells are kept."""
+    wall = time.perf_counter()
+    count = count or DEFAULT_REQUESTS[workload]
+    path = Path(out)
+    requests, source = workload_requests(workload, count, seed, traces)
+    base = RunConfig(instances=instances, profile=profile, slo_ttft_s=slo_ttft_s, seed=seed,
+                     warmup_fraction=WARMUP_FRACTION, progress=False)
+    bound = workload_bound(requests, base)
+    result: dict[str, Any] = {
+        "command": GOODPUT_COMMAND, "workload": workload, "source": source, "policy": policy,
+        "instances": instances, "profile": profile, "slo_ttft_s": slo_ttft_s,
+        "target": target, "rel_tol": rel_tol, "max_probes": max_probes,
+        "warmup_fraction": WARMUP_FRACTION, "seed": seed,
+        "short_uncached_tokens": SHORT_UNCACHED_TOKENS, **bound,
+        "variants": {k: dict(v) for k, v in variants.items()}, "complete": False,
+        "entry": {},
+    }
+    if resume and path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier.get("requests") == bound["requests"]:
+            result["entry"] = earlier.get("entry", {})
+
+    def save(entry: dict[str, Any]) -> None:
+        result["entry"] = entry
+        result["wall_seconds"] = round(time.perf_counter() - wall, 1)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+    labels = list(variants)
+    goodput = tuple(v for v in labels if "goodput" in v)
+    plain = tuple(v for v in labels if v != "none" and v not in goodput)
+    steps: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+        (("none",), ("search",)), (tuple(labels), ("cliff",)), (goodput, ("search",)),
+        (tuple(labels), ("at80",)), (plain, ("search",))]
+    args: dict[str, Any] = {
+        "ideal": bound["ideal_bound_rps"], "target": target, "rel_tol": rel_tol,
+        "max_probes": max_probes, "cliff_factors": cliff_factors, "traces": traces,
+        "start_fraction": SEARCH_START.get(workload, {}).get(policy, DEFAULT_SEARCH_START),
+        "variants": variants}
+    entry: dict[str, Any] = result["entry"]
+    for modes, phases in steps:
+        entry = measure_policy(workload, count, policy, base, modes, on_update=save,
+                               entry=entry, phases=phases, **args)
+        save(entry)
+    result["complete"] = True
+    save(entry)
+    return result
 
 
 def goal_check(result: dict[str, Any]) -> dict[str, Any]:

@@ -111,10 +111,10 @@ class Admission(ABC):
     def counters(self) -> dict[str, Any]:
         """Metrics: queue lengths by class, waits, releases by reason, moves by reason."""
 
-    def is_deferred(self, request_id: str) -> bool:
-        """Whether queued ``request_id`` was deferred: it can no longer meet the SLO and
-        waits behind those that can (goodput order); False in modes without deferral."""
-        return False
+    def movable(self, now: float) -> list[QueuedRequest]:
+        """The queued requests rebalancing may move (all of ``queued()`` unless the mode
+        says otherwise: goodput order leaves out those that can no longer meet the SLO)."""
+        return self.queued()
 
     def classify(self, uncached_tokens: int) -> str:
         """The class of a request with ``uncached_tokens`` to prefill (``none`` if the

@@ -358,6 +358,17 @@ class LapsAdmission(Admission):
         deferred = self._queues[instance_id].deferred
         return request_id in deferred[SHORT] or request_id in deferred[LONG]
 
+    def movable(self, now: float) -> list[QueuedRequest]:
+        """In goodput order, the queued requests that can still meet the SLO: not deferred
+        and waited no longer than it. Moving one that missed it cannot save it and would
+        cost its cached prefix, and its long wait is deferral, not a hotspot (the planner's
+        wait trigger would fire on every such request)."""
+        if not self.goodput:
+            return self.queued()
+        limit = now - self.slo_ttft_s
+        return [q for q in self.queued() if q.enqueued_at >= limit
+                and not self.is_deferred(q.request.request_id)]
+
     def queued_count(self) -> int:
         return sum(len(q) for q in self._queues.values())
 

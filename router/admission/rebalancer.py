@@ -29,8 +29,8 @@ class HotspotRebalancer:
     """Plans moves of queued requests off hotspots (see the module docstring).
 
     With spatial pools, a move that would take a request out of its class's pool is
-    dropped (the pools are the point of that mode). Deferred requests (goodput order) are
-    not moved."""
+    dropped (the pools are the point of that mode). Only ``admission.movable(now)`` is
+    considered (goodput order leaves out requests that already missed the SLO)."""
 
     def __init__(self, admission: Admission, policy: RebalancingPolicy) -> None:
         self.admission = admission
@@ -38,12 +38,7 @@ class HotspotRebalancer:
         self.planned = 0
 
     def plan_moves(self, now: float, snapshot: ClusterSnapshot) -> list[Move]:
-        # Deferred requests (goodput order) already missed the SLO: moving one cannot
-        # save it and would cost its cached prefix; and its long wait is deferral, not a
-        # hotspot.
-        admission = self.admission
-        queued = [q for q in admission.queued()
-                  if not admission.is_deferred(q.request.request_id)]
+        queued = self.admission.movable(now)
         if not queued:
             return []
         moves = self.policy.plan_rebalance(queued, snapshot, now)

@@ -257,6 +257,9 @@ def test_goodput_order_releases_a_feasible_request_before_an_infeasible_one() ->
     admission.submit(_req("old", 100), _dec("i0"), 0.1)
     admission.submit(_req("new", 500), _dec("i0"), 2.9)
     assert admission.tick(3.1) == []  # no room, and 3 s is no bound in goodput order
+    # Rebalancing may move only what can still make the SLO.
+    assert [q.request.request_id for q in admission.movable(3.2)] == ["new"]
+    assert [q.request.request_id for q in fifo.movable(3.2)] == ["new"]  # old is out
     # Room at 3.5 s: old (waited 3.4 s) cannot make the 3 s SLO, new (0.6 s) can.
     released = admission.on_first_token("big", 3.5)
     assert _ids(released) == ["new"] and released[0].reason == "room"
