@@ -14,17 +14,27 @@ the snapshot is replaced by a new one with fresh load reports every ``--refresh-
 decisions. Its O(N) adoption (``policy.adopt``) is timed apart, as ``adopt_us``: the
 gateway's refresh loop adopts a snapshot when it reads one, not in a request's decision.
 Token ids are int32 numpy arrays, the form the gateway should hand over; ``list_input``
-repeats DualMap with Python lists.
+repeats DualMap with Python lists. ``decisions_sha256`` is a digest of every decision
+(instance, reason, candidates, predicted TTFT, cached-token estimate), warm-up included:
+equal digests mean decision-for-decision equal runs.
+
+``--against TREE`` measures the routing code of another checkout of this repository (a
+``git worktree`` of an older commit, its extension built in place) side by side with this
+one: every round runs this file's harness once on each tree's ``router`` package, in fresh
+processes, alternating which goes first, and the JSON gives each number's median per tree,
+their ratio and whether the decisions were the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import importlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -36,7 +46,13 @@ import numpy as np
 from tqdm import tqdm
 
 from router.policy import fastpath
-from router.policy.interfaces import ClusterSnapshot, InstanceView, RoutingPolicy, RoutingRequest
+from router.policy.interfaces import (
+    ClusterSnapshot,
+    Decision,
+    InstanceView,
+    RoutingPolicy,
+    RoutingRequest,
+)
 from router.policy.registry import POLICY_NAMES, build_policy
 
 BENCH_MODULES = ("migration.bench", "router.gateway_bench", "instances.realtime_bench",
@@ -83,6 +99,10 @@ def register_bench(bench_subparsers: Any) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="where to write the JSON ('-' for nowhere)")
     parser.add_argument("--json", action="store_true", help="print JSON (else a table)")
+    parser.add_argument("--against", type=Path, default=None, metavar="TREE",
+                        help="another checkout of this repository (extension built): run "
+                             "each round on its routing code and on this one's, side by "
+                             "side (see the module docstring)")
     parser.set_defaults(func=run_routing_cli)
 
 
@@ -155,6 +175,7 @@ def bench_policy(policy: RoutingPolicy, num_instances: int, *, prompt_tokens: in
     adopt_ns: list[int] = []
     reasons: Counter[str] = Counter()
     dispatched: list[tuple[str, str]] = []
+    decisions_made: list[Decision] = []
     clock = time.perf_counter_ns
     for seq in range(warmup + decisions):
         if seq and seq % refresh_every == 0:
@@ -170,6 +191,7 @@ def bench_policy(policy: RoutingPolicy, num_instances: int, *, prompt_tokens: in
         routed = clock()
         policy.on_dispatched(request, decision, now)
         dispatched.append((request.request_id, decision.instance_id))
+        decisions_made.append(decision)
         if seq >= FIRST_TOKEN_AFTER:
             rid, instance = dispatched[seq - FIRST_TOKEN_AFTER]
             policy.on_first_token(rid, instance, 0.2, None, now)
@@ -189,7 +211,17 @@ def bench_policy(policy: RoutingPolicy, num_instances: int, *, prompt_tokens: in
         "adopt_us_p50": _percentiles(adopt_ns)["p50"] if adopt_ns else None,
         "adopt_us_max": _percentiles(adopt_ns)["max"] if adopt_ns else None,
         "reasons": dict(sorted(reasons.items())),
+        "decisions_sha256": _digest(decisions_made),
     }
+
+
+def _digest(decisions: Sequence[Decision]) -> str:
+    """A digest of decisions: equal digests, the same decisions field for field."""
+    digest = hashlib.sha256()
+    for d in decisions:
+        digest.update(f"{d.instance_id}|{d.reason}|{d.candidates}|{d.predicted_ttft_s!r}|"
+                      f"{d.cached_tokens_estimate}\n".encode())
+    return digest.hexdigest()
 
 
 def _median_of_repeats(repeats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -199,9 +231,12 @@ def _median_of_repeats(repeats: list[dict[str, Any]]) -> dict[str, Any]:
     for field, value in repeats[0].items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             row[field] = round(float(np.median([r[field] for r in repeats])), 2)
-        elif field != "reasons":
+        elif field not in ("reasons", "decisions_sha256"):
             row[field] = value
     row["reasons"] = repeats[0]["reasons"]
+    digests = {r.get("decisions_sha256") for r in repeats}
+    row["decisions_sha256"] = digests.pop() if len(digests) == 1 else sorted(
+        d for d in digests if d)
     row["repeats"] = [{"decision_us_p50": r["decision_us_p50"],
                        "decision_us_p99": r["decision_us_p99"]} for r in repeats]
     return row
@@ -262,6 +297,99 @@ def _machine() -> dict[str, Any]:
     }
 
 
+def one_round(settings: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """One ``bench_policy`` run per fleet size and policy in ``settings`` (``instances``,
+    ``policies``, ``prompt_tokens``, ``decisions``, ``warmup``, ``refresh_every``,
+    ``seed``): fleet size -> policy -> result. What ``--against`` runs in each tree."""
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for num_instances in settings["instances"]:
+        for name in settings["policies"]:
+            gc.collect()
+            runs.setdefault(str(num_instances), {})[name] = bench_policy(
+                build_policy(name), num_instances, prompt_tokens=settings["prompt_tokens"],
+                decisions=settings["decisions"], warmup=settings["warmup"],
+                refresh_every=settings["refresh_every"], seed=settings["seed"])
+    return runs
+
+
+# Run in a fresh process with a tree's ``router`` package first on the path: this file's
+# harness (the same timing code for both trees) on that tree's routing code.
+_ROUND_IN_TREE = """
+import json, runpy, sys
+import router, router.policy.fastpath as fastpath
+harness = runpy.run_path(sys.argv[1])
+print(json.dumps({"package": router.__file__, "compiled": fastpath.COMPILED,
+                  "runs": harness["one_round"](json.loads(sys.argv[2]))}))
+"""
+
+
+def _tree_info(tree: Path) -> dict[str, Any]:
+    """A checkout's commit, whether it has uncommitted changes, and its path."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    return {"tree": str(tree), "commit": git("rev-parse", "HEAD"),
+            "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def _round_in(tree: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _ROUND_IN_TREE, str(Path(__file__).resolve()),
+         json.dumps(settings)], cwd=tree, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"bench round in {tree} failed:\n{proc.stderr}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    if not Path(result["package"]).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"{tree}: imported router from {result['package']}")
+    return result
+
+
+def run_against(other: Path, settings: dict[str, Any], repeat: int,
+                progress: bool = False) -> dict[str, Any]:
+    """``--against``: ``repeat`` rounds on ``other`` ("before") and this checkout
+    ("after"), alternating which runs first; per fleet size and policy, each tree's
+    medians (``_median_of_repeats``), the after/before ratios of the decision p50 and p99,
+    and whether both made the same decisions."""
+    trees = {"before": other.resolve(), "after": Path(__file__).resolve().parents[1]}
+    rounds: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    loads: list[float] = []
+    for k in tqdm(range(repeat), desc="bench routing --against", disable=not progress,
+                  file=sys.stderr):
+        for side in ("before", "after") if k % 2 == 0 else ("after", "before"):
+            loads.append(round(os.getloadavg()[0], 2))
+            rounds[side].append(_round_in(trees[side], settings))
+    by_instances: dict[str, Any] = {}
+    for size in map(str, settings["instances"]):
+        for name in settings["policies"]:
+            rows = {side: _median_of_repeats([r["runs"][size][name] for r in rounds[side]])
+                    for side in rounds}
+            before, after = rows["before"], rows["after"]
+            by_instances.setdefault(size, {})[name] = {
+                **rows,
+                "ratio_p50": round(after["decision_us_p50"] / before["decision_us_p50"], 3),
+                "ratio_p99": round(after["decision_us_p99"] / before["decision_us_p99"], 3),
+                "same_decisions": (isinstance(after["decisions_sha256"], str)
+                                   and after["decisions_sha256"] == before["decisions_sha256"]),
+            }
+    return {
+        "benchmark": "routing-against",
+        **{side: {**_tree_info(tree), "routing_kernels": (
+            "compiled" if rounds[side][0]["compiled"] else "python")}
+           for side, tree in trees.items()},
+        "by_instances": by_instances,
+        "load_average_1m_before_each_run": loads,
+    }
+
+
+def _emit(result: dict[str, Any], out: Path, print_json: bool) -> None:
+    if str(out) != "-":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    if print_json:
+        print(json.dumps(result, indent=2))
+
+
 def run_routing_cli(args: argparse.Namespace) -> int:
     instances = [int(x) for x in str(args.instances).split(",") if x]
     policies = [p for p in str(args.policies).split(",") if p]
@@ -270,25 +398,36 @@ def run_routing_cli(args: argparse.Namespace) -> int:
         print(f"bad --policies/--instances: {unknown or args.instances}", file=sys.stderr)
         return 2
     machine = _machine()
+    result: dict[str, Any]
+    settings: dict[str, Any] = {"instances": instances, "policies": policies,
+                "prompt_tokens": args.prompt_tokens, "decisions": args.decisions,
+                "warmup": args.warmup, "refresh_every": args.refresh_every,
+                "seed": args.seed, "repeat": args.repeat}
+    if args.against is not None:
+        result = run_against(args.against, settings, args.repeat, progress=True)
+        result["machine"] = machine
+        result["settings"] = {**settings, "against": str(args.against)}
+        _emit(result, args.out, args.json)
+        if not args.json:
+            for size, rows in result["by_instances"].items():
+                print(f"{size} instances: decision p50 / p99 in µs, before -> after")
+                for name, row in rows.items():
+                    b, a = row["before"], row["after"]
+                    print(f"  {name:16s} {b['decision_us_p50']:6.1f} / {b['decision_us_p99']:6.1f}"
+                          f" -> {a['decision_us_p50']:6.1f} / {a['decision_us_p99']:6.1f}"
+                          f"  same decisions: {row['same_decisions']}")
+        return 0
     runs = run_routing(instances, policies, prompt_tokens=args.prompt_tokens,
                        decisions=args.decisions, warmup=args.warmup,
                        refresh_every=args.refresh_every, seed=args.seed,
                        repeat=args.repeat, progress=True)
-    result: dict[str, Any]
     if len(runs) == 1:
         result = {"benchmark": "routing", **next(iter(runs.values())), "machine": machine}
     else:
         result = {"benchmark": "routing", "by_instances": runs, "machine": machine}
-    result["settings"] = {"instances": instances, "policies": policies,
-                          "prompt_tokens": args.prompt_tokens, "decisions": args.decisions,
-                          "warmup": args.warmup, "refresh_every": args.refresh_every,
-                          "seed": args.seed, "repeat": args.repeat}
-    if str(args.out) != "-":
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+    result["settings"] = settings
+    _emit(result, args.out, args.json)
+    if not args.json:
         for size, run in runs.items():
             print(f"{size} instances, {run['prompt_tokens']}-token prompts (route() in µs)")
             for name, row in run["policies"].items():

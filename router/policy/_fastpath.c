@@ -11,6 +11,8 @@
  *                    an open-addressing table of uint64 keys threaded on an LRU list, with
  *                    the binary search for a prompt's longest cached prefix and the
  *                    tail-first recording of a routed prompt as methods;
+ *   LastHolderIndex - which instance each routed prefix last went to (DualMap's
+ *                    continuity candidate), with its search;
  *   locate         - the above composed into one call per decision (ring_keys.py), since
  *                    every interpreted call on the decision path costs ~0.3-0.5 µs;
  *   affinity_pick  - DualMap's per-home TTFT estimates and affinity pick (dualmap.py).
@@ -32,6 +34,7 @@
 #include "csrc/hashing.h"
 #include "csrc/lru.h"
 #include "csrc/ring.h"
+#include "csrc/holders.h"
 #include "csrc/locate.h"
 #include "csrc/affinity.h"
 
@@ -84,7 +87,8 @@ PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
     detect_vector_kernels();
-    if (PyType_Ready(&PrefixLruType) < 0 || PyType_Ready(&RingIndexType) < 0)
+    if (PyType_Ready(&PrefixLruType) < 0 || PyType_Ready(&RingIndexType) < 0
+            || PyType_Ready(&LastHolderIndexType) < 0)
         return NULL;
     if (PromptKeyType == NULL) {
         PromptKeyType = PyStructSequence_NewType(&prompt_key_desc);
@@ -109,6 +113,12 @@ PyInit__fastpath(void)
     Py_INCREF(&RingIndexType);
     if (PyModule_AddObject(module, "RingIndex", (PyObject *)&RingIndexType) < 0) {
         Py_DECREF(&RingIndexType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&LastHolderIndexType);
+    if (PyModule_AddObject(module, "LastHolderIndex", (PyObject *)&LastHolderIndexType) < 0) {
+        Py_DECREF(&LastHolderIndexType);
         Py_DECREF(module);
         return NULL;
     }

@@ -30,8 +30,12 @@ import numpy as np
 
 from proto.defaults import DEFAULT_CACHE_CAPACITY_TOKENS
 from proto.kv_events import KVEvent
-from router.policy.fastpath import PrefixLru
+from router.policy.fastpath import LastHolderIndex, PrefixLru
 from router.policy.hashing import HashArray, PrefixHasher, PrefixHashes
+
+# LastHolderIndex (the continuity candidate's index) is a routing kernel: compiled, with its
+# readable twin in fastpath_py. Re-exported here beside the cache views it hints at.
+__all__ = ["LastHolderIndex", "PrefixCacheView"]
 
 _UNBOUNDED = 2**62  # a precise view holds whatever its engine reports
 
@@ -195,99 +199,3 @@ class PrefixCacheView:
         entry = cache.engine_to_prefix.pop(engine_hash, None)
         if entry is not None:
             cache.blocks.discard(entry[0])
-
-
-class LastHolderIndex:
-    """Fleet-wide: which instance a prompt through each prefix was last routed to.
-
-    Maps prefix-block hashes to the id of the instance that last received a prompt through
-    that prefix. ``record`` keeps a prompt's prefixes on a grid: every block up to
-    ``dense_blocks``, then every ``grid_blocks`` blocks (16 and 64 tokens with the default
-    hasher), one C-level ``dict.update``: ~8 µs for an 8k-token prompt where every block
-    would cost ~4x that on each dispatch. Every recorded prompt adds all its grid prefixes,
-    so the held ones are closed under taking shorter grid prefixes and ``deepest``
-    binary-searches a prompt's grid prefixes for the deepest one held: the last holder of
-    the longest routed prefix of the prompt, to within a grid step. For a conversation's
-    next turn that is the previous turn's prompt, held by the instance that served it,
-    wherever that was (a ring home, a load fallback, before its key or the ring membership
-    changed). It is a hint: the caller checks that instance's own cache view, which knows
-    about evictions and the exact depth. The index forgets by generations (when the newer
-    of two dicts holds ``capacity / 2`` entries it becomes the older and the oldest is
-    dropped), which keeps the closure: each generation is a union of whole recorded prompts.
-    """
-
-    __slots__ = ("_new", "_old", "capacity", "dense_blocks", "grid_blocks")
-
-    def __init__(self, capacity: int = 1 << 18, grid_blocks: int = 4,
-                 dense_blocks: int = 8) -> None:
-        if capacity < 2 or grid_blocks < 1 or dense_blocks < 0:
-            raise ValueError("need capacity >= 2, grid_blocks >= 1, dense_blocks >= 0")
-        self.capacity = capacity
-        self.grid_blocks = grid_blocks
-        self.dense_blocks = dense_blocks
-        self._new: dict[int, str] = {}
-        self._old: dict[int, str] = {}
-
-    def __len__(self) -> int:
-        return len(self._new) + len(self._old)
-
-    def blocks_at(self, point: int) -> int:
-        """Prefix length in blocks of grid point ``point`` (1-based; 0 is the empty prefix)."""
-        dense = self.dense_blocks
-        return point if point <= dense else dense + (point - dense) * self.grid_blocks
-
-    def points_within(self, blocks: int) -> int:
-        """Grid points whose prefix has at most ``blocks`` blocks."""
-        dense = self.dense_blocks
-        return blocks if blocks <= dense else dense + (blocks - dense) // self.grid_blocks
-
-    def record(self, prefix_hashes: PrefixHashes, instance_id: str, from_block: int = 0) -> None:
-        """A prompt with ``prefix_hashes`` was routed to ``instance_id``; ``from_block``: its
-        grid prefixes up to that many blocks are left as they are (the caller knows the
-        instance already held them: a conversation's next turn on the same replica then
-        costs only its new blocks)."""
-        hashes = np.frombuffer(prefix_hashes, dtype="<u8")
-        dense, grid = self.dense_blocks, self.grid_blocks
-        first = self.blocks_at(self.points_within(from_block) + 1)  # blocks, 1-based
-        if first <= dense:
-            points = hashes[first - 1:dense].tolist()
-            points += hashes[dense + grid - 1::grid].tolist()
-        else:
-            points = hashes[first - 1::grid].tolist()
-        new = self._new
-        new.update(dict.fromkeys(points, instance_id))
-        if len(new) >= self.capacity // 2:
-            self._old, self._new = new, {}
-
-    def deepest(self, prefix_hashes: PrefixHashes, beyond: int = 0) -> tuple[str | None, int]:
-        """(the last holder of the prompt's deepest held grid prefix, that prefix's length
-        in blocks) if it is longer than the grid prefix of ``beyond`` blocks, else
-        ``(None, 0)``. The grid prefix just past ``beyond`` is probed first: when it is not
-        held (the usual case: the caller passes what it already found cached), that one
-        probe is the whole search."""
-        view = memoryview(prefix_hashes)  # type: ignore[arg-type]  # ndarray has the buffer protocol
-        hashes = (view if view.format == "B" else view.cast("B")).cast("Q")
-        new, old = self._new, self._old
-        # The first probe, inline (the usual whole search): the grid prefix after ``beyond``.
-        dense = self.dense_blocks
-        after = (beyond + 1 if beyond < dense
-                 else beyond + self.grid_blocks - (beyond - dense) % self.grid_blocks)
-        if after > len(hashes):
-            return None, 0
-        value = hashes[after - 1]
-        if value not in new and value not in old:
-            return None, 0
-        blocks_at = self.blocks_at
-        lo, hi = self.points_within(after), self.points_within(len(hashes))
-        # invariant: grid point lo is held, grid point hi + 1 is not
-        while lo < hi:
-            mid = (lo + hi + 1) >> 1
-            value = hashes[blocks_at(mid) - 1]
-            if value in new or value in old:
-                lo = mid
-            else:
-                hi = mid - 1
-        depth = blocks_at(lo)
-        value = hashes[depth - 1]
-        holder = new.get(value)
-        return (holder if holder is not None else old.get(value)), depth

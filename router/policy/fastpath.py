@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 __all__ = [
     "COMPILED",
+    "LastHolderIndex",
     "PrefixLru",
     "PromptKey",
     "RingIndex",
@@ -59,7 +60,10 @@ def _select() -> tuple[ModuleType, bool]:
 _kernels, COMPILED = _select()
 
 if TYPE_CHECKING:  # one set of types for both (router/policy/_fastpath.pyi)
+    from router.policy._fastpath import Candidate as Candidate  # locate's types (typing only)
+    from router.policy._fastpath import Continuity as Continuity
     from router.policy._fastpath import (
+        LastHolderIndex,
         PrefixLru,
         PromptKey,
         RingIndex,
@@ -74,6 +78,7 @@ if TYPE_CHECKING:  # one set of types for both (router/policy/_fastpath.pyi)
         xxh64,
     )
 else:
+    LastHolderIndex = _kernels.LastHolderIndex
     PrefixLru = _kernels.PrefixLru
     PromptKey = _kernels.PromptKey
     RingIndex = _kernels.RingIndex

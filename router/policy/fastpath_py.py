@@ -20,6 +20,8 @@ What each computes (the C files say how it is made fast):
   order (least recently used first);
 * ``RingIndex``: first owner clockwise from a position (``bisect``), eligibility as a byte
   per owner slot, and the next point with another owner;
+* ``LastHolderIndex``: which instance each routed grid prefix last went to (two dicts, one
+  per generation), with the binary search for a prompt's deepest routed prefix;
 * ``locate``: the above composed for one decision; ``affinity_pick``: DualMap's pick.
 
 Buffers come in as the C kernels take them: any C-contiguous object with the buffer
@@ -42,6 +44,7 @@ import xxhash
 
 __all__ = [
     "KEY_SEED",
+    "LastHolderIndex",
     "PrefixLru",
     "PromptKey",
     "RingIndex",
@@ -57,6 +60,10 @@ __all__ = [
 ]
 
 Buffer = Any  # anything with the buffer protocol, checked at run time as the C kernels do
+# locate's continuity context (holder index, each instance's cached prefixes by id, the
+# routable ids) and its answer (see ``_continuity_candidate``).
+Continuity = tuple["LastHolderIndex", dict[str, "PrefixLru"], "frozenset[str] | set[str]"]
+Candidate = tuple[str, int] | str | None
 U64 = npt.NDArray[np.uint64]
 
 MASK64 = (1 << 64) - 1
@@ -471,6 +478,119 @@ class RingIndex:
         return self._next_distinct[point]
 
 
+# ---- LastHolderIndex -------------------------------------------------------------------
+
+
+class LastHolderIndex:
+    """Fleet-wide: which instance a prompt through each prefix was last routed to.
+
+    Maps prefix-block hashes to the id of the instance that last received a prompt through
+    that prefix. ``record`` keeps a prompt's prefixes on a grid: every block up to
+    ``dense_blocks``, then every ``grid_blocks`` blocks (16 and 64 tokens with the default
+    hasher). Every recorded prompt adds all its grid prefixes, so the held ones are closed
+    under taking shorter grid prefixes and ``deepest`` binary-searches a prompt's grid
+    prefixes for the deepest one held: the last holder of the longest routed prefix of the
+    prompt, to within a grid step. For a conversation's next turn that is the previous
+    turn's prompt, held by the instance that served it, wherever that was (a ring home, a
+    load fallback, before its key or the ring membership changed). It is a hint: the caller
+    checks that instance's own cache view, which knows about evictions and the exact depth.
+    The index forgets by generations (when the newer of two dicts holds ``capacity / 2``
+    entries after a recorded prompt, it becomes the older and the oldest is dropped), which
+    keeps the closure: each generation is a union of whole recorded prompts.
+    """
+
+    __slots__ = ("_new", "_old", "capacity", "dense_blocks", "grid_blocks")
+
+    def __init__(self, capacity: int = 1 << 18, grid_blocks: int = 4,
+                 dense_blocks: int = 8) -> None:
+        capacity, grid_blocks = operator.index(capacity), operator.index(grid_blocks)
+        dense_blocks = operator.index(dense_blocks)
+        if capacity < 2 or grid_blocks < 1 or dense_blocks < 0:
+            raise ValueError("need capacity >= 2, grid_blocks >= 1, dense_blocks >= 0")
+        self.capacity = capacity
+        self.grid_blocks = grid_blocks
+        self.dense_blocks = dense_blocks
+        self._new: dict[int, str] = {}
+        self._old: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._new) + len(self._old)
+
+    def blocks_at(self, point: int) -> int:
+        """Prefix length in blocks of grid point ``point`` (1-based; 0 is the empty prefix)."""
+        dense = self.dense_blocks
+        return point if point <= dense else dense + (point - dense) * self.grid_blocks
+
+    def points_within(self, blocks: int) -> int:
+        """Grid points whose prefix has at most ``blocks`` blocks (``blocks >= 0``)."""
+        if blocks < 0:
+            raise ValueError("blocks must be >= 0")
+        dense = self.dense_blocks
+        return blocks if blocks <= dense else dense + (blocks - dense) // self.grid_blocks
+
+    def record(self, prefix_hashes: Buffer, instance_id: str, from_block: int = 0) -> None:
+        """A prompt with ``prefix_hashes`` (a uint64 buffer) was routed to ``instance_id``;
+        ``from_block`` (>= 0): its grid prefixes up to that many blocks are left as they are
+        (the caller knows the instance already held them: a conversation's next turn on the
+        same replica then costs only its new blocks)."""
+        if not isinstance(instance_id, str):
+            raise TypeError("instance_id must be a str")
+        from_block = operator.index(from_block)
+        if from_block < 0:
+            raise ValueError("from_block must be >= 0")
+        view = _bytes(prefix_hashes)
+        if len(view) % 8:
+            raise ValueError("prefix_hashes must be a uint64 buffer")
+        hashes = _u64_array(view)
+        dense, grid = self.dense_blocks, self.grid_blocks
+        first = self.blocks_at(self.points_within(from_block) + 1)  # blocks, 1-based
+        if first <= dense:
+            points = hashes[first - 1:dense].tolist()
+            points += hashes[dense + grid - 1::grid].tolist()
+        else:
+            points = hashes[first - 1::grid].tolist()
+        new = self._new
+        new.update(dict.fromkeys(points, instance_id))
+        if len(new) >= self.capacity // 2:
+            self._old, self._new = new, {}
+
+    def deepest(self, prefix_hashes: Buffer, beyond: int = 0) -> tuple[str | None, int]:
+        """(the last holder of the prompt's deepest held grid prefix, that prefix's length
+        in blocks) if it is longer than the grid prefix of ``beyond`` (>= 0) blocks, else
+        ``(None, 0)``. The grid prefix just past ``beyond`` is probed first: when it is not
+        held (the usual case: the caller passes what it already found cached), that one
+        probe is the whole search."""
+        hashes = _words(_bytes(prefix_hashes), "prefix_hashes must be a uint64 buffer")
+        beyond = operator.index(beyond)
+        if beyond < 0:
+            raise ValueError("beyond must be >= 0")
+        return self._deepest(hashes, beyond)
+
+    def _deepest(self, hashes: memoryview | list[int], beyond: int) -> tuple[str | None, int]:
+        new, old = self._new, self._old
+        dense, grid = self.dense_blocks, self.grid_blocks
+        after = beyond + 1 if beyond < dense else beyond + grid - (beyond - dense) % grid
+        if after > len(hashes):
+            return None, 0
+        value = hashes[after - 1]
+        if value not in new and value not in old:
+            return None, 0
+        blocks_at = self.blocks_at
+        lo, hi = self.points_within(after), self.points_within(len(hashes))
+        # invariant: grid point lo is held, grid point hi + 1 is not
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1
+            value = hashes[blocks_at(mid) - 1]
+            if value in new or value in old:
+                lo = mid
+            else:
+                hi = mid - 1
+        depth = blocks_at(lo)
+        value = hashes[depth - 1]
+        holder = new.get(value)
+        return (holder if holder is not None else old.get(value)), depth
+
+
 # ---- One decision ----------------------------------------------------------------------
 
 
@@ -478,8 +598,8 @@ def locate(
     tokens: Buffer, mult: Buffer, salt: Buffer, base_length: int, hot_step: int,
     max_length: int, hot: set[int], splits: dict[int, int],
     lookups: tuple[RingIndex, ...], eligible: Buffer, tables: list[PrefixLru | None] | None,
-    names: list[str],
-) -> tuple[PromptKey, tuple[str, ...], tuple[int, ...], bytes]:
+    names: list[str], continuity: Continuity | None = None,
+) -> tuple[PromptKey, tuple[str, ...], tuple[int, ...], bytes, Candidate]:
     """The per-decision work of a ring policy with cache views in one call
     (``ring_keys.KeyedRings.locate`` documents it):
 
@@ -490,7 +610,10 @@ def locate(
        ``names[slot]``;
     4. cached blocks per home: ``tables[slot].cached_blocks(hashes, hint)`` (0 where
        ``tables`` is None or holds None), the hint for the first home being one hot step
-       short of a lengthened key, and for each next one the previous answer.
+       short of a lengthened key, and for each next one the previous answer;
+    5. ``candidate``: DualMap's continuity candidate, with ``continuity = (holders, held,
+       routable)`` (a ``LastHolderIndex``, each instance's ``PrefixLru`` by id, the
+       routable ids) and at least one home; see ``_continuity_candidate``. None without.
     """
     if not isinstance(lookups, tuple):
         raise TypeError("lookups must be a tuple")
@@ -505,6 +628,12 @@ def locate(
         raise TypeError("lookups must be RingIndex objects")
     if tables is not None and not isinstance(tables, list):
         raise TypeError("tables must be a list or None")
+    if continuity is not None and not (
+            isinstance(continuity, tuple) and len(continuity) == 3
+            and isinstance(continuity[0], LastHolderIndex) and isinstance(continuity[1], dict)
+            and isinstance(continuity[2], set | frozenset)):
+        raise TypeError("continuity must be None or (LastHolderIndex, dict of PrefixLru, "
+                        "set of routable ids)")
     prompt = _Prompt(tokens, mult, salt, None)
     count = prompt.num_tokens // prompt.block_tokens
     if prompt.num_salts < count:
@@ -541,7 +670,50 @@ def locate(
             raise IndexError("locate: a ring slot has no name")
         homes.append(names[slot])
         blocks.append(hint)
-    return key, tuple(homes), tuple(blocks), hashes.tobytes()
+    candidate: Candidate = None
+    if continuity is not None and homes:
+        candidate = _continuity_candidate(
+            continuity, tuple(homes), hash_list, prompt.block_tokens, key.length, max(blocks),
+            prompt.num_tokens)
+    return key, tuple(homes), tuple(blocks), hashes.tobytes(), candidate
+
+
+def _continuity_candidate(
+    continuity: Continuity, homes: tuple[str, ...], hashes: list[int], block_size: int,
+    key_length: int, home_blocks: int, num_tokens: int,
+) -> Candidate:
+    """DualMap's continuity candidate (``dualmap.py``): the routable instance, not a home,
+    that holds a longer cached prefix of the prompt than either home, found through the
+    fleet-wide ``holders`` index and checked in its own cache view (``held[id]``), as
+    ``(id, cached blocks)``. Its prefix must cover the key (``key_length`` tokens), as a
+    home's must to count: a shorter one (a shared system prompt) is no conversation's own.
+    None if there is no such instance; when the index names one (the replica of the
+    conversation's previous turn, off the homes) that cannot be taken, the decision reason
+    that says why: ``holder_unroutable`` (not in ``routable`` or without a view) or
+    ``holder_evicted`` (its view no longer holds what the index recorded)."""
+    holders, held, routable = continuity
+    # Only a prefix deeper than the homes' and than the key can count: the search starts
+    # past both (one probe when none is held, as for a new conversation behind a hot
+    # system prompt, whose key ends a step past the prefix everyone shares).
+    holder, depth = holders._deepest(hashes, max(home_blocks, key_length // block_size))
+    if (holder is None or (depth + holders.grid_blocks) * block_size <= key_length
+            or holder in homes):
+        return None
+    # Past the key, the index shows the holder got this conversation's own prefix; a grid
+    # step short of the key, only its cache view can tell.
+    proven = depth * block_size >= key_length
+    table = held.get(holder)
+    if table is None or holder not in routable:
+        return "holder_unroutable" if proven else None
+    if not isinstance(table, PrefixLru):
+        raise TypeError("continuity: held must map ids to PrefixLru objects")
+    blocks = table._search(hashes, len(hashes), depth)
+    if blocks < depth:  # the view lost what the index recorded
+        return "holder_evicted" if proven else None
+    cached = min(blocks * block_size, max(0, num_tokens - 1))
+    if blocks <= home_blocks or cached < key_length:
+        return None
+    return holder, blocks
 
 
 def affinity_pick(

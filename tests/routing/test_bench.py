@@ -70,3 +70,40 @@ def test_other_packages_hook_their_bench_subcommands(monkeypatch: pytest.MonkeyP
     bench.register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "fake"])
     assert args.func(args) == 7
+
+
+def test_every_round_makes_the_same_decisions(tmp_path: Path) -> None:
+    """Same seed, same decisions: one digest over the rounds, and a different seed differs."""
+    settings = {"instances": [4], "policies": ["dualmap"], "prompt_tokens": 1024,
+                "decisions": 40, "warmup": 20, "refresh_every": 16, "seed": 0}
+    first = bench.one_round(settings)["4"]["dualmap"]
+    again = bench.one_round(settings)["4"]["dualmap"]
+    other = bench.one_round({**settings, "seed": 1})["4"]["dualmap"]
+    assert len(first["decisions_sha256"]) == 64
+    assert first["decisions_sha256"] == again["decisions_sha256"] != other["decisions_sha256"]
+    row = bench._median_of_repeats([first, again])
+    assert row["decisions_sha256"] == first["decisions_sha256"]
+    assert bench._median_of_repeats([first, other])["decisions_sha256"] == sorted(
+        [first["decisions_sha256"], other["decisions_sha256"]])
+
+
+@pytest.mark.e2e
+def test_against_another_checkout_runs_both_side_by_side(tmp_path: Path) -> None:
+    """``--against`` with this very checkout on both sides: every round in fresh processes,
+    both sides reported, the same decisions, ratios near 1 (timing noise aside)."""
+    repo = Path(bench.__file__).resolve().parents[1]
+    out = tmp_path / "ab.json"
+    assert main(["bench", "routing", "--instances", "4", "--policies", "dualmap",
+                 "--prompt-tokens", "1024", "--decisions", "60", "--warmup", "30",
+                 "--refresh-every", "16", "--repeat", "2", "--against", str(repo),
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "routing-against"
+    assert result["before"]["tree"] == result["after"]["tree"] == str(repo)
+    assert result["before"]["commit"] == result["after"]["commit"]
+    row = result["by_instances"]["4"]["dualmap"]
+    assert row["same_decisions"] is True
+    assert len(row["before"]["repeats"]) == len(row["after"]["repeats"]) == 2
+    assert sum(row["after"]["reasons"].values()) == 60
+    assert 0.1 < row["ratio_p50"] < 10
+    assert len(result["load_average_1m_before_each_run"]) == 4

@@ -253,7 +253,8 @@ def test_fleet_fallback_leaves_the_homes_only_for_a_clearly_faster_instance() ->
 
 def test_locate_gives_what_key_homes_and_cache_searches_give_one_by_one() -> None:
     """The compiled per-decision call against its parts, on a warm policy with hot
-    (lengthened) keys, cached prefixes and an unroutable instance."""
+    (lengthened) keys, cached prefixes, holders of deeper prefixes than the homes' and an
+    unroutable instance."""
     from dataclasses import replace
 
     import numpy as np
@@ -279,13 +280,22 @@ def test_locate_gives_what_key_homes_and_cache_searches_give_one_by_one() -> Non
     assert policy.rings.keys.hot_prefixes  # some keys are lengthened
     masked = ClusterSnapshot(2, (replace(views[3], healthy=False), *views[:3], *views[4:]))
     masked = ClusterSnapshot(2, tuple(sorted(masked.instances, key=lambda v: v.instance_id)))
-    seen_cached = seen_lengthened = 0
+    seen_cached = seen_lengthened = seen_holder = seen_unroutable = seen_evicted = 0
     for snap in (snapshot, masked):
         policy.adopt(snap)
+        previous = prompt(0)
         for seq in range(60):
             tokens = prompt(seq)
+            if seq % 2:  # the next turn of a conversation whose last turn went elsewhere
+                routed = policy.cache.hasher.hashes(previous)
+                policy.last_holder.record(routed, f"i{seq % 8}")
+                if seq % 4 == 1:  # that replica's view holds it (else: evicted since)
+                    policy.cache.record_prompt(f"i{seq % 8}", routed)
+                tokens = np.concatenate([previous, tokens[-40:]])
+            previous = tokens
             located = PreparedPrompt(tokens)
-            homes, blocks = policy.rings.locate(located)
+            homes, blocks, candidate = policy.rings.locate(
+                located, (policy.last_holder, policy.cache.held, policy.board.eligible_set))
             plain = PreparedPrompt(tokens)
             key = policy.rings.keys.key(plain.tokens)
             hashes = policy.cache.hasher.hashes(plain.tokens)
@@ -293,7 +303,27 @@ def test_locate_gives_what_key_homes_and_cache_searches_give_one_by_one() -> Non
             assert bytes(located.prefix_hashes) == hashes.tobytes()  # type: ignore[arg-type]
             assert homes == policy.rings.homes(key.hash)
             assert blocks == tuple(policy.cache.cached_blocks(h, hashes) for h in homes)
+            # The continuity candidate: the deepest routed prefix's last holder, checked.
+            beyond = max(*blocks, key.length // policy.cache.block_size)
+            holder, depth = policy.last_holder.deepest(hashes, beyond)
+            if isinstance(candidate, tuple):
+                assert candidate[0] == holder and holder not in homes
+                assert candidate[1] == policy.cache.cached_blocks(holder, hashes) >= depth
+                assert candidate[1] > max(blocks) and depth * 16 >= key.length
+                assert holder in policy.board.eligible_set
+            elif candidate == "holder_unroutable":
+                assert holder == "i3" and snap is masked
+            elif candidate == "holder_evicted":
+                assert holder is not None and policy.cache.cached_blocks(holder, hashes) < depth
+                seen_evicted += 1
+            else:
+                assert candidate is None
+            assert policy.rings.locate(PreparedPrompt(tokens)) == (homes, blocks, None)
             assert "i3" not in homes or snap is snapshot
             seen_cached += any(blocks)
             seen_lengthened += len(key.chain) > 1
-    assert seen_cached > 30 and seen_lengthened > 30  # the cases that matter were there
+            seen_holder += isinstance(candidate, tuple)
+            seen_unroutable += candidate == "holder_unroutable"
+    # the cases that matter were there
+    assert seen_cached > 30 and seen_lengthened > 30 and seen_holder > 5
+    assert seen_unroutable > 0 and seen_evicted > 5

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -290,6 +291,74 @@ def test_prefix_lru_growth_and_heavy_eviction_compiled_equal_python() -> None:
     assert sum(key in compiled for key in strangers) == sum(key in python for key in strangers)
 
 
+_holder_ops = st.lists(st.one_of(
+    st.tuples(st.just("record"), st.tuples(st.lists(_keys, max_size=40),
+                                           st.sampled_from(["a", "b", "c", "d"]),
+                                           st.integers(0, 45))),
+    # A search: prefixes recorded earlier (so that deep ones are held), cut anywhere and
+    # continued with any keys, from any depth on.
+    st.tuples(st.just("deepest"), st.tuples(st.integers(0, 10), st.integers(0, 40),
+                                            st.lists(_keys, max_size=8), st.integers(0, 45))),
+), max_size=50)
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None)
+@given(capacity=st.integers(2, 80), grid=st.integers(1, 5), dense=st.integers(0, 10),
+       ops=_holder_ops)
+def test_last_holder_index_compiled_equals_python(
+    capacity: int, grid: int, dense: int, ops: list
+) -> None:
+    """The same answers to every search (holder and depth), the same sizes through
+    generation turnover, with any grid, any starting depth and keys that collide."""
+    compiled = C.LastHolderIndex(capacity, grid, dense)
+    python = py.LastHolderIndex(capacity=capacity, grid_blocks=grid, dense_blocks=dense)
+    recorded: list[list[int]] = []
+    for op, arg in ops:
+        if op == "record":
+            keys, instance_id, from_block = arg
+            hashes = np.array(keys, dtype=np.uint64)
+            compiled.record(hashes, instance_id, from_block)
+            python.record(hashes.tobytes(), instance_id, from_block=from_block)
+            recorded.append(keys)
+        else:
+            which, cut, extra, beyond = arg
+            keys = recorded[which % len(recorded)][:cut] if recorded else []
+            hashes = np.array(keys + extra, dtype=np.uint64)
+            assert compiled.deepest(hashes, beyond) == python.deepest(hashes.tobytes(), beyond)
+        assert len(compiled) == len(python)
+    assert (compiled.capacity, compiled.grid_blocks, compiled.dense_blocks) == (
+        python.capacity, python.grid_blocks, python.dense_blocks)
+    for point in range(20):
+        assert compiled.blocks_at(point) == python.blocks_at(point)
+        assert compiled.points_within(point) == python.points_within(point)
+
+
+@needs_compiled
+def test_last_holder_index_turnover_and_growth_compiled_equal_python() -> None:
+    """Many prompts through a small index: the compiled tables grow, turn over and are
+    reused; every answer stays the Python one's."""
+    rng = np.random.default_rng(5)
+    compiled, python = C.LastHolderIndex(3000), py.LastHolderIndex(3000)
+    prompts = [rng.integers(0, 2**63, int(rng.integers(1, 300)), dtype=np.uint64)
+               for _ in range(400)]
+    answers = turnovers = 0
+    for k, hashes in enumerate(prompts):
+        size = len(python)
+        instance_id = f"i{k % 7}"
+        compiled.record(hashes, instance_id, k % 11)
+        python.record(hashes, instance_id, k % 11)
+        earlier = prompts[int(rng.integers(0, k + 1))]
+        probe = np.concatenate([earlier[:int(rng.integers(0, len(earlier) + 1))],
+                                rng.integers(0, 2**63, 5, dtype=np.uint64)])
+        beyond = int(rng.integers(0, 12))
+        assert compiled.deepest(probe, beyond) == python.deepest(probe, beyond)
+        answers += python.deepest(probe, beyond)[0] is not None
+        assert len(compiled) == len(python)
+        turnovers += len(python) < size
+    assert answers > 50 and turnovers > 3
+
+
 _positions = st.lists(st.one_of(st.integers(0, 50), st.integers(0, 2**64 - 1),
                                 st.sampled_from([0, 2**64 - 1])), max_size=40)
 
@@ -355,8 +424,9 @@ def _copy_lru(lru: Any, module: ModuleType) -> Any:
 
 @needs_compiled
 def test_locate_on_a_warm_policy_compiled_equals_python() -> None:
-    """Key (lengthened or not), homes on two rings or one, cached blocks per home and the
-    prefix hashes: the same from both, with and without an unroutable instance and tables."""
+    """Key (lengthened or not), homes on two rings or one, cached blocks per home, the
+    prefix hashes and the continuity probe (the last holder of a deeper routed prefix):
+    the same from both, with and without an unroutable instance, tables and an index."""
     policy, snapshot, masked, prompt = _warm_dualmap()
     rings = policy.rings
     assert rings.keys.hot_prefixes  # some keys are lengthened
@@ -364,13 +434,28 @@ def test_locate_on_a_warm_policy_compiled_equals_python() -> None:
               for module in (C, py)}
     lookups = {module: tuple(module.RingIndex(ring._positions, ring._owner_slots)
                              for ring in rings.rings) for module in (C, py)}
+    holders = {module: module.LastHolderIndex() for module in (C, py)}
+    views = {module: dict(zip(rings._names, tables[module], strict=True))
+             for module in (C, py)}
     keys = rings.keys
     seen_cached = seen_lengthened = 0
+    seen: Counter[str] = Counter()
+    previous = prompt(0)
     for snap in (snapshot, masked):
         policy.adopt(snap)
+        continuity = {module: (holders[module], views[module], policy.board.eligible_set)
+                      for module in (C, py)}
         for seq in range(60):
             tokens = prompt(seq)
-            for two_rings, with_tables in ((True, True), (False, True), (True, False)):
+            if seq % 2:  # the next turn of a conversation whose last turn went elsewhere
+                for module, index in holders.items():
+                    index.record(keys.hasher.hashes(previous), f"i{seq % 8}", seq % 5)
+                    if seq % 4 == 1:  # that replica's view holds it (else: evicted since)
+                        views[module][f"i{seq % 8}"].record(keys.hasher.hashes(previous))
+                tokens = np.concatenate([previous, tokens[-40:]])
+            previous = tokens
+            for two_rings, with_tables, with_index in ((True, True, True), (False, True, True),
+                                                       (True, False, True), (True, True, False)):
                 results = []
                 for module in (C, py):
                     mult, salt = keys.hasher.constants(len(tokens))
@@ -379,12 +464,16 @@ def test_locate_on_a_warm_policy_compiled_equals_python() -> None:
                         keys.max_key_tokens, keys.hot_prefixes, keys.key_splits,
                         lookups[module] if two_rings else lookups[module][:1],
                         rings._eligible_mask, tables[module] if with_tables else None,
-                        rings._names))
+                        rings._names, continuity[module] if with_index else None))
                 (c_key, *c_rest), (p_key, *p_rest) = results
                 assert tuple(c_key) == tuple(p_key) and c_rest == p_rest
                 seen_cached += any(p_rest[1])
                 seen_lengthened += len(p_key.chain) > 1
-    assert seen_cached > 60 and seen_lengthened > 60  # the cases that matter were there
+                seen[type(p_rest[3]).__name__ if not isinstance(p_rest[3], str)
+                     else p_rest[3]] += 1
+    # the cases that matter were there
+    assert seen_cached > 60 and seen_lengthened > 60 and seen["tuple"] > 20, seen
+    assert seen["holder_unroutable"] > 0 and seen["NoneType"] > 20, seen
 
 
 @needs_compiled
@@ -531,17 +620,58 @@ def test_affinity_pick_rejects_what_it_cannot_read(impl: ModuleType) -> None:
         impl.affinity_pick(["a"], (0,), {"a": 0}, *arrays, 16, 100, 16)
 
 
+def test_last_holder_index_rejects_what_it_cannot_use(impl: ModuleType) -> None:
+    index = impl.LastHolderIndex(capacity=8, grid_blocks=2, dense_blocks=1)
+    hashes = np.arange(1, 9, dtype=np.uint64)
+    with pytest.raises(TypeError):
+        index.record(hashes, 7)
+    with pytest.raises(ValueError):
+        index.record(hashes, "a", -1)
+    with pytest.raises(ValueError):
+        index.record(b"\x00" * 12, "a")
+    with pytest.raises(ValueError):
+        index.deepest(hashes, -1)
+    with pytest.raises(ValueError):
+        index.deepest(b"\x00" * 12)
+    with pytest.raises(ValueError):
+        index.points_within(-1)
+    for bad in ((1, 4, 8), (8, 0, 8), (8, 4, -1)):
+        with pytest.raises(ValueError):
+            impl.LastHolderIndex(*bad)
+    index.record(hashes, "a")  # grid: blocks 1, 3, 5, 7
+    assert len(index) == 4 and index.deepest(hashes) == ("a", 7)
+    index.record(hashes[:3], "b")  # the newer generation is full: it turns over
+    assert len(index) == 6 and index.deepest(hashes) == ("a", 7)
+    assert index.deepest(hashes[:4]) == ("b", 3)
+
+
 def test_locate_rejects_what_it_cannot_use(impl: ModuleType) -> None:
     from array import array
 
     ring = impl.RingIndex(array("Q", [10]), array("i", [0]))
-    tokens, mult, salt = np.zeros(64, np.int32), np.ones(8, np.uint64), np.zeros(8, np.uint64)
-    args: list[Any] = [tokens, mult, salt, 32, 16, 64, set(), {}, (ring,), b"\x01", None, ["a"]]
-    key, homes, blocks, hashes = impl.locate(*args)
+    tokens, mult = np.arange(64, dtype=np.int32), np.ones(8, np.uint64)
+    salt = np.zeros(8, np.uint64)
+    index = impl.LastHolderIndex(grid_blocks=1, dense_blocks=0)
+    held = {"a": impl.PrefixLru(), "b": impl.PrefixLru()}
+    args: list[Any] = [tokens, mult, salt, 32, 16, 64, set(), {}, (ring,), b"\x01", None, ["a"],
+                       (index, held, {"a"})]
+    key, homes, blocks, hashes, candidate = impl.locate(*args)
     assert homes == ("a",) and blocks == (0,) and len(hashes) == 4 * 8 and key.length == 32
+    assert candidate is None
+    index.record(hashes, "b")  # past the key (2 blocks): the third and fourth block
+    assert impl.locate(*args)[4] == "holder_unroutable"  # b is not routable
+    args[12] = (index, held, {"a", "b"})
+    assert impl.locate(*args)[4] == "holder_evicted"  # b's view does not hold the prompt
+    held["b"].record(hashes[:24])  # three blocks of four: still short of what was routed
+    assert impl.locate(*args)[4] == "holder_evicted"
+    held["b"].record(hashes)
+    assert impl.locate(*args)[4] == ("b", 4)
+    assert impl.locate(*args[:-1])[4] is None  # no index, no search
     for position, bad, error in ((8, (), ValueError), (8, (ring, ring, ring), ValueError),
                                  (8, ("ring",), TypeError), (4, 0, ValueError),
                                  (10, [object()], TypeError), (11, [], IndexError),
-                                 (2, np.zeros(2, np.uint64), ValueError)):
+                                 (2, np.zeros(2, np.uint64), ValueError),
+                                 (12, {}, TypeError), (12, (index, held), TypeError),
+                                 (12, (index, {"b": 1}, {"b"}), TypeError)):
         with pytest.raises(error):
             impl.locate(*[bad if k == position else a for k, a in enumerate(args)])
