@@ -43,9 +43,9 @@ gives the decisions of the policy before follow-up affinity (docs/routing.md).
 
 Cost per decision: two compiled calls, ``locate`` (the prompt's prefix hashes, its key, two
 ring lookups, the homes' cache searches and the continuity candidate: usually one index
-probe) and ``affinity_pick``; the continuity candidate's TTFT estimate, the SLO switch and
-the rare both-over-SLO case (one numpy arg-min over all instances) run in Python
-(docs/routing.md, "Decision cost").
+probe) and ``affinity_pick`` (the estimates and the pick); the SLO switch and the rare
+both-over-SLO case (one numpy arg-min over all instances) run in Python (docs/routing.md,
+"Decision cost").
 """
 
 from __future__ import annotations
@@ -172,14 +172,13 @@ class DualMapPolicy(CacheTrackingPolicy):
         # every new conversation while the others stay cold. Compiled (the hot path):
         # _fastpath.affinity_pick states the arithmetic, == predicted_ttft per home.
         cover = prepared.key.length  # type: ignore[union-attr]  # locate set the key
+        if isinstance(candidate, tuple):
+            return self._pick_with_holder(prepared, homes, cached_blocks, cover, candidate)
         best, estimates = affinity_pick(
             homes, cached_blocks, board.index, *self._estimate_arrays, self.cache.block_size,
             prepared.num_tokens, cover)
-        reason = "affinity"
-        if candidate is not None:
-            if isinstance(candidate, tuple):
-                return self._pick_with_holder(prepared, homes, estimates, best, candidate)
-            reason = candidate  # the previous turn's replica, and why it is not taken
+        # The previous turn's replica, and why it is not taken, if locate found one.
+        reason = "affinity" if candidate is None else candidate
         cached, ttft = estimates[best]
         if not self.slo_aware or ttft <= self.slo_bound_s:
             return Decision(homes[best], reason, homes, ttft, cached)
@@ -190,29 +189,34 @@ class DualMapPolicy(CacheTrackingPolicy):
         return self._lowest_ttft(prepared, homes, estimates)
 
     def _pick_with_holder(
-        self, prepared: PreparedPrompt, homes: tuple[str, ...],
-        estimates: Sequence[tuple[int, float]], best: int, holder: tuple[str, int],
+        self, prepared: PreparedPrompt, homes: tuple[str, ...], cached_blocks: tuple[int, ...],
+        cover: int, holder: tuple[str, int],
     ) -> Decision:
         """The affinity rule and the SLO switch over the homes and the continuity candidate
         (``holder``: its id and cached blocks, last): the largest cached prefix that covers
         the key, ties to the lower predicted TTFT, then ring order. The holder's prefix is
-        longer than either home's, so it is the affinity pick (reason ``continuity``); past
-        the SLO bound, the best other candidate within it (``slo_fallback``), else the
-        fleet's fastest (``load``)."""
+        longer than either home's and covers the key (locate checked), so it is the
+        affinity pick (reason ``continuity``); past the SLO bound, the best home within it
+        in the homes' own pick order (``slo_fallback``), else the fleet's fastest
+        (``load``)."""
         holder_id, holder_blocks = holder
-        num_tokens = prepared.num_tokens
-        holder_cached = min(holder_blocks * self.cache.block_size, max(0, num_tokens - 1))
-        holder_ttft = self.predicted_ttft(holder_id, num_tokens - holder_cached)
         candidates = (*homes, holder_id)
-        all_estimates = (*estimates, (holder_cached, holder_ttft))
+        block_size, num_tokens = self.cache.block_size, prepared.num_tokens
+        best, estimates = affinity_pick(
+            candidates, (*cached_blocks, holder_blocks), self.board.index,
+            *self._estimate_arrays, block_size, num_tokens, cover)
+        assert best == len(homes)  # the holder: more cached than any home, covering the key
+        holder_cached, holder_ttft = estimates[best]
         if not self.slo_aware or holder_ttft <= self.slo_bound_s:
             return Decision(holder_id, "continuity", candidates, holder_ttft, holder_cached)
         # The homes, in the affinity pick's order: their own pick first.
-        for i in (best, 1 - best) if len(homes) == 2 else (best,):
+        home_best, _ = affinity_pick(homes, cached_blocks, self.board.index,
+                                     *self._estimate_arrays, block_size, num_tokens, cover)
+        for i in (home_best, 1 - home_best) if len(homes) == 2 else (home_best,):
             cached, ttft = estimates[i]
             if ttft <= self.slo_bound_s:
                 return Decision(homes[i], "slo_fallback", candidates, ttft, cached)
-        return self._lowest_ttft(prepared, candidates, all_estimates)
+        return self._lowest_ttft(prepared, candidates, estimates)
 
     def _lowest_ttft(
         self,

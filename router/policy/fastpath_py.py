@@ -721,13 +721,15 @@ def affinity_pick(
     fixed: Buffer, queued: Buffer, slope: Buffer, block_size: int, num_tokens: int,
     key_length: int,
 ) -> tuple[int, tuple[tuple[int, float], ...]]:
-    """DualMap's per-home estimates and affinity pick. For each home (c1 first):
-    ``i = index[home]``; ``cached = min(cached_blocks * block_size, num_tokens - 1)`` (at
-    least 0); ``ttft = fixed[i] + (queued[i] + num_tokens - cached) * slope[i]``, the
-    predicted TTFT; estimates hold ``(cached, ttft)`` per home. The pick is the larger cached
-    prefix, ties to the lower TTFT, then c1; a cached prefix counts only if it covers the
-    key (``cached >= key_length``), else the home scores as cold with its uncached TTFT.
-    ``fixed``, ``queued`` and ``slope`` are float64 arrays aligned with ``index``."""
+    """DualMap's per-candidate estimates and affinity pick. For each candidate (one to
+    three: c1, c2, then the continuity candidate): ``i = index[candidate]``;
+    ``cached = min(cached_blocks * block_size, num_tokens - 1)`` (at least 0);
+    ``ttft = fixed[i] + (queued[i] + num_tokens - cached) * slope[i]``, the predicted TTFT;
+    estimates hold ``(cached, ttft)`` per candidate. The pick is the larger cached prefix,
+    ties to the lower TTFT, then the earlier candidate; a cached prefix counts only if it
+    covers the key (``cached >= key_length``), else the candidate scores as cold with its
+    uncached TTFT. ``fixed``, ``queued`` and ``slope`` are float64 arrays aligned with
+    ``index``."""
     if not isinstance(homes, tuple) or not isinstance(cached_blocks, tuple):
         raise TypeError("homes and cached_blocks must be tuples")
     if not isinstance(index, dict):
@@ -738,9 +740,9 @@ def affinity_pick(
     key_length = operator.index(key_length)
     count = len(homes)
     size = len(fixed_bytes) // 8
-    if (not 1 <= count <= 2 or len(cached_blocks) != count
+    if (not 1 <= count <= 3 or len(cached_blocks) != count
             or len(queued_bytes) // 8 != size or len(slope_bytes) // 8 != size):
-        raise ValueError("affinity_pick: one or two homes, aligned arrays")
+        raise ValueError("affinity_pick: one to three candidates, aligned arrays")
     f = fixed_bytes[: 8 * size].cast("d")
     q = queued_bytes[: 8 * size].cast("d")
     s = slope_bytes[: 8 * size].cast("d")
@@ -760,7 +762,8 @@ def affinity_pick(
             scores.append((0.0, f[i] + (q[i] + float(num_tokens)) * s[i]))
         estimates.append((cached, ttft))
     best = 0
-    if count == 2 and (scores[1][0] < scores[0][0]
-                       or (scores[1][0] == scores[0][0] and scores[1][1] < scores[0][1])):
-        best = 1
+    for k in range(1, count):
+        if (scores[k][0] < scores[best][0]
+                or (scores[k][0] == scores[best][0] and scores[k][1] < scores[best][1])):
+            best = k
     return best, tuple(estimates)

@@ -490,8 +490,8 @@ def test_affinity_pick_compiled_equals_python(data: st.DataObject) -> None:
                                         min_size=size, max_size=size)))
     if data.draw(st.booleans()):  # equal loads everywhere: ties in TTFT
         fixed[:], queued[:], slope[:] = fixed[0], queued[0], slope[0]
-    homes = tuple(data.draw(st.lists(st.sampled_from(sorted(index)), min_size=1, max_size=2,
-                                     unique=True)))
+    homes = tuple(data.draw(st.lists(st.sampled_from(sorted(index)), min_size=1, max_size=3,
+                                     unique=True)))  # c1, c2, the continuity candidate
     # Small block counts make ties in the cached prefix common.
     blocks = tuple(data.draw(st.lists(st.integers(0, 70), min_size=len(homes),
                                       max_size=len(homes))))
@@ -519,6 +519,17 @@ def test_affinity_pick_applies_the_rule(impl: ModuleType) -> None:
     best, estimates = impl.affinity_pick(("b", "a"), (99, 99), index, np.zeros(2),
                                          np.zeros(2), slope, 16, 1000, 0)
     assert best == 0 and estimates[0][0] == estimates[1][0] == 999
+    # A third candidate (the continuity candidate) under the same rule: the most cached.
+    index["c"] = 2
+    three = (np.array([0.1] * 3), np.array([0.0, 5000.0, 9000.0]), np.array([1e-5] * 3))
+    best, estimates = impl.affinity_pick(("a", "b", "c"), (10, 40, 50), index, *three,
+                                         16, 1000, 512)
+    assert best == 2 and estimates[2] == (800, 0.1 + (9000 + 200) * 1e-5)
+    # Tied with b on the cached prefix: the lower TTFT (b's), then the earlier candidate.
+    assert impl.affinity_pick(("a", "b", "c"), (10, 40, 40), index, *three,
+                              16, 1000, 512)[0] == 1
+    assert impl.affinity_pick(("a", "c", "b"), (40, 40, 40), index, np.zeros(3),
+                              np.zeros(3), np.ones(3), 16, 1000, 512)[0] == 0
 
 
 def test_prefix_hashes_kernel_rejects_mismatched_buffers(impl: ModuleType) -> None:
@@ -616,6 +627,8 @@ def test_affinity_pick_rejects_what_it_cannot_read(impl: ModuleType) -> None:
         impl.affinity_pick(("a",), (0,), {"a": 5}, *arrays, 16, 100, 16)
     with pytest.raises(ValueError):
         impl.affinity_pick((), (), {"a": 0}, *arrays, 16, 100, 16)
+    with pytest.raises(ValueError):  # at most c1, c2 and the continuity candidate
+        impl.affinity_pick(("a",) * 4, (0,) * 4, {"a": 0}, *arrays, 16, 100, 16)
     with pytest.raises(TypeError):
         impl.affinity_pick(["a"], (0,), {"a": 0}, *arrays, 16, 100, 16)
 

@@ -1,5 +1,6 @@
 /* affinity_pick: DualMap's per-candidate estimates and affinity pick (dualmap.py states the
- * rule; the SLO switch on top of it stays in Python). */
+ * rule; the SLO switch on top of it stays in Python). The candidates: its two homes and,
+ * where locate found one, the continuity candidate. */
 #ifndef LLMFLEET_FASTPATH_AFFINITY_H
 #define LLMFLEET_FASTPATH_AFFINITY_H
 
@@ -8,11 +9,12 @@
 PyDoc_STRVAR(affinity_pick_doc,
 "affinity_pick(homes, cached_blocks, index, fixed, queued, slope, block_size, num_tokens,\n"
 "              key_length) -> (best, estimates)\n\n"
-"For each home (c1 first): i = index[home]; cached = min(cached_blocks * block_size,\n"
-"num_tokens - 1) (at least 0); ttft = fixed[i] + (queued[i] + num_tokens - cached) *\n"
-"slope[i], the predicted TTFT; estimates holds (cached, ttft) per home. The pick is the\n"
-"larger cached prefix, ties to the lower TTFT, then c1; a cached prefix counts only if it\n"
-"covers the key (cached >= key_length), else the home scores as cold with its uncached\n"
+"For each candidate (one to three: c1, c2, then DualMap's continuity candidate):\n"
+"i = index[candidate]; cached = min(cached_blocks * block_size, num_tokens - 1) (at least\n"
+"0); ttft = fixed[i] + (queued[i] + num_tokens - cached) * slope[i], the predicted TTFT;\n"
+"estimates holds (cached, ttft) per candidate. The pick is the larger cached prefix, ties\n"
+"to the lower TTFT, then the earlier candidate; a cached prefix counts only if it covers\n"
+"the key (cached >= key_length), else the candidate scores as cold with its uncached\n"
 "TTFT. fixed, queued and slope are float64 arrays aligned with index.");
 
 static PyObject *
@@ -28,15 +30,16 @@ fastpath_affinity_pick(PyObject *self, PyObject *args)
     PyObject *result = NULL, *estimates = NULL;
     Py_ssize_t count = PyTuple_GET_SIZE(homes);
     Py_ssize_t size = fixed.len / 8;
-    if (count < 1 || count > 2 || PyTuple_GET_SIZE(blocks) != count || queued.len / 8 != size
+    if (count < 1 || count > 3 || PyTuple_GET_SIZE(blocks) != count || queued.len / 8 != size
             || slope.len / 8 != size) {
-        PyErr_SetString(PyExc_ValueError, "affinity_pick: one or two homes, aligned arrays");
+        PyErr_SetString(PyExc_ValueError,
+                        "affinity_pick: one to three candidates, aligned arrays");
         goto done;
     }
     const double *f = (const double *)fixed.buf, *q = (const double *)queued.buf;
     const double *s = (const double *)slope.buf;
     Py_ssize_t most_cached = num_tokens > 1 ? num_tokens - 1 : 0;
-    double score_cached[2], score_ttft[2];
+    double score_cached[3], score_ttft[3];
     estimates = PyTuple_New(count);
     if (estimates == NULL)
         goto done;
@@ -70,9 +73,11 @@ fastpath_affinity_pick(PyObject *self, PyObject *args)
         PyTuple_SET_ITEM(estimates, k, estimate);
     }
     int best = 0;
-    if (count == 2 && (score_cached[1] < score_cached[0]
-                       || (score_cached[1] == score_cached[0] && score_ttft[1] < score_ttft[0])))
-        best = 1;
+    for (int k = 1; k < count; k++) {
+        if (score_cached[k] < score_cached[best]
+                || (score_cached[k] == score_cached[best] && score_ttft[k] < score_ttft[best]))
+            best = k;
+    }
     result = Py_BuildValue("(iO)", best, estimates);
 done:
     Py_XDECREF(estimates);
