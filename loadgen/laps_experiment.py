@@ -291,6 +291,13 @@ GOODPUT_VARIANTS: dict[str, dict[str, Any]] = {
                                   "rebalance": False},
     "laps_no_rebalance": {"admission": "laps", "admission_params": {"order": "fifo"},
                           "rebalance": False},
+    # Diagnostic: deferral without a bound (what the bound costs under sustained overload).
+    "laps_goodput_unbounded_no_rebalance": {
+        "admission": "laps", "admission_params": {"order": "goodput", "defer_max_s": 1e9},
+        "rebalance": False},
+    "laps-spatial": {"admission": "laps-spatial", "admission_params": {"order": "fifo"}},
+    "laps-spatial_goodput": {"admission": "laps-spatial",
+                             "admission_params": {"order": "goodput"}},
 }
 GOODPUT_COMMAND = ("python -c \"from loadgen.laps_experiment import run_goodput_experiment; "
                    "run_goodput_experiment('docs/results/laps-goodput.json')\"")
