@@ -75,6 +75,11 @@ class StreamWatch(Protocol):
         """Where to continue: (instance id, its answer), or None to end the stream."""
         ...
 
+    @property
+    def why_not_resumed(self) -> str | None:
+        """After ``resume`` gave None: why the stream could not go on (for the client)."""
+        ...
+
 
 class StreamResumer(Protocol):
     def watch(self, ctx: RequestContext) -> StreamWatch | None: ...
@@ -156,7 +161,9 @@ class Relay:
             # The replica went away mid-stream and nothing could continue it. Say so in the
             # stream (OpenAI-style error event, then [DONE]) rather than cutting it silently.
             self.on_stream_error()
-            event = error_body(f"The replica serving this request failed mid-stream: {error}",
+            why = watch.why_not_resumed if watch is not None else None
+            event = error_body(f"The replica serving this request failed mid-stream: {error}"
+                               + (f"; it could not be continued: {why}" if why else ""),
                                "server_error", code="upstream_stream_broken")
             await send({"type": "http.response.body",
                         "body": b"data: " + orjson.dumps(event) + b"\n\ndata: [DONE]\n\n",

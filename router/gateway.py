@@ -458,7 +458,14 @@ class Gateway:
         ctx = RequestContext(endpoint, raw, view, routing, started)
         last_error = "no replica answered"
         for _ in range(MAX_ATTEMPTS):
-            upstream = await self._dispatch(ctx)
+            try:
+                upstream = await self._dispatch(ctx)
+            except OpenAIError as exc:
+                if exc.code != "no_healthy_replica" or not ctx.exclude:
+                    raise
+                # Every replica left was tried and failed: say how, not "none healthy".
+                raise OpenAIError(f"All replicas failed: {last_error}", 503,
+                                  "service_unavailable", code="upstream_unavailable") from exc
             if isinstance(upstream, str):
                 last_error = upstream
                 continue
@@ -516,6 +523,8 @@ class Gateway:
     def _failed(self, ctx: RequestContext, exc: UpstreamError) -> str:
         """Nothing reached the client yet: free the attempt's books, try another replica."""
         instance_id = ctx.instance_id
+        log.warning("replica %s failed before answering: %s; it is suspect for %.0f s",
+                    instance_id, exc, SUSPECT_S)
         self._done(ctx)
         self._suspect_until[instance_id] = self.clock() + SUSPECT_S
         ctx.exclude.add(instance_id)

@@ -21,6 +21,7 @@ continue elsewhere, opens the continuation on the gateway's own upstream pools:
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,6 +35,8 @@ from proto.headers import REQUEST_ID_HEADER
 from proto.registry import InstanceRecord
 from router.forward import RequestContext
 from router.upstream import Header, UpstreamClient, UpstreamError, UpstreamResponse
+
+log = logging.getLogger("llmfleet.gateway")
 
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
 _JSON = (b"content-type", b"application/json")
@@ -74,6 +77,11 @@ class _Watch:
         self.resumes = 0
         # Bytes of text the client had when the request was last replayed (0: never).
         self.replayed_bytes = 0
+        self.failures: list[str] = []  # why the last resume found nowhere to continue
+
+    @property
+    def why_not_resumed(self) -> str | None:
+        return "; ".join(self.failures) or None
 
     def feed(self, chunk: bytes) -> bytes:
         out = self.stitcher.feed(chunk)
@@ -110,6 +118,7 @@ class _Watch:
         if stitcher.done or self.resumes >= MAX_RESUMES:
             return None
         self.resumes += 1
+        self.failures = []
         records = self.resumer.records()
         moved = stitcher.resume
         if moved is not None:
@@ -139,6 +148,7 @@ class _Watch:
                     self.resumer.resumed["located"] += 1
                     return record.instance_id, answer
         if not self.resumer.replay:
+            self.failures.append("token replay is off")
             return None
         return await self._replay(others)
 
@@ -164,23 +174,35 @@ class _Watch:
             generated = self.stitcher.text
             generated_bytes = len(generated.encode("utf-8"))
             replay = continuation_body(ctx.endpoint, body, generated, generated_bytes)
-        except (ValueError, orjson.JSONDecodeError):
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            self.failures.append(f"it cannot be replayed ({exc})")
             return None
         raw = orjson.dumps(replay)
         headers: list[Header] = [_JSON, (_REQUEST_ID, ctx.request_id.encode())]
         for record in sorted(others, key=lambda r: r.instance_id):
             if not self.resumer.healthy(record.instance_id):
+                self.failures.append(f"{record.instance_id} is not healthy")
                 continue
             try:
                 answer = await self.resumer.upstream.pool(record.url).request(
                     b"POST", ctx.endpoint, headers, raw)
-            except UpstreamError:
+            except UpstreamError as exc:
+                self.failures.append(f"replay on {record.instance_id} failed: {exc}")
                 continue
             if answer.status == 200:
                 self.resumer.resumed["replay"] += 1
                 self.replayed_bytes = generated_bytes
                 return record.instance_id, answer
+            refused = b""
             with contextlib.suppress(UpstreamError):
-                await answer.read()
+                refused = await answer.read()
             answer.close()
+            # The replica's own words: a continuation it cannot take (too long for its
+            # context, say) is the backend's judgement, and the only clue to it.
+            self.failures.append(f"replay on {record.instance_id} refused ({answer.status}): "
+                                 + refused[:300].decode(errors="replace"))
+        if not others:
+            self.failures.append("no other replica is in the fleet")
+        log.warning("stream %s could not be continued: %s", ctx.request_id,
+                    self.why_not_resumed)
         return None

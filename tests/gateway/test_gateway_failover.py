@@ -87,6 +87,31 @@ def test_no_replica_gives_503(redis_url: str, namespace: str) -> None:
         assert httpx.get(url + "/health").status_code == 503
 
 
+def test_every_replica_failing_gives_503_that_says_how(redis_url: str, namespace: str) -> None:
+    # Two registered replicas that refuse connections: both are tried, and the client is
+    # told they failed (and how), not that none was healthy.
+    from proto.registry import InstanceRecord
+    from router.state import ClusterStateStore
+
+    async def register() -> None:
+        store = ClusterStateStore(redis_url, namespace, 30.0)
+        for name in ("ghost-0", "ghost-1"):
+            await store.heartbeat(InstanceRecord(
+                instance_id=name, url=f"http://127.0.0.1:{free_port()}", model="ghostly"))
+        await store.close()
+
+    asyncio.run(register())
+    gateway = Gateway(GatewayConfig(redis_url=redis_url, namespace=namespace,
+                                    policy="round_robin"))
+    with serve_in_thread(create_gateway_app(gateway), free_port()) as url:
+        response = httpx.post(url + "/v1/completions", timeout=30,
+                              json={"model": "ghostly", "prompt": "anyone?", "max_tokens": 4})
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "upstream_unavailable"
+    assert error["message"].startswith("All replicas failed: ghost-")
+
+
 def test_replica_dying_mid_stream_ends_stream_with_error_event(fleet: dict[str, Any]) -> None:
     # Without token replay nothing can continue the stream (tests/migration covers replay).
     fleet["gateway"].relay.resumer.replay = False
@@ -105,6 +130,7 @@ def test_replica_dying_mid_stream_ends_stream_with_error_event(fleet: dict[str, 
     assert rest[-1] == "data: [DONE]"
     error = json.loads(rest[-2][len("data: "):])["error"]
     assert error["code"] == "upstream_stream_broken"
+    assert error["message"].endswith("it could not be continued: token replay is off")
     # and the fleet keeps serving
     assert _complete(url, "still there?").status_code == 200
 

@@ -134,7 +134,13 @@ def _agents(specs: list[BackendSpec], redis_url: str, namespace: str,
             await asyncio.gather(*tasks, return_exceptions=True)
             await store.close()
 
-        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+        stopping = asyncio.run_coroutine_threadsafe(stop(), loop)
+        try:
+            stopping.result(30)
+        except TimeoutError:
+            stacks = "\n".join(f"{t.get_name()}: {t.get_stack()}" for t in tasks if not t.done())
+            raise AssertionError(
+                f"the agents did not stop in 30 s; still running:\n{stacks}") from None
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
 
@@ -274,8 +280,9 @@ def test_load_is_read_from_vllm_metrics(fleet: Fleet) -> None:
 
     async def burst() -> None:
         # Waves of six requests (at most three) until the registry has shown three or more
-        # at once: the tiny model decodes 400 tokens in well under a second, about one load
-        # report, so one wave can end between two reports.
+        # at once. Long answers: while six requests decode, the tiny model's API process
+        # answers /metrics late (0.1-0.8 s here, over 2 s on a loaded CI box, when the
+        # agent keeps the last report), and 400-token waves (~2 s) could end unseen.
         store = ClusterStateStore(fleet.redis_url, fleet.namespace, 3.0)
         try:
             async with httpx.AsyncClient(base_url=fleet.url, timeout=120) as client:
@@ -283,7 +290,7 @@ def test_load_is_read_from_vllm_metrics(fleet: Fleet) -> None:
                     requests = [asyncio.create_task(client.post("/v1/completions", json={
                         "model": MODEL,
                         "prompt": f"request {wave}-{i}: " + "count the tokens " * 20,
-                        "max_tokens": 400, "ignore_eos": True})) for i in range(6)]
+                        "max_tokens": 1500, "ignore_eos": True})) for i in range(6)]
                     while not all(r.done() for r in requests):
                         await asyncio.sleep(0.05)
                         live = await store.live_instances()
@@ -420,7 +427,10 @@ def test_a_replica_killed_mid_stream_is_survived_by_token_replay(fleet: Fleet) -
                     fleet.replicas[home].proc.wait()
                     killed = True
     assert killed and done
-    assert not [c for c in chunks if "error" in c]
+    agents = {a.instance_id: (a.registered, a.failures, a.timed_out,
+                              round(time.monotonic() - a.last_answer, 2))
+              for a in fleet.agents}
+    assert not [c for c in chunks if "error" in c], (agents, sorted(_records(fleet)))
     assert "".join(after_kill)  # the story went on, from the other replica
     assert resumer.resumed["replay"] == replays + 1
     assert _metric(fleet.replicas[other], "vllm:generation_tokens_total") > served_before
