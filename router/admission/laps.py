@@ -16,9 +16,10 @@ in the router is bounded for every request, long or short. Until released, a req
 re-decided (``move``) to another instance, keeping its place in time; after release it
 cannot (``NotQueued``), so it is sent exactly once.
 
-**Release order** (``order``). ``fifo`` is the above. ``goodput`` (SLO-aware) changes two
-things, so that under overload the instance spends its time on requests that can still
-meet the TTFT SLO instead of releasing everything at ``max_wait_s`` in arrival order:
+**Release order** (``order``). ``fifo`` is the above. ``goodput`` (SLO-aware; the default,
+measured in docs/admission.md, "Goodput release order") changes two things, so that under
+overload the instance spends its time on requests that can still meet the TTFT SLO instead
+of releasing everything at ``max_wait_s`` in arrival order:
 
 * before a request would be released for room, its TTFT is predicted: the time it has
   waited plus the predicted prefill on its instance if released now
@@ -72,7 +73,7 @@ class LapsAdmission(Admission):
         adaptive_boundary: bool = True,
         batch_size: int = 4,
         max_window_s: float = 0.02,
-        order: str = "fifo",
+        order: str = "goodput",
         slo_ttft_s: float = DEFAULT_SLO_TTFT_S,
         defer_max_s: float | None = None,
         predictor: PrefillTimeModel | None = None,

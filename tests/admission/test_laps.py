@@ -23,8 +23,10 @@ def _dec(instance: str, candidates: tuple[str, ...] = ()) -> Decision:
 
 
 def _laps(**params: object) -> LapsAdmission:
+    # LAPS's own order (arrival order, hard bound max_wait_s) unless a test says otherwise.
     defaults: dict[str, object] = {"budget_tokens": 1000, "long_age_s": 1.0, "max_wait_s": 3.0,
-                                   "adaptive_boundary": False, "max_window_s": 0.0}
+                                   "adaptive_boundary": False, "max_window_s": 0.0,
+                                   "order": "fifo"}
     defaults.update(params)
     admission = build_admission("laps", **defaults)
     assert isinstance(admission, LapsAdmission)
@@ -44,8 +46,9 @@ def test_none_passes_every_request_through_at_once() -> None:
         admission.move("a", _dec("i1"), 1.0)
 
 
-def test_release_only_while_the_instance_has_room() -> None:
-    admission = _laps()
+@pytest.mark.parametrize("order", ["fifo", "goodput"])
+def test_release_only_while_the_instance_has_room(order: str) -> None:
+    admission = _laps(order=order)
     # An idle instance takes a prompt larger than the budget (else it could never go).
     assert _ids(admission.submit(_req("big", 5000), _dec("i0"), 0.0)) == ["big"]
     # No room now: both wait, whatever their class; another instance is unaffected.
@@ -62,13 +65,14 @@ def test_release_only_while_the_instance_has_room() -> None:
     assert released[0].waited_s == pytest.approx(0.3)
 
 
-def test_shorts_overtake_a_young_long_but_an_aged_long_goes_first() -> None:
-    young = _laps()
+@pytest.mark.parametrize("order", ["fifo", "goodput"])
+def test_shorts_overtake_a_young_long_but_an_aged_long_goes_first(order: str) -> None:
+    young = _laps(order=order)
     young.submit(_req("big", 5000), _dec("i0"), 0.0)
     young.submit(_req("long", 900), _dec("i0"), 0.0)
     young.submit(_req("s1", 100), _dec("i0"), 0.1)
     assert _ids(young.on_first_token("big", 0.5)) == ["s1", "long"]
-    aged = _laps()
+    aged = _laps(order=order)
     aged.submit(_req("big", 5000), _dec("i0"), 0.0)
     aged.submit(_req("long", 900), _dec("i0"), 0.0)
     aged.submit(_req("s1", 100), _dec("i0"), 1.1)
@@ -127,9 +131,10 @@ def test_hard_bound_releases_without_room_on_tick() -> None:
     assert admission.next_deadline() is None
 
 
-def test_a_queued_request_can_move_until_released_and_is_never_sent_twice() -> None:
+@pytest.mark.parametrize("order", ["fifo", "goodput"])
+def test_a_queued_request_can_move_until_released_and_is_never_sent_twice(order: str) -> None:
     rng = random.Random(7)
-    admission = _laps(budget_tokens=300)
+    admission = _laps(budget_tokens=300, order=order)
     sent: dict[str, str] = {}
     inflight: list[str] = []
     now = 0.0
@@ -171,8 +176,9 @@ def test_a_queued_request_can_move_until_released_and_is_never_sent_twice() -> N
     assert sum(admission.counters()["moves"].values()) > 0
 
 
-def test_a_moved_request_keeps_its_wait_and_goes_where_it_was_moved() -> None:
-    admission = _laps()
+@pytest.mark.parametrize("order", ["fifo", "goodput"])
+def test_a_moved_request_keeps_its_wait_and_goes_where_it_was_moved(order: str) -> None:
+    admission = _laps(order=order)
     admission.submit(_req("big", 5000), _dec("i0"), 0.0)
     admission.submit(_req("q", 100), _dec("i0", ("i0", "i1")), 0.2)
     admission.submit(_req("busy", 5000), _dec("i1"), 0.3)  # i1 busy too
