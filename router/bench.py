@@ -349,8 +349,9 @@ def run_against(other: Path, settings: dict[str, Any], repeat: int,
                 progress: bool = False) -> dict[str, Any]:
     """``--against``: ``repeat`` rounds on ``other`` ("before") and this checkout
     ("after"), alternating which runs first; per fleet size and policy, each tree's
-    medians (``_median_of_repeats``), the after/before ratios of the decision p50 and p99,
-    and whether both made the same decisions."""
+    medians (``_median_of_repeats``), the after/before ratios of the decision p50 and p99
+    (of the medians, and the median of each round's ratio), and whether both made the
+    same decisions."""
     trees = {"before": other.resolve(), "after": Path(__file__).resolve().parents[1]}
     rounds: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
     loads: list[float] = []
@@ -365,10 +366,17 @@ def run_against(other: Path, settings: dict[str, Any], repeat: int,
             rows = {side: _median_of_repeats([r["runs"][size][name] for r in rounds[side]])
                     for side in rounds}
             before, after = rows["before"], rows["after"]
+            # Round k's two runs ran back to back: their ratio shares a noisy spell.
+            paired = {q: round(float(np.median([
+                a[f"decision_us_{q}"] / b[f"decision_us_{q}"]
+                for a, b in zip(after["repeats"], before["repeats"], strict=True)])), 3)
+                for q in ("p50", "p99")}
             by_instances.setdefault(size, {})[name] = {
                 **rows,
                 "ratio_p50": round(after["decision_us_p50"] / before["decision_us_p50"], 3),
                 "ratio_p99": round(after["decision_us_p99"] / before["decision_us_p99"], 3),
+                "paired_ratio_p50": paired["p50"],
+                "paired_ratio_p99": paired["p99"],
                 "same_decisions": (isinstance(after["decisions_sha256"], str)
                                    and after["decisions_sha256"] == before["decisions_sha256"]),
             }

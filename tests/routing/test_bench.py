@@ -105,5 +105,5 @@ def test_against_another_checkout_runs_both_side_by_side(tmp_path: Path) -> None
     assert row["same_decisions"] is True
     assert len(row["before"]["repeats"]) == len(row["after"]["repeats"]) == 2
     assert sum(row["after"]["reasons"].values()) == 60
-    assert 0.1 < row["ratio_p50"] < 10
+    assert 0.1 < row["ratio_p50"] < 10 and 0.1 < row["paired_ratio_p50"] < 10
     assert len(result["load_average_1m_before_each_run"]) == 4
