@@ -889,8 +889,43 @@ def laps_tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def goodput_table(result: dict[str, Any]) -> str:
+    """A markdown table of a ``run_goodput_experiment`` result, one row per variant."""
+    entry = result["entry"]
+    ideal = result["ideal_bound_rps"]
+    factors = [c["factor"] for c in next(iter(entry.get("cliff", {}).values()), [])]
+    lines = [
+        "| variant | capacity rps (failed at) | × ideal | hit rate | short TTFT p99 at 80 % (s) | "
+        + " | ".join(f"attainment at {f}x" for f in factors) + " | "
+        + " | ".join(f"TTFT p90 / short p99 at {f}x (s)" for f in factors)
+        + " | released room / deferred / aged at " + (f"{factors[-1]}x" if factors else "-")
+        + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * (2 * len(factors) + 1)]
+    for label in result["variants"]:
+        row = entry.get(label) or {}
+        cliff = entry.get("cliff", {}).get(label, [])
+        capacity = row.get("effective_capacity_rps")
+        released = ((cliff[-1].get("admission_counters") or {}).get("released", {})
+                    if cliff else {})
+        lines.append(
+            f"| {label} | "
+            + (f"{capacity:.1f} ({_fmt(row.get('failed_at_rps'), 1)})" if capacity else "-")
+            + f" | {_fmt(capacity / ideal if capacity else None)} | "
+            f"{_fmt(row.get('cache_hit_rate'), 3)} | "
+            f"{_fmt(entry.get('at_80pct', {}).get(label, {}).get('ttft_p99_short'))} | "
+            + " | ".join(_fmt(c["slo_attainment"], 3) for c in cliff) + " | "
+            + " | ".join(f"{_fmt(c.get('ttft_p90'), 1)} / {_fmt(c.get('ttft_p99_short'), 1)}"
+                         for c in cliff)
+            + " | " + (" / ".join(str(released.get(k, 0)) for k in ("room", "deferred", "aged"))
+                       if "room" in released else "-") + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":  # python -m loadgen.laps_experiment RESULT.json [PLOT.png]
     loaded = json.loads(Path(sys.argv[1]).read_text())
+    if "entry" in loaded:  # a run_goodput_experiment result
+        print(goodput_table(loaded))
+        sys.exit(0)
     print(laps_tables(loaded))
     if len(sys.argv) > 2:
         plot_laps(loaded, sys.argv[2])

@@ -104,3 +104,28 @@ def test_goal_check_needs_long_runs_for_steady_state() -> None:
     assert long["best_baseline_without_admission"] == "least_loaded"
     assert long["ratio_to_best_baseline_without_admission"] == round(37.0 / 25.0, 4)
     assert long["meets_0_9_ideal"] is True and long["meets_1_2_baseline"] is True
+
+
+def test_goodput_table_has_a_row_per_variant_with_its_cliff() -> None:
+    from loadgen.laps_experiment import goodput_table
+
+    counters = {"released": {"room": 7, "deferred": 2, "aged": 1}}
+    result = {
+        "ideal_bound_rps": 40.0,
+        "variants": {"none": {}, "laps_goodput": {}, "diagnostic": {}},
+        "entry": {
+            "none": {"effective_capacity_rps": 20.0, "failed_at_rps": 22.0},
+            "laps_goodput": {"effective_capacity_rps": 30.0, "failed_at_rps": None},
+            "at_80pct": {"none": {"ttft_p99_short": 1.5}},
+            "cliff": {label: [{"factor": f, "slo_attainment": a, "ttft_p90": 4.0,
+                               "ttft_p99_short": 9.0, "admission_counters": counters}
+                              for f, a in ((1.1, 0.8), (1.25, 0.5))]
+                      for label in ("none", "laps_goodput", "diagnostic")},
+        },
+    }
+    lines = goodput_table(result).splitlines()
+    assert "attainment at 1.1x | attainment at 1.25x" in lines[0]
+    assert len(lines) == 2 + 3
+    assert lines[2].startswith("| none | 20.0 (22.0) | 0.50 |") and "| 1.50 |" in lines[2]
+    assert lines[3].startswith("| laps_goodput | 30.0 (-) | 0.75 |")
+    assert "| 0.800 | 0.500 |" in lines[4] and lines[4].endswith("| 7 / 2 / 1 |")
