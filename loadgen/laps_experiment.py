@@ -296,6 +296,12 @@ GOODPUT_VARIANTS: dict[str, dict[str, Any]] = {
     "laps_goodput_unbounded_no_rebalance": {
         "admission": "laps", "admission_params": {"order": "goodput", "defer_max_s": 1e9},
         "rebalance": False},
+    # Diagnostic (cliff only): deferred requests released only on an instance with no
+    # prefill in flight (what their blocking of later on-time requests in the engine costs).
+    "laps_goodput_idle_no_rebalance": {
+        "admission": "laps", "admission_params": {"order": "goodput",
+                                                  "deferred_budget_tokens": 1},
+        "rebalance": False},
     "laps-spatial": {"admission": "laps-spatial", "admission_params": {"order": "fifo"}},
     "laps-spatial_goodput": {"admission": "laps-spatial",
                              "admission_params": {"order": "goodput"}},
@@ -318,7 +324,8 @@ def run_goodput_experiment(
     rel_tol: float = 0.1,
     max_probes: int = 4,
     cliff_factors: Sequence[float] = (1.1, 1.25),
-    diagnostics: Sequence[str] = ("laps_goodput_unbounded_no_rebalance",),
+    diagnostics: Sequence[str] = ("laps_goodput_unbounded_no_rebalance",
+                                  "laps_goodput_idle_no_rebalance"),
     seed: int = 0,
     resume: bool = True,
     traces: Path = TRACES,

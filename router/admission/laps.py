@@ -28,7 +28,8 @@ of releasing everything at ``max_wait_s`` in arrival order:
   released there and not yet past its first token, TTFT = release to first token). If
   that exceeds ``slo_ttft_s`` the request is *deferred*: put behind every request of the
   instance that can still make it. Deferred requests go (reason ``deferred``), oldest
-  first, when the instance has room and nothing else is waiting there. A deferred request
+  first, when the instance has room (below ``deferred_budget_tokens`` of prefill in
+  flight, by default the room's budget) and nothing else is waiting there. A deferred request
   stays deferred (its wait only grows) until released; a move re-queues it in its class.
 * the hard bound is ``defer_max_s`` (default 10 × the SLO) instead of ``max_wait_s``: a
   request that waited ``max_wait_s`` (= the SLO) has missed it, so releasing it then
@@ -76,6 +77,7 @@ class LapsAdmission(Admission):
         order: str = "goodput",
         slo_ttft_s: float = DEFAULT_SLO_TTFT_S,
         defer_max_s: float | None = None,
+        deferred_budget_tokens: int | None = None,
         predictor: PrefillTimeModel | None = None,
     ) -> None:
         if budget_tokens <= 0:
@@ -90,6 +92,8 @@ class LapsAdmission(Admission):
             defer_max_s = 10.0 * slo_ttft_s
         if defer_max_s <= 0:
             raise ValueError("defer_max_s must be positive")
+        if deferred_budget_tokens is not None and deferred_budget_tokens <= 0:
+            raise ValueError("deferred_budget_tokens must be positive")
         self.budget_tokens = budget_tokens
         self.long_age_s = long_age_s
         self.max_wait_s = max_wait_s
@@ -97,6 +101,9 @@ class LapsAdmission(Admission):
         self.goodput = order == "goodput"
         self.slo_ttft_s = slo_ttft_s
         self.defer_max_s = defer_max_s
+        # Deferred requests are released only while the prefill in flight is below this
+        # (default: the room's budget; 1: only on an instance with no prefill in flight).
+        self.deferred_budget_tokens = deferred_budget_tokens or budget_tokens
         # The hard bound on a request's wait in the router (released then, room or not).
         self.bound_s = defer_max_s if self.goodput else max_wait_s
         self.predictor = predictor or PrefillTimeModel()
@@ -309,6 +316,8 @@ class LapsAdmission(Admission):
                 self._release(queue, long, now, "room", out)
                 continue
             # Only deferred requests wait here: the room is theirs, oldest first.
+            if queue.inflight_tokens >= self.deferred_budget_tokens:
+                break
             deferred = queue.oldest_deferred()
             assert deferred is not None
             self._release(queue, deferred, now, "deferred", out)

@@ -361,3 +361,16 @@ def test_goodput_no_request_waits_past_the_deferral_bound_under_a_stream_of_feas
     assert len(room) > 50
     assert sum(r.waited_s <= slo for r in room) == len(room)
     assert counters["deferrals"] > 100 and counters["released"]["aged"] > 100
+
+
+def test_goodput_deferred_budget_holds_deferred_requests_while_prefill_is_in_flight() -> None:
+    admission = _goodput(budget_tokens=1000, deferred_budget_tokens=1)
+    admission.submit(_req("busy", 1000), _dec("i0"), 0.0)
+    admission.submit(_req("old", 100), _dec("i0"), 0.1)
+    admission.submit(_req("new", 100), _dec("i0"), 3.0)
+    # At 3.5 s old missed the SLO; new goes, and though there is room left, old waits
+    # for the instance's prefill to drain.
+    assert _ids(admission.on_first_token("busy", 3.5)) == ["new"]
+    assert admission.is_deferred("old")
+    released = admission.on_first_token("new", 3.6)
+    assert _ids(released) == ["old"] and released[0].reason == "deferred"
