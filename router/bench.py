@@ -34,6 +34,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -292,6 +293,7 @@ def _machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "load_average_1m_at_start": round(load[0], 2),
+        "nice": os.nice(0) if hasattr(os, "nice") else 0,  # this process's scheduling niceness
         # which routing kernels ran (router/policy/fastpath.py): "compiled" or "python"
         "routing_kernels": "compiled" if fastpath.COMPILED else "python",
     }
@@ -407,7 +409,8 @@ def run_routing_cli(args: argparse.Namespace) -> int:
         return 2
     machine = _machine()
     result: dict[str, Any]
-    settings: dict[str, Any] = {"instances": instances, "policies": policies,
+    settings: dict[str, Any] = {"command": "llmfleet " + shlex.join(sys.argv[1:]),
+                                "instances": instances, "policies": policies,
                 "prompt_tokens": args.prompt_tokens, "decisions": args.decisions,
                 "warmup": args.warmup, "refresh_every": args.refresh_every,
                 "seed": args.seed, "repeat": args.repeat}
