@@ -286,15 +286,18 @@ def measure_policy(
 GOODPUT_VARIANTS: dict[str, dict[str, Any]] = {
     "none": {"admission": "none"},
     "laps": {"admission": "laps", "admission_params": {"order": "fifo"}},
-    "laps_goodput": {"admission": "laps", "admission_params": {"order": "goodput"}},
-    "laps_goodput_no_rebalance": {"admission": "laps", "admission_params": {"order": "goodput"},
-                                  "rebalance": False},
+    # Deferred requests released for room up to the room's whole budget (16,384 tokens)...
+    "laps_goodput": {"admission": "laps", "admission_params": {
+        "order": "goodput", "deferred_budget_tokens": 16384}},
+    "laps_goodput_no_rebalance": {"admission": "laps", "admission_params": {
+        "order": "goodput", "deferred_budget_tokens": 16384}, "rebalance": False},
     "laps_no_rebalance": {"admission": "laps", "admission_params": {"order": "fifo"},
                           "rebalance": False},
     # Diagnostic (cliff only): deferral without a bound (what the bound costs under
     # sustained overload).
     "laps_goodput_unbounded_no_rebalance": {
-        "admission": "laps", "admission_params": {"order": "goodput", "defer_max_s": 1e9},
+        "admission": "laps", "admission_params": {"order": "goodput", "defer_max_s": 1e9,
+                                                  "deferred_budget_tokens": 16384},
         "rebalance": False},
     # Diagnostic (cliff only): deferred requests released only on an instance with no
     # prefill in flight (what their blocking of later on-time requests in the engine costs).
@@ -302,9 +305,18 @@ GOODPUT_VARIANTS: dict[str, dict[str, Any]] = {
         "admission": "laps", "admission_params": {"order": "goodput",
                                                   "deferred_budget_tokens": 1},
         "rebalance": False},
+    # ... and only below one engine iteration (8,192 tokens) of prefill in flight: the
+    # default since this run (admission_defaults).
+    "laps_goodput_defer8k_no_rebalance": {
+        "admission": "laps", "admission_params": {"order": "goodput",
+                                                  "deferred_budget_tokens": 8192},
+        "rebalance": False},
+    "laps_goodput_defer8k": {
+        "admission": "laps", "admission_params": {"order": "goodput",
+                                                  "deferred_budget_tokens": 8192}},
     "laps-spatial": {"admission": "laps-spatial", "admission_params": {"order": "fifo"}},
-    "laps-spatial_goodput": {"admission": "laps-spatial",
-                             "admission_params": {"order": "goodput"}},
+    "laps-spatial_goodput": {"admission": "laps-spatial", "admission_params": {
+        "order": "goodput", "deferred_budget_tokens": 16384}},
 }
 GOODPUT_COMMAND = ("python -c \"from loadgen.laps_experiment import run_goodput_experiment; "
                    "run_goodput_experiment('docs/results/laps-goodput.json')\"")

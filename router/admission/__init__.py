@@ -33,13 +33,15 @@ def admission_defaults(slo_ttft_s: float, max_num_batched_tokens: int = 8192) ->
     dry between releases), longs promoted over shorts after a third of the SLO, every
     request released by the SLO at the latest in ``fifo`` order (holding it longer cannot
     help it), and in ``goodput`` order the SLO that decides which requests can still make
-    it, with deferred ones released by 10 x the SLO at the latest."""
+    it, deferred ones released into at most one engine iteration of prefill in flight, and
+    by 10 x the SLO at the latest."""
     return {
         "budget_tokens": 2 * max_num_batched_tokens,
         "long_age_s": slo_ttft_s / 3.0,
         "max_wait_s": slo_ttft_s,
         "slo_ttft_s": slo_ttft_s,
         "defer_max_s": 10.0 * slo_ttft_s,
+        "deferred_budget_tokens": max_num_batched_tokens,
     }
 
 
