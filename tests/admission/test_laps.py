@@ -374,3 +374,16 @@ def test_goodput_deferred_budget_holds_deferred_requests_while_prefill_is_in_fli
     assert admission.is_deferred("old")
     released = admission.on_first_token("new", 3.6)
     assert _ids(released) == ["old"] and released[0].reason == "deferred"
+
+
+def test_fleet_defaults_are_goodput_order_with_one_iteration_for_deferred_requests() -> None:
+    from router.admission import admission_defaults
+
+    admission = build_admission("laps", **admission_defaults(2.0, 4096))
+    assert isinstance(admission, LapsAdmission)
+    assert admission.order == "goodput" and admission.slo_ttft_s == 2.0
+    assert admission.bound_s == admission.defer_max_s == 20.0
+    assert (admission.budget_tokens, admission.deferred_budget_tokens) == (8192, 4096)
+    assert LapsAdmission(budget_tokens=1000).deferred_budget_tokens == 500
+    with pytest.raises(ValueError, match="order"):
+        LapsAdmission(order="edf")
