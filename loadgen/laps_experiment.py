@@ -317,6 +317,8 @@ GOODPUT_VARIANTS: dict[str, dict[str, Any]] = {
     "laps-spatial": {"admission": "laps-spatial", "admission_params": {"order": "fifo"}},
     "laps-spatial_goodput": {"admission": "laps-spatial", "admission_params": {
         "order": "goodput", "deferred_budget_tokens": 16384}},
+    "laps-spatial_goodput_defer8k": {"admission": "laps-spatial", "admission_params": {
+        "order": "goodput", "deferred_budget_tokens": 8192}},
 }
 GOODPUT_COMMAND = ("python -c \"from loadgen.laps_experiment import run_goodput_experiment; "
                    "run_goodput_experiment('docs/results/laps-goodput.json')\"")
