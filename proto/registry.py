@@ -14,13 +14,22 @@ the record's fields are defined once. Keys (``ns`` is a namespace prefix, defaul
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 
 from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_NAMESPACE
+
+T = TypeVar("T")
+
+
+async def reply(command: Awaitable[T] | T) -> T:
+    """An asyncio Redis command's reply, typed. redis-py before 8 types a command as
+    ``Awaitable[T] | T`` (one signature for its sync and asyncio clients); on the asyncio
+    client it is always the awaitable. (We stay below 8: see pyproject.)"""
+    return await cast(Awaitable[T], command)
 
 
 def instances_key(namespace: str) -> str:

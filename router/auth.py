@@ -51,6 +51,7 @@ from starlette.responses import Response
 
 from proto.defaults import DEFAULT_MAX_BODY_BYTES, DEFAULT_NAMESPACE
 from proto.openai import error_body
+from proto.registry import reply
 
 log = logging.getLogger("llmfleet.auth")
 
@@ -291,7 +292,7 @@ class KeyStore:
 
     async def list(self) -> list[KeyInfo]:
         """Every key, oldest first, revoked ones included."""
-        rows = await self._redis.hgetall(self.keys_key)
+        rows = await reply(self._redis.hgetall(self.keys_key))
         infos = []
         for key_id, raw in rows.items():
             record = json.loads(raw)
@@ -309,7 +310,7 @@ class KeyStore:
             while True:
                 try:
                     await pipe.watch(self.keys_key)
-                    raw = await pipe.hget(self.keys_key, key_id)
+                    raw = await reply(pipe.hget(self.keys_key, key_id))
                     if raw is None:
                         raise KeyError(key_id)
                     record = json.loads(raw)

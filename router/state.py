@@ -25,7 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from proto.defaults import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_NAMESPACE
-from proto.registry import InstanceRecord, RegistryWriter, instance_key, instances_key
+from proto.registry import InstanceRecord, RegistryWriter, instance_key, instances_key, reply
 from router.policy.interfaces import ClusterSnapshot, InstanceView
 
 REQUEST_TABLE_BUCKET_S = 300.0
@@ -75,12 +75,13 @@ class ClusterStateStore(RegistryWriter):
         return ":".join((self.namespace, *parts))
 
     async def ping(self) -> bool:
-        return bool(await self._redis.ping())
+        return bool(await reply(self._redis.ping()))
 
     # -- registry (read side; the write side is proto.registry.RegistryWriter) ---------
     async def live_instances(self) -> list[InstanceRecord]:
         """Instances whose heartbeat has not expired, sorted by id. Reaps expired ids."""
-        ids = sorted(str(i) for i in await self._redis.smembers(instances_key(self.namespace)))
+        members = await reply(self._redis.smembers(instances_key(self.namespace)))
+        ids = sorted(str(i) for i in members)
         if not ids:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -99,12 +100,12 @@ class ClusterStateStore(RegistryWriter):
                 record = replace(record, load={**(record.load or {}), "draining": 1.0})
             live.append(record)
         if dead:
-            await self._redis.srem(instances_key(self.namespace), *dead)
+            await reply(self._redis.srem(instances_key(self.namespace), *dead))
         return live
 
     # -- ring epoch ---------------------------------------------------------------------
     async def ring(self) -> tuple[int, list[tuple[str, float]]]:
-        row = await self._redis.hgetall(self._key("ring"))
+        row = await reply(self._redis.hgetall(self._key("ring")))
         if not row:
             return 0, []
         members = [(str(m[0]), float(m[1])) for m in json.loads(row["members"])]
@@ -122,7 +123,7 @@ class ClusterStateStore(RegistryWriter):
             while True:
                 try:
                     await pipe.watch(key)
-                    row = await pipe.hgetall(key)
+                    row = await reply(pipe.hgetall(key))
                     epoch = int(row.get("epoch", 0)) if row else 0
                     current = json.loads(row["members"]) if row else None
                     if current is not None and [list(m) for m in members] == current:
@@ -143,11 +144,11 @@ class ClusterStateStore(RegistryWriter):
         if await self._redis.set(key, candidate_id, nx=True, px=ms):
             return True
         # Renew only our own lease (compare-and-extend in one script).
-        renewed = await self._redis.eval(
+        renewed = await reply(self._redis.eval(
             "if redis.call('get', KEYS[1]) == ARGV[1] then "
             "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end",
             1, key, candidate_id, ms,
-        )
+        ))
         return bool(renewed)
 
     async def leader(self) -> str | None:
@@ -160,21 +161,21 @@ class ClusterStateStore(RegistryWriter):
         """Drain ``instance_id`` (it gets no new requests from any gateway, finishes what it
         has) or take it back; kept until undone, across the instance's restarts."""
         if draining:
-            await self._redis.sadd(self._key("draining"), instance_id)
+            await reply(self._redis.sadd(self._key("draining"), instance_id))
         else:
-            await self._redis.srem(self._key("draining"), instance_id)
+            await reply(self._redis.srem(self._key("draining"), instance_id))
 
     # -- backends added through the admin API -------------------------------------------
     # ``{ns}:backends`` hash: instance id -> JSON of the server's spec (url, kind, ...); the
     # leader gateway runs a watcher agent for each, which registers it in the registry.
     async def add_backend(self, instance_id: str, spec: dict[str, Any]) -> None:
-        await self._redis.hset(self._key("backends"), instance_id, json.dumps(spec))
+        await reply(self._redis.hset(self._key("backends"), instance_id, json.dumps(spec)))
 
     async def remove_backend(self, instance_id: str) -> bool:
-        return bool(await self._redis.hdel(self._key("backends"), instance_id))
+        return bool(await reply(self._redis.hdel(self._key("backends"), instance_id)))
 
     async def backends(self) -> dict[str, dict[str, Any]]:
-        rows = await self._redis.hgetall(self._key("backends"))
+        rows = await reply(self._redis.hgetall(self._key("backends")))
         return {str(k): json.loads(v) for k, v in rows.items()}
 
     # -- fleet-wide hot-key table ---------------------------------------------------------
@@ -192,7 +193,7 @@ class ClusterStateStore(RegistryWriter):
     async def merge_hot_keys(self, stale_s: float) -> int:
         """Merge the fresh local tables into the fleet table; its version (bumped only when
         the table changed)."""
-        rows = await self._redis.hgetall(self._key("hotkeys", "local"))
+        rows = await reply(self._redis.hgetall(self._key("hotkeys", "local")))
         now = time.time()
         merged: dict[int, int] = {}
         stale: list[str] = []
@@ -204,7 +205,7 @@ class ClusterStateStore(RegistryWriter):
             for prefix, split in entry["table"]:
                 merged[int(prefix)] = min(int(split), merged.get(int(prefix), int(split)))
         if stale:
-            await self._redis.hdel(self._key("hotkeys", "local"), *stale)
+            await reply(self._redis.hdel(self._key("hotkeys", "local"), *stale))
         version, current = await self.hot_keys()
         if current == merged:
             return version
