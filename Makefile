@@ -70,11 +70,13 @@ typecheck: $(STAMP)
 	$(BIN)/mypy $(PACKAGES)
 
 # Then the routing tests again on the pure-Python kernels (router/policy/fastpath.py), the
-# fallback without the extension (test_fastpath_paths runs both sides itself: once is enough).
+# fallback without the extension (test_fastpath_paths and test_dualmap_paths run both sides
+# themselves: once is enough).
 pytest: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15
 	LLMFLEET_PURE_PYTHON=1 $(BIN)/python -m pytest -q -ra tests/routing \
-		--ignore=tests/routing/test_fastpath_paths.py
+		--ignore=tests/routing/test_fastpath_paths.py \
+		--ignore=tests/routing/test_dualmap_paths.py
 
 test: lint typecheck pytest
 
