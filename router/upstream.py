@@ -240,12 +240,24 @@ class UpstreamPool:
         self._host_header = f"{self.host}:{self.port}".encode()
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
+        self.retired = False
 
     def _release(self, connection: _Connection) -> None:
-        if len(self._idle) < self.max_idle:
+        if not self.retired and len(self._idle) < self.max_idle:
             self._idle.append(connection)
         elif connection.transport is not None:
             connection.transport.close()
+
+    def retire(self) -> None:
+        """The replica left the registry: close the idle connections now, and each busy
+        one when its answer ends. Requests in flight go on: a replica that missed its
+        heartbeat (an agent or a replica slow to renew it) may well be serving them, and
+        one that really died breaks them itself (then failover and resume act)."""
+        self.retired = True
+        for connection in self._idle:
+            if connection.transport is not None:
+                connection.transport.close()
+        self._idle.clear()
 
     def _forget(self, connection: _Connection) -> None:
         self._all.discard(connection)
@@ -322,9 +334,10 @@ class UpstreamClient:
         return pool
 
     def forget(self, urls_kept: set[str]) -> None:
-        """Close the pools of replicas that left the fleet."""
+        """Retire the pools of replicas that left the fleet (``UpstreamPool.retire``: what
+        they are answering is not cut off). A replica that comes back gets a new pool."""
         for url in [u for u in self._pools if u not in urls_kept]:
-            self._pools.pop(url).close()
+            self._pools.pop(url).retire()
 
     def close(self) -> None:
         for pool in self._pools.values():
