@@ -279,18 +279,19 @@ def test_load_is_read_from_vllm_metrics(fleet: Fleet) -> None:
     busy: list[float] = []
 
     async def burst() -> None:
-        # Waves of six requests (at most three) until the registry has shown three or more
-        # at once. Long answers: while six requests decode, the tiny model's API process
-        # answers /metrics late (0.1-0.8 s here, over 2 s on a loaded CI box, when the
-        # agent keeps the last report), and 400-token waves (~2 s) could end unseen.
+        # Waves of six requests (at most five) until the registry has shown three or more
+        # at once: while six requests decode, the tiny model's API process answers /metrics
+        # late (0.1-2 s; the agent keeps the last report meanwhile), so one wave can end
+        # unseen. Short waves (400 tokens, ~2 s): longer ones keep both cores saturated by
+        # vLLM long enough to stall this process (the gateway's 2 s connect timeout fired).
         store = ClusterStateStore(fleet.redis_url, fleet.namespace, 3.0)
         try:
             async with httpx.AsyncClient(base_url=fleet.url, timeout=120) as client:
-                for wave in range(3):
+                for wave in range(5):
                     requests = [asyncio.create_task(client.post("/v1/completions", json={
                         "model": MODEL,
                         "prompt": f"request {wave}-{i}: " + "count the tokens " * 20,
-                        "max_tokens": 1500, "ignore_eos": True})) for i in range(6)]
+                        "max_tokens": 400, "ignore_eos": True})) for i in range(6)]
                     while not all(r.done() for r in requests):
                         await asyncio.sleep(0.05)
                         live = await store.live_instances()
