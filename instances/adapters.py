@@ -278,6 +278,8 @@ class ExternalReplicaAgent:
         # Registry writes in order: a keepalive that started before a deregistration must
         # not land after it and bring a dead server back.
         self._writing = asyncio.Lock()
+        self._written_at = float("-inf")  # monotonic time of the last registry write
+        self._refresh_s = getattr(store, "heartbeat_ttl_s", poll_s * 3) / 3
         self._checked = False
         self._reader: LoadReader | None = None
 
@@ -384,6 +386,7 @@ class ExternalReplicaAgent:
             self.last_record = record
             async with self._writing:
                 await self.store.heartbeat(record)
+                self._written_at = now
             if not self.registered:
                 log.info("external replica %s joined as %s (%s)", self.url, self.instance_id,
                          record.api)
@@ -407,8 +410,12 @@ class ExternalReplicaAgent:
         """Refresh the registration of a server that is busy (see ``busy``) with its last
         load report, so the TTL does not outrun a slow poll."""
         async with self._writing:
-            if self.busy(now) and self.last_record is not None:
+            # Only when no heartbeat went out for a third of the TTL: a healthy poll's own
+            # heartbeat already keeps the registration alive.
+            if (self.busy(now) and self.last_record is not None
+                    and now - self._written_at >= self._refresh_s):
                 await self.store.heartbeat(self.last_record)
+                self._written_at = now
 
     async def _keepalive_loop(self, every_s: float) -> None:
         while True:
@@ -419,8 +426,7 @@ class ExternalReplicaAgent:
                 log.debug("external replica %s: keepalive failed: %r", self.url, exc)
 
     async def run(self) -> None:
-        ttl = getattr(self.store, "heartbeat_ttl_s", self.poll_s * 3)
-        keepalive = asyncio.create_task(self._keepalive_loop(ttl / 3))
+        keepalive = asyncio.create_task(self._keepalive_loop(self._refresh_s))
         async with httpx.AsyncClient(timeout=self.probe_timeout_s) as client:
             try:
                 while True:
