@@ -66,6 +66,13 @@ class RunConfig:
     # A replica rejects prompt + max_tokens above this (HTTP 400, as ``llmfleet engine``'s
     # default --max-model-len); the simulator counts such requests as errors too.
     max_model_len: int | None = 131072
+    # Live migration of running requests between simulated instances (Llumnix freeness
+    # rebalancing, ``migration.policy.FreenessRebalancer`` with ``migration_params``
+    # overriding ``RebalanceConfig``); the KV copies at ``migration_gbytes_per_s`` with the
+    # profile's bytes per token.
+    migration: bool = False
+    migration_gbytes_per_s: float = 10.0
+    migration_params: dict[str, Any] = field(default_factory=dict)
     # Live runner
     url: str = "http://127.0.0.1:8000"
     model: str = ""

@@ -144,6 +144,14 @@ def oracle_variants(blocks: int) -> dict[str, dict[str, Any]]:
             "config": oracle_overrides(), "shared_blocks": "fleet"},
         "oracle": {"about": "pooled oracle: one shared cache that never evicts, least-loaded "
                    "on fresh reports", "config": oracle_overrides(), "shared_blocks": blocks},
+        "dualmap_migration": {
+            "about": "DualMap, no admission, with live migration of decoding requests "
+                     "(Llumnix freeness rebalancing, KV copied at 10 GB/s)",
+            "config": {"policy": "dualmap", "migration": True}},
+        "dualmap_laps_migration": {
+            "about": "DualMap with --admission laps and live migration of decoding requests "
+                     "(Llumnix freeness rebalancing, KV copied at 10 GB/s)",
+            "config": {"policy": "dualmap", "admission": "laps", "migration": True}},
     }
 
 
@@ -178,6 +186,7 @@ def _run_row(base: RunConfig, requests: Sequence[TraceRequest], rate: float,
         "preemptions": sum(i["preemptions"] for i in per_instance),
         "load_imbalance": summary["load_imbalance"],
         "wall_seconds": summary["wall_seconds"],
+        **({"migration": summary["migration"]} if "migration" in summary else {}),
     }
 
 

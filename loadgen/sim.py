@@ -35,7 +35,14 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from instances.engine.types import EngineRequest, EngineStats, SamplingParams, StepResult
+from instances.engine.core import EngineCore, InsufficientKVBlocks
+from instances.engine.types import (
+    EngineRequest,
+    EngineStats,
+    KVBlockCopy,
+    SamplingParams,
+    StepResult,
+)
 from loadgen.config import RunConfig, load_workload, warmup_count
 from loadgen.metrics import (
     FOLLOWUP_FIELDS,
@@ -46,9 +53,13 @@ from loadgen.metrics import (
     summarize,
 )
 from loadgen.request import TraceRequest
+from migration.coordinator import MigrationConfig
+from migration.policy import FreenessRebalancer, Move, RebalanceConfig, RunningRequest
+from proto.registry import InstanceRecord
 from router.admission import Admission, Release, admission_defaults, build_admission
 from router.admission.decide import route as route_admitted
 from router.admission.rebalancer import HotspotRebalancer, apply_moves, supports_rebalancing
+from router.migrations import fleet_loads
 from router.policy.interfaces import (
     ClusterSnapshot,
     InstanceView,
@@ -63,6 +74,11 @@ _DISPATCH = 2
 _ARRIVAL = 3
 _TICK = 4  # an admission deadline (batching window, aging, bounded wait)
 _CONTROL = 5  # a period of the control loop (hotspot rebalancing of queued requests)
+_MIGRATE = 6  # a round of freeness rebalancing (live migration of running requests)
+_COPIED = 7  # a migration's copy (a pre-copy stage or the stop-and-copy) has arrived
+
+# Control messages of one stop-and-copy (suspend, commit), on top of the copy itself.
+MIGRATION_HANDOFF_RTT_S = 0.001
 
 # Control-loop period of the simulated gateway (rebalancing of router-queued requests).
 CONTROL_INTERVAL_S = 0.1
@@ -166,6 +182,8 @@ class InstanceAccount:
     wake_token: int = 0
     pending: StepResult | None = None
     view: InstanceView | None = None
+    # Migrations out of this instance whose stop-and-copy waits for its step to end.
+    handoffs: list[_Migration] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         stats = self.core.stats()
@@ -183,6 +201,46 @@ class InstanceAccount:
 
 
 @dataclass
+class _Migration:
+    """One live migration under way (``Simulator`` drives the engine cores' migration
+    calls the way ``migration.agent`` / ``instances.migration_adapter`` do)."""
+
+    move: Move
+    key: str  # the reservation's key on the target
+    source: InstanceAccount
+    target: InstanceAccount
+    started: float
+    sent: int = 0  # full blocks already imported on the target
+    stages: int = 0  # pre-copy stages done
+    seconds_per_block: float = 0.0  # pace of the last pre-copy stage
+    pinned: list[int] = field(default_factory=list)  # block hashes pinned on the target
+    stopped_at: float | None = None  # when the stop-and-copy suspended the request
+
+
+@dataclass
+class MigrationCounters:
+    """What live migration did in a run (``summary["migration"]``)."""
+
+    started: int = 0
+    committed: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    blocks: int = 0
+    bytes: int = 0
+    downtime_s: list[float] = field(default_factory=list)
+    total_s: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "started": self.started, "committed": self.committed,
+            "failed": dict(sorted(self.failed.items())),
+            "blocks": self.blocks, "gbytes": round(self.bytes / 1e9, 3),
+            "downtime_p50_s": _round(percentile(self.downtime_s, 50)),
+            "downtime_max_s": _round(max(self.downtime_s, default=None)),
+            "total_p50_s": _round(percentile(self.total_s, 50)),
+        }
+
+
+@dataclass
 class SimResult:
     """Raw outcome of a simulation (``summary`` turns it into the common JSON)."""
 
@@ -196,6 +254,7 @@ class SimResult:
     rebalance: bool = False
     # Follow-up co-location (loadgen.metrics.followup_colocation) of the run's sessions.
     followup: dict[str, Any] = field(default_factory=dict)
+    migration: dict[str, Any] | None = None  # MigrationCounters.as_dict(), when on
 
 
 class Simulator:
@@ -259,6 +318,31 @@ class Simulator:
         self._seq = 0
         self._routing: dict[str, RoutingRequest] = {}
         self._trace = {r.request_id: r for r in self.requests}
+        # Live migration (config.migration): where each dispatched, unfinished request runs
+        # now, the moves under way, the blocks pinned for migrated-in requests.
+        self._where: dict[str, InstanceAccount] = {}
+        self._migrations: dict[str, _Migration] = {}
+        self._pins: dict[str, tuple[InstanceAccount, list[int]]] = {}
+        self.migration_counters = MigrationCounters()
+        self.migrator: FreenessRebalancer | None = None
+        if config.migration:
+            from instances.engine.config import EngineConfig
+            from instances.engine.factory import load_profile
+
+            if config.migration_gbytes_per_s <= 0:
+                raise ValueError("migration_gbytes_per_s must be positive")
+            self.migrator = FreenessRebalancer(
+                RebalanceConfig.from_params(config.migration_params))
+            self.migration_config = MigrationConfig()
+            block_size = EngineConfig(**config.engine_params).block_size
+            self.seconds_per_block = (load_profile(config.profile).kv_bytes_per_token
+                                      * block_size / (config.migration_gbytes_per_s * 1e9))
+            self.bytes_per_block = load_profile(config.profile).kv_bytes_per_token * block_size
+            # Every simulated instance serves a migration agent (fleet_loads reads that).
+            self._records = {a.instance_id: InstanceRecord(a.instance_id, "", "",
+                                                           block_size=block_size,
+                                                           migration="sim")
+                             for a in self.accounts}
 
     # -- event plumbing -------------------------------------------------------------------
     def _push(self, when: float, kind: int, payload: Any) -> None:
@@ -361,6 +445,7 @@ class Simulator:
         assert instance_id is not None
         account = self.by_id[instance_id]
         account.requests += 1
+        self._where[request.request_id] = account
         account.core.add_request(EngineRequest(
             request_id=request.request_id,
             prompt_token_ids=list(routing.token_ids),
@@ -390,7 +475,11 @@ class Simulator:
                     if outcome.ttft_s > self.config.slo_ttft_s:
                         self._count_miss(event.request_id)
                 outcome.output_tokens += len(event.new_token_ids)
+            if event.finished and event.finish_reason == "migrated":
+                continue  # it left for another instance and goes on there
             if event.finished:
+                self._left(event.request_id, account)
+                self._where.pop(event.request_id, None)
                 outcome.e2e_s = now - outcome.arrival_s
                 if event.finish_reason == "abort":
                     outcome.error = "aborted"
@@ -399,10 +488,208 @@ class Simulator:
                 self.policy.on_finished(event.request_id, account.instance_id, now)
                 if self.queueing:
                     self._forward(self.admission.on_finished(event.request_id, now), now)
+        # A stop-and-copy begins between two steps of its source (every token the request
+        # produced there has been delivered; none is in flight).
+        handoffs, account.handoffs = account.handoffs, []
+        for migration in handoffs:
+            self._stop_and_copy(migration, now)
         if account.core.has_unfinished_requests():
             self._start_step(account, now)
         else:
             account.busy = False
+
+    # -- live migration (config.migration) -------------------------------------------------
+    # The engine calls are those of the migration agent over the reference core
+    # (``instances.migration_adapter``), the stage logic the coordinator's
+    # (``migration.coordinator``); only the copy's duration is modelled (blocks x bytes per
+    # block / bandwidth) instead of sent.
+    def _on_migrate(self, now: float) -> None:
+        """One freeness round (``router.migrations.FreenessMoves``): the decoding requests
+        and the instances' load reports go to the planner; its moves start."""
+        migrator = self.migrator
+        assert migrator is not None
+        if self._heap:  # anything left to simulate: keep the rounds going
+            period = max(migrator.config.period_s, self.control_interval_s)
+            self._push(now + period, _MIGRATE, None)
+        requests = []
+        for request_id, account in self._where.items():
+            core = self._core(account)
+            if request_id in self._migrations or not core.is_decoding(request_id):
+                continue
+            state = core.get_request(request_id)
+            assert state is not None
+            requests.append(RunningRequest(request_id, account.instance_id,
+                                           -(-state.num_tokens // core.block_size),
+                                           self.outcomes[request_id].arrival_s))
+        if not requests:
+            return
+        snapshot = self._snapshot(now)
+        moves = migrator.plan(now, fleet_loads(snapshot, self._records), requests,
+                              frozenset(self._migrations))
+        for move in moves:
+            migration = _Migration(move, f"mig-{move.request_id}-{self.migration_counters.started}",
+                                   self.by_id[move.source], self.by_id[move.destination], now)
+            self.migration_counters.started += 1
+            self._migrations[move.request_id] = migration
+            self._next_stage(migration, now)
+
+    @staticmethod
+    def _core(account: InstanceAccount) -> EngineCore:
+        core = account.core
+        if not isinstance(core, EngineCore):
+            raise TypeError("live migration needs the reference engine core")
+        return core
+
+    def _full_blocks(self, core: EngineCore, request_id: str) -> int:
+        state = core.get_request(request_id)
+        assert state is not None
+        return min(state.num_computed_tokens // core.block_size, len(state.block_table))
+
+    def _next_stage(self, migration: _Migration, now: float) -> None:
+        """Another pre-copy stage while the request decodes on, or (few blocks left, or
+        the stages used up) the stop-and-copy at the source's next step boundary."""
+        config = self.migration_config
+        source, target = self._core(migration.source), self._core(migration.target)
+        request_id = migration.move.request_id
+        if not source.is_decoding(request_id):
+            self._fail(migration, "not_migratable", now)
+            return
+        remaining = self._full_blocks(source, request_id) - migration.sent
+        if migration.stages >= config.max_stages or (
+                remaining <= config.last_stage_max_blocks
+                and (config.stop_copy_target_s is None
+                     or remaining * migration.seconds_per_block <= config.stop_copy_target_s)):
+            if migration.source.busy:
+                migration.source.handoffs.append(migration)
+            else:
+                self._stop_and_copy(migration, now)
+            return
+        if not target.reserve_blocks(migration.key, remaining):
+            self._fail(migration, "refused", now)
+            return
+        copies = source.export_request_blocks(request_id, migration.sent,
+                                              migration.sent + remaining)
+        duration = len(copies) * self.seconds_per_block
+        self._push(now + duration, _COPIED, (migration, copies, None, False))
+
+    def _stop_and_copy(self, migration: _Migration, now: float) -> None:
+        """Suspend the request on its source and copy what is left (full blocks, the
+        partial one); it commits on the target when the copy has arrived."""
+        source, target = self._core(migration.source), self._core(migration.target)
+        request_id = migration.move.request_id
+        if not source.is_decoding(request_id):
+            self._fail(migration, "not_migratable", now)
+            return
+        source.suspend_request(request_id)
+        migration.stopped_at = now
+        remaining = self._full_blocks(source, request_id) - migration.sent
+        if remaining > 0 and not target.reserve_blocks(migration.key, remaining):
+            self._fail(migration, "refused", now)
+            return
+        copies = source.export_request_blocks(request_id, migration.sent) if remaining else []
+        partial = source.export_partial_block(request_id)
+        duration = ((len(copies) + (partial is not None)) * self.seconds_per_block
+                    + MIGRATION_HANDOFF_RTT_S)
+        self._push(now + duration, _COPIED, (migration, copies, partial, True))
+
+    def _on_copied(self, migration: _Migration, copies: list[KVBlockCopy],
+                   partial: tuple[tuple[int, ...], int | None, bytes] | None, handoff: bool,
+                   *, now: float) -> None:
+        """Blocks arrived on the target: import them (into the reservation); after a
+        pre-copy stage plan the next one, after the stop-and-copy commit."""
+        target = self._core(migration.target)
+        try:
+            target.import_blocks(copies, reservation=migration.key)
+        except InsufficientKVBlocks:
+            self._fail(migration, "out_of_blocks", now)
+            return
+        migration.pinned.extend(c.block_hash for c in copies)
+        migration.sent += len(copies)
+        self.migration_counters.blocks += len(copies) + (partial is not None)
+        self.migration_counters.bytes += (len(copies) + (partial is not None)) \
+            * self.bytes_per_block
+        if not handoff:
+            migration.stages += 1
+            if copies:
+                migration.seconds_per_block = self.seconds_per_block
+            self._next_stage(migration, now)
+            return
+        self._commit(migration, partial, now)
+
+    def _commit(self, migration: _Migration,
+                partial: tuple[tuple[int, ...], int | None, bytes] | None, now: float) -> None:
+        """The target adopts the request with its tokens so far (its blocks are cached and
+        pinned there: only the last sampled token is computed); the source lets it go."""
+        source, target = self._core(migration.source), self._core(migration.target)
+        request_id = migration.move.request_id
+        state = source.get_request(request_id)
+        assert state is not None
+        target.release_reservation(migration.key)
+        try:
+            target.add_request(EngineRequest(
+                request_id=request_id,
+                prompt_token_ids=list(self._routing[request_id].token_ids),
+                params=SamplingParams(max_tokens=state.max_tokens,
+                                      seed=source.resolved_sampling_seed(request_id)),
+                arrival_time=now,
+                output_token_ids=list(state.output_token_ids),
+            ))
+        except ValueError:
+            self._fail(migration, "rejected", now)
+            return
+        if partial is not None:
+            tokens, parent, payload = partial
+            target.preload_partial_block(request_id, tokens, parent, payload)
+        source.abort_request(request_id, "migrated")
+        del self._migrations[request_id]
+        self._left(request_id, migration.source)
+        self._pins[request_id] = (migration.target, migration.pinned)
+        self._where[request_id] = migration.target
+        counters = self.migration_counters
+        counters.committed += 1
+        assert migration.stopped_at is not None
+        counters.downtime_s.append(now - migration.stopped_at)
+        counters.total_s.append(now - migration.started)
+        assert self.migrator is not None
+        self.migrator.finished(request_id, True, self._report_times())
+        # As the gateway's stream switch: the request is done on its source for the policy
+        # and the admission, and runs on (the target's finish reports it again).
+        self.policy.on_finished(request_id, migration.source.instance_id, now)
+        if self.queueing:
+            self._forward(self.admission.on_finished(request_id, now), now)
+        for account in (migration.source, migration.target):
+            if not account.busy:  # the source reports the handoff, the target starts it
+                self._start_step(account, now)
+
+    def _fail(self, migration: _Migration, reason: str, now: float) -> None:
+        """The move ends without a commit: the target gives back what it holds; the
+        request (if still there) goes on on its source, resumed if the stop-and-copy had
+        suspended it."""
+        request_id = migration.move.request_id
+        target = self._core(migration.target)
+        target.release_reservation(migration.key)
+        target.unpin_blocks(migration.pinned)
+        source = self._core(migration.source)
+        if source.is_suspended(request_id):
+            source.resume_request(request_id)
+        del self._migrations[request_id]
+        failed = self.migration_counters.failed
+        failed[reason] = failed.get(reason, 0) + 1
+        assert self.migrator is not None
+        self.migrator.finished(request_id, False, self._report_times())
+        if not migration.source.busy and migration.source.core.has_unfinished_requests():
+            self._start_step(migration.source, now)
+
+    def _left(self, request_id: str, account: InstanceAccount) -> None:
+        """The request left ``account`` (finished or moved on): blocks pinned there when
+        it migrated in are unpinned (the agent's ``on_finish``)."""
+        pinned = self._pins.get(request_id)
+        if pinned is not None and pinned[0] is account:
+            del self._pins[request_id]
+            self._core(account).unpin_blocks(pinned[1])
+
+    def _report_times(self) -> dict[str, float]:
+        return {a.instance_id: a.view.report_time for a in self.accounts if a.view is not None}
 
     def _count_miss(self, request_id: str) -> None:
         if request_id in self.measured_ids:
@@ -415,6 +702,9 @@ class Simulator:
             self._push(request.arrival_s, _ARRIVAL, request)
         now = 0.0
         early_stopped = False
+        if self.migrator is not None:
+            self._push(max(self.migrator.config.period_s, self.control_interval_s), _MIGRATE,
+                       None)
         bar = tqdm(total=len(self.requests), desc=f"sim {self.config.policy}", unit="req",
                    file=sys.stderr, disable=not self.config.progress, leave=False)
         with bar:
@@ -432,6 +722,10 @@ class Simulator:
                     self._on_tick(payload, now)
                 elif kind == _CONTROL:
                     self._on_control(now)
+                elif kind == _MIGRATE:
+                    self._on_migrate(now)
+                elif kind == _COPIED:
+                    self._on_copied(*payload, now=now)
                 else:
                     self._on_arrival(payload, now)
                     bar.update(1)
@@ -450,6 +744,7 @@ class Simulator:
             decisions=dict(sorted(self.decisions.items())),
             admission=self.admission.counters(),
             rebalance=self.rebalancer is not None,
+            migration=self.migration_counters.as_dict() if self.migrator is not None else None,
         )
 
 
@@ -521,6 +816,8 @@ def summarize_sim(config: RunConfig, result: SimResult) -> dict[str, Any]:
         "admission_counters": result.admission,
         "per_instance": [a.as_dict() for a in accounts],
     })
+    if result.migration is not None:
+        summary["migration"] = result.migration
     return summary
 
 
