@@ -134,9 +134,10 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Redis key prefix of this fleet's state")
     parser.add_argument("--leader-lease", type=float, default=DEFAULT_LEADER_LEASE_S,
                         help="seconds the control-loop leader's lease lasts (takeover time)")
-    parser.add_argument("--admission", default="none", choices=ADMISSION_MODES,
-                        help="admission queues between routing and forwarding "
-                             "(docs/admission.md)")
+    parser.add_argument("--admission", default="laps", choices=ADMISSION_MODES,
+                        help="admission queues between routing and forwarding (default "
+                             "laps: the best measured, docs/admission.md; none forwards at "
+                             "once)")
     parser.add_argument("--migration-rebalance", choices=("on", "off"), default="off",
                         help="Llumnix freeness rebalancing: live-migrate running streams off "
                              "replicas short of free KV blocks (docs/migration.md)")
