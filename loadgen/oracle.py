@@ -152,6 +152,11 @@ def oracle_variants(blocks: int) -> dict[str, dict[str, Any]]:
             "about": "DualMap with --admission laps and live migration of decoding requests "
                      "(Llumnix freeness rebalancing, KV copied at 10 GB/s)",
             "config": {"policy": "dualmap", "admission": "laps", "migration": True}},
+        "dualmap_laps_migration_t20": {
+            "about": "dualmap_laps_migration with a freeness threshold of 20 free blocks per "
+                     "running request (Llumnix's 3 leaves destinations no room to decode)",
+            "config": {"policy": "dualmap", "admission": "laps", "migration": True,
+                       "migration_params": {"threshold": 20}}},
     }
 
 
