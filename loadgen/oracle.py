@@ -119,6 +119,9 @@ def pooled_oracle_capacity(
 # neither evicts nor preempts on the long-tailed workload: "unlimited" memory, per instance.
 UNLIMITED_KV_BLOCKS = 1_000_000
 ORACLE_COMMAND = "python -m loadgen.oracle docs/results/laps-oracle.json"
+# The decomposition's runs (``laps-oracle.json``); the migration variants run when named.
+DEFAULT_LABELS = ("dualmap", "dualmap_laps", "dualmap_unlimited_kv", "dualmap_shared_cache",
+                  "oracle_fleet_kv", "oracle")
 
 
 def oracle_variants(blocks: int) -> dict[str, dict[str, Any]]:
@@ -232,9 +235,10 @@ def run_oracle_experiment(
     ideal = bound["ideal_bound_rps"]
     block_size = EngineConfig(**base.engine_params).block_size
     variants = oracle_variants(shared_cache_blocks(requests, block_size))
-    chosen = list(labels or variants)
+    chosen = list(labels or DEFAULT_LABELS)
     result: dict[str, Any] = {
-        "command": ORACLE_COMMAND, "workload": workload, "source": source,
+        "command": " ".join(["python -m loadgen.oracle", str(out or "-"), *(labels or ())])
+        if labels or out else ORACLE_COMMAND, "workload": workload, "source": source,
         "instances": instances, "profile": profile, "slo_ttft_s": slo_ttft_s, "seed": seed,
         "warmup_fraction": WARMUP_FRACTION, **bound,
         "variants": {k: variants[k]["about"] for k in chosen}, "runs": [],
@@ -262,7 +266,10 @@ def run_oracle_experiment(
     return result
 
 
-if __name__ == "__main__":  # python -m loadgen.oracle RESULT.json
+if __name__ == "__main__":  # python -m loadgen.oracle RESULT.json [VARIANT ...]
     import sys
 
-    run_oracle_experiment(sys.argv[1] if len(sys.argv) > 1 else None)
+    # Named variants run at 0.9x the bound without the oracle's capacity search.
+    named = sys.argv[2:]
+    run_oracle_experiment(sys.argv[1] if len(sys.argv) > 1 else None,
+                          labels=named or None, search=not named)
