@@ -71,16 +71,6 @@ def oracle_config(base: RunConfig) -> RunConfig:
     return replace(base, **oracle_overrides())
 
 
-def run_pooled_oracle(base: RunConfig, requests: Sequence[TraceRequest],
-                      rate: float) -> dict[str, Any]:
-    """One simulation of the pooled oracle at ``rate`` (``requests`` re-timed to it): the
-    sim summary (``loadgen.sim.summarize_sim``)."""
-    config = oracle_config(base).with_rate(rate)
-    block_size = EngineConfig(**config.engine_params).block_size
-    engines = SharedCacheEngines(shared_cache_blocks(requests, block_size))
-    return run_sim(config, requests=retime(requests, rate), engine_factory=engines)
-
-
 def pooled_oracle_capacity(
     base: RunConfig,
     requests: Sequence[TraceRequest],
