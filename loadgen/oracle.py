@@ -108,7 +108,6 @@ def pooled_oracle_capacity(
 # A per-instance KV cache this large (16M tokens, 36x an H100's ~440k for Llama-3-8B)
 # neither evicts nor preempts on the long-tailed workload: "unlimited" memory, per instance.
 UNLIMITED_KV_BLOCKS = 1_000_000
-ORACLE_COMMAND = "python -m loadgen.oracle docs/results/laps-oracle.json"
 # The decomposition's runs (``laps-oracle.json``); the migration variants run when named.
 DEFAULT_LABELS = ("dualmap", "dualmap_laps", "dualmap_unlimited_kv", "dualmap_shared_cache",
                   "oracle_fleet_kv", "oracle")
@@ -227,8 +226,11 @@ def run_oracle_experiment(
     variants = oracle_variants(shared_cache_blocks(requests, block_size))
     chosen = list(labels or DEFAULT_LABELS)
     result: dict[str, Any] = {
-        "command": " ".join(["python -m loadgen.oracle", str(out or "-"), *(labels or ())])
-        if labels or out else ORACLE_COMMAND, "workload": workload, "source": source,
+        "command": " ".join(["python -m loadgen.oracle", str(out or "-"), *(labels or ()),
+                             *(["--workload", workload] if workload != "long_tailed" else []),
+                             *(["--fractions", ",".join(map(str, fractions))]
+                               if tuple(fractions) != (0.9,) else [])]),
+        "workload": workload, "source": source,
         "instances": instances, "profile": profile, "slo_ttft_s": slo_ttft_s, "seed": seed,
         "warmup_fraction": WARMUP_FRACTION, **bound,
         "variants": {k: variants[k]["about"] for k in chosen}, "runs": [],
@@ -256,10 +258,20 @@ def run_oracle_experiment(
     return result
 
 
-if __name__ == "__main__":  # python -m loadgen.oracle RESULT.json [VARIANT ...]
-    import sys
+if __name__ == "__main__":  # python -m loadgen.oracle RESULT.json [VARIANT ...] [--workload W]
+    import argparse
 
-    # Named variants run at 0.9x the bound without the oracle's capacity search.
-    named = sys.argv[2:]
-    run_oracle_experiment(sys.argv[1] if len(sys.argv) > 1 else None,
-                          labels=named or None, search=not named)
+    parser = argparse.ArgumentParser(description="The pooled-oracle decomposition of a "
+                                     "workload's capacity (docs/admission.md)")
+    parser.add_argument("out", help="result JSON")
+    parser.add_argument("variants", nargs="*",
+                        help="variants to run (default: the decomposition's six, then the "
+                        "oracle's capacity search; named ones run without the search)")
+    parser.add_argument("--workload", default="long_tailed",
+                        help="long_tailed (default), mooncake or azure_conv")
+    parser.add_argument("--fractions", default="0.9",
+                        help="comma-separated rates as fractions of the ideal bound")
+    args = parser.parse_args()
+    run_oracle_experiment(args.out, workload=args.workload, labels=args.variants or None,
+                          search=not args.variants,
+                          fractions=tuple(float(f) for f in args.fractions.split(",")))
