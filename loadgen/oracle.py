@@ -199,12 +199,14 @@ def run_oracle_experiment(
     labels: Sequence[str] | None = None,
     search: bool = True,
     seed: int = 0,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Where DualMap's capacity goes between it and the ideal bound, measured: each
     ``oracle_variants`` run at ``fractions`` x the bound (same requests, same engines), and
     the pooled oracle's own capacity (``pooled_oracle_capacity``, from 0.9x the bound).
     With ``out`` the JSON is rewritten after every run (an interrupted run keeps its
-    finished rows)."""
+    finished rows). ``overrides`` (``RunConfig`` fields) apply to every variant's run,
+    over the variant's own (e.g. ``{"migration_params": {"threshold": 50}}``)."""
     import json
     import time
     from pathlib import Path
@@ -225,14 +227,19 @@ def run_oracle_experiment(
     block_size = EngineConfig(**base.engine_params).block_size
     variants = oracle_variants(shared_cache_blocks(requests, block_size))
     chosen = list(labels or DEFAULT_LABELS)
+    overrides = dict(overrides or {})
+    for label in chosen:
+        variants[label]["config"] = {**variants[label]["config"], **overrides}
     result: dict[str, Any] = {
         "command": " ".join(["python -m loadgen.oracle", str(out or "-"), *(labels or ()),
                              *(["--workload", workload] if workload != "long_tailed" else []),
                              *(["--fractions", ",".join(map(str, fractions))]
-                               if tuple(fractions) != (0.9,) else [])]),
+                               if tuple(fractions) != (0.9,) else []),
+                             *(["--seed", str(seed)] if seed else []),
+                             *(f"--set '{k}={json.dumps(v)}'" for k, v in overrides.items())]),
         "workload": workload, "source": source,
         "instances": instances, "profile": profile, "slo_ttft_s": slo_ttft_s, "seed": seed,
-        "warmup_fraction": WARMUP_FRACTION, **bound,
+        "warmup_fraction": WARMUP_FRACTION, "overrides": overrides, **bound,
         "variants": {k: variants[k]["about"] for k in chosen}, "runs": [],
     }
 
@@ -271,7 +278,17 @@ if __name__ == "__main__":  # python -m loadgen.oracle RESULT.json [VARIANT ...]
                         help="long_tailed (default), mooncake or azure_conv")
     parser.add_argument("--fractions", default="0.9",
                         help="comma-separated rates as fractions of the ideal bound")
+    parser.add_argument("--seed", type=int, default=0, help="workload seed")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="a RunConfig field for every run, over the variant's own "
+                        "(repeatable), e.g. migration_params='{\"threshold\": 50}'")
     args = parser.parse_args()
+    import json
+
+    sets = {}
+    for item in args.set:
+        field_name, _, value = item.partition("=")
+        sets[field_name] = json.loads(value)
     run_oracle_experiment(args.out, workload=args.workload, labels=args.variants or None,
-                          search=not args.variants,
+                          search=not args.variants, seed=args.seed, overrides=sets,
                           fractions=tuple(float(f) for f in args.fractions.split(",")))

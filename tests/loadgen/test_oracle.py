@@ -81,3 +81,15 @@ def test_the_decomposition_runs_every_variant_and_the_oracle_keeps_every_hit() -
     assert uncached <= runs["oracle"]["prefill_tokens"] <= 1.03 * uncached
     assert runs["dualmap_shared_cache"]["prefill_tokens"] <= runs["dualmap"]["prefill_tokens"]
     assert runs["dualmap_unlimited_kv"]["preemptions"] == 0
+
+
+def test_overrides_reach_every_run_and_the_recorded_command() -> None:
+    plain = run_oracle_experiment(None, count=60, instances=2, fractions=(0.3,),
+                                  labels=["dualmap"], search=False)
+    forced = run_oracle_experiment(None, count=60, instances=2, fractions=(0.3,),
+                                   labels=["dualmap"], search=False,
+                                   overrides={"policy": "round_robin"})
+    assert forced["overrides"] == {"policy": "round_robin"}
+    assert "--set 'policy=\"round_robin\"'" in forced["command"]
+    # Round robin ignores the cache, so the same requests find fewer prefixes cached.
+    assert forced["runs"][0]["prefill_tokens"] > plain["runs"][0]["prefill_tokens"]
