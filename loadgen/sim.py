@@ -555,10 +555,8 @@ class Simulator:
             self._fail(migration, "not_migratable", now)
             return
         remaining = self._full_blocks(source, request_id) - migration.sent
-        if migration.stages >= config.max_stages or (
-                remaining <= config.last_stage_max_blocks
-                and (config.stop_copy_target_s is None
-                     or remaining * migration.seconds_per_block <= config.stop_copy_target_s)):
+        if migration.stages >= config.max_stages or config.stop_and_copy_now(
+                remaining, migration.seconds_per_block):
             if migration.source.busy:
                 migration.source.handoffs.append(migration)
             else:

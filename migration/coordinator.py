@@ -77,6 +77,14 @@ class MigrationConfig:
         if self.max_stages < 0 or self.last_stage_max_blocks < 0:
             raise ValueError("max_stages and last_stage_max_blocks must be >= 0")
 
+    def stop_and_copy_now(self, remaining_blocks: int, seconds_per_block: float) -> bool:
+        """Whether the unsent full blocks are few enough for the stop-and-copy: at most
+        ``last_stage_max_blocks``, and (with ``stop_copy_target_s``) predicted to copy
+        within it at the last stage's pace. The stage count is the caller's."""
+        return remaining_blocks <= self.last_stage_max_blocks and (
+            self.stop_copy_target_s is None
+            or remaining_blocks * seconds_per_block <= self.stop_copy_target_s)
+
 
 @dataclass
 class MigrationResult:
@@ -142,11 +150,7 @@ class MigrationCoordinator:
                         state.phase)
                     await self._abort_destination(destination, migration_id)
                     return result
-                remaining = state.num_full_blocks - sent
-                if remaining <= config.last_stage_max_blocks and (
-                    config.stop_copy_target_s is None
-                    or remaining * seconds_per_block <= config.stop_copy_target_s
-                ):
+                if config.stop_and_copy_now(state.num_full_blocks - sent, seconds_per_block):
                     break
                 stage_began = self._clock()
                 stage = await source_stub.SendBlocks(pb.SendBlocksRequest(
